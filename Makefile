@@ -1,0 +1,34 @@
+# Set-up and everyday commands. `make demo` and `make test` are all a fresh machine needs.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The exact torch build installed first: on the project's machines this is a local CPU wheel; on
+# yours pip takes the normal wheel for your platform. The project itself only asks for torch>=2.4.
+TORCH ?= torch==2.13.0
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test demo bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest -q
+
+demo: install
+	$(BIN)/python -m benchmarks.demo_squeeze
+
+bench: install
+	$(BIN)/python -m benchmarks.squeeze_speed
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,5 @@
+import sys
+
+from lsq.cli import main
+
+sys.exit(main())

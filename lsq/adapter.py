@@ -1,0 +1,211 @@
+"""PEFT LoRA adapter folders: find the LoRA modules of a state dict, read and write folders.
+
+A PEFT adapter folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` (or a legacy
+``adapter_model.bin``, read with ``torch.load(weights_only=True)``, PyTorch's safe unpickler). Saved
+keys look like ``base_model.model.<module>.lora_A.weight`` (Linear, Conv) or
+``base_model.model.<module>.lora_embedding_A`` (Embedding). No base model is needed.
+
+The config is handled as the JSON dict PEFT wrote, so every field lsq does not touch is written back
+unchanged; rank and alpha resolution follows ``peft.utils.other.get_pattern_key`` (first key ``k`` of
+``rank_pattern`` / ``alpha_pattern`` with ``re.match(rf"(.*\\.)?({k})$", module_name)``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lsq.errors import LsqError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+# (suffix of the A key, suffix of the B key, kind)
+_FACTOR_KEYS = (
+    (".lora_A.weight", ".lora_B.weight", "linear"),
+    (".lora_embedding_A", ".lora_embedding_B", "embedding"),
+)
+# LoRA variants whose factors do not form dW = s * B @ A the way plain LoRA and DoRA do.
+_UNSUPPORTED_FIELDS = ("use_qalora", "target_parameters", "velora_config", "alora_invocation_tokens")
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One LoRA-adapted module of an adapter: where its factors live and how they are scaled."""
+
+    name: str  # module path in the base model, e.g. "model.layers.0.self_attn.q_proj"
+    key_a: str  # state-dict key of A
+    key_b: str  # state-dict key of B
+    kind: Literal["linear", "embedding"]  # conv modules are "linear" with 4-D factors
+    rank: int  # r from the config (rank_pattern resolved)
+    alpha: float  # lora_alpha (alpha_pattern resolved)
+    use_rslora: bool
+
+    @property
+    def scale(self) -> float:
+        return scale_of(self.alpha, self.rank, self.use_rslora)
+
+
+def scale_of(alpha: float, rank: int, use_rslora: bool) -> float:
+    """PEFT's scaling: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def pattern_key(patterns: Mapping[str, Any], name: str) -> str | None:
+    """The key of ``patterns`` that PEFT applies to module ``name``, or None (same rule as PEFT)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
+
+
+def validate_config(config: Mapping[str, Any], where: str = CONFIG_NAME) -> None:
+    """Refuse configs lsq cannot squeeze, naming the key and its value."""
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise LsqError(f"{where}: peft_type is {peft_type!r}; lsq squeezes LoRA adapters (peft_type 'LORA') only")
+    for key in ("r", "lora_alpha"):
+        value = config.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise LsqError(f"{where}: {key} must be a positive number, got {value!r}")
+    for key in _UNSUPPORTED_FIELDS:
+        if config.get(key):
+            raise LsqError(f"{where}: {key}={config[key]!r} is a LoRA variant lsq does not squeeze")
+
+
+def find_modules(keys: list[str] | tuple[str, ...], config: Mapping[str, Any]) -> list[LoraModule]:
+    """The LoRA modules named by a state dict's keys, with rank and alpha resolved from the config."""
+    validate_config(config)
+    key_set = set(keys)
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    modules = []
+    for key in keys:
+        for suffix_a, suffix_b, kind in _FACTOR_KEYS:
+            if not key.endswith(suffix_a):
+                continue
+            stem = key[: -len(suffix_a)]
+            key_b = stem + suffix_b
+            if key_b not in key_set:
+                raise LsqError(f"adapter weights: {key} has no matching {key_b}")
+            name = stem.removeprefix(PREFIX)
+            r_key, a_key = pattern_key(rank_pattern, name), pattern_key(alpha_pattern, name)
+            modules.append(
+                LoraModule(
+                    name=name,
+                    key_a=key,
+                    key_b=key_b,
+                    kind=kind,
+                    rank=int(rank_pattern[r_key] if r_key is not None else config["r"]),
+                    alpha=float(alpha_pattern[a_key] if a_key is not None else config["lora_alpha"]),
+                    use_rslora=bool(config.get("use_rslora", False)),
+                )
+            )
+    if not modules:
+        raise LsqError("adapter weights hold no LoRA factors (no '*.lora_A.weight' or '*.lora_embedding_A' keys)")
+    return modules
+
+
+class LazyWeights(Mapping[str, torch.Tensor]):
+    """Read-only mapping over a safetensors file that loads one tensor at a time (bounded memory)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self._file = safe_open(str(path), framework="pt")
+            self._keys = tuple(self._file.keys())
+        except Exception as exc:  # safetensors raises its own error types for corrupt headers
+            raise LsqError(f"{path}: not a readable safetensors file ({exc})") from None
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        try:
+            return self._file.get_tensor(key)
+        except Exception as exc:
+            raise LsqError(f"{self.path}: tensor {key!r} cannot be read ({exc})") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], Mapping[str, torch.Tensor]]:
+    """``(config dict, weights mapping)`` of a PEFT adapter folder, without loading a base model."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise LsqError(f"{folder}: adapter folder not found")
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise LsqError(f"{config_path}: missing; a PEFT adapter folder needs {CONFIG_NAME}")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LsqError(f"{config_path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise LsqError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    validate_config(config, str(config_path))
+    if (folder / WEIGHTS_NAME).is_file():
+        return config, LazyWeights(folder / WEIGHTS_NAME)
+    if (folder / LEGACY_WEIGHTS_NAME).is_file():
+        try:  # weights_only=True: PyTorch's restricted unpickler, no arbitrary code
+            weights = torch.load(folder / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise LsqError(f"{folder / LEGACY_WEIGHTS_NAME}: refused by the safe loader ({exc})") from None
+        return config, weights
+    raise LsqError(f"{folder}: no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in the adapter folder")
+
+
+def write_adapter(folder: Path, config: Mapping[str, Any], weights: Mapping[str, torch.Tensor]) -> None:
+    """Write a PEFT adapter folder's two files into ``folder`` (which the caller makes atomic)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+class AtomicFolder:
+    """Build a folder under a temporary name beside ``target`` and rename it into place on success.
+
+    On an exception nothing is left behind and an existing ``target`` is untouched. An existing
+    ``target`` is replaced only with ``force=True`` (checked before any work starts).
+    """
+
+    def __init__(self, target: str | os.PathLike, force: bool = False):
+        self.target = Path(target)
+        self.force = force
+        if self.target.exists() and not force:
+            raise LsqError(f"{self.target}: output folder exists; pass --force to replace it")
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> Path:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".tmp", dir=self.target.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self.tmp is not None
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = None
+        if self.target.exists():
+            old = self.target.with_name(f".{self.target.name}.{os.getpid()}.old")
+            os.replace(self.target, old)
+        os.replace(self.tmp, self.target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,138 @@
+"""The ``lsq`` command.
+
+    lsq squeeze SRC --ranks 8 16 32 --out OUT     # OUT/r8, OUT/r16, OUT/r32: PEFT adapter folders
+    lsq squeeze SRC --energy 0.95 --out OUT       # per-module ranks (rank_pattern)
+    lsq squeeze SRC --budget 2000000 --serving vllm --out OUT
+    lsq squeeze --schema                          # JSON schema of the squeeze settings
+    lsq inspect SRC                               # spectrum summary, the rank each policy picks
+
+Bad input prints one line ``lsq: error: ...`` on stderr and exits with status 2; nothing is written.
+Heavy imports (torch, pydantic) happen after argument parsing so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+
+def _squeeze_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("squeeze", help="compress a LoRA adapter to lower ranks", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", nargs="?", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--out", help="output folder; one adapter folder per target inside it")
+    p.add_argument("--ranks", type=int, nargs="+", default=[], metavar="K", help="uniform target ranks")
+    p.add_argument("--energy", type=float, nargs="+", default=[], metavar="TAU", help="per-module energy thresholds")
+    p.add_argument("--budget", type=int, nargs="+", default=[], metavar="PARAMS", help="global LoRA parameter budgets")
+    p.add_argument("--serving", choices=["vllm"], help="snap to one rank the serving engine accepts")
+    p.add_argument("--alpha-policy", choices=["keep-scale", "rank", "fixed"], default="keep-scale")
+    p.add_argument("--alpha", type=float, help="lora_alpha for --alpha-policy fixed")
+    p.add_argument("--method", choices=["exact", "rsvd"], default="exact")
+    p.add_argument("--oversample", type=int, default=10, help="rsvd oversampling (default 10)")
+    p.add_argument("--power-iters", type=int, default=2, help="rsvd power iterations (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="rsvd seed (default 0)")
+    p.add_argument("--compute-dtype", choices=["float64", "float32"], default="float64")
+    p.add_argument("--out-dtype", choices=["source", "float32", "float16", "bfloat16"], default="source")
+    p.add_argument("--device", default="cpu", help="torch device for the maths (default cpu)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-plot", action="store_true", help="skip spectrum.png")
+    p.add_argument("--schema", action="store_true", help="print the JSON schema of the settings and exit")
+
+
+def _progress(desc: str):
+    from tqdm import tqdm
+
+    return lambda it: tqdm(it, desc=desc, unit="module", leave=False, disable=None, file=sys.stderr)
+
+
+def _run_squeeze(args: argparse.Namespace) -> int:
+    from lsq.config import SqueezeConfig
+    from lsq.errors import LsqError
+
+    if args.schema:
+        print(json.dumps(SqueezeConfig.model_json_schema(), indent=2))
+        return 0
+    if not args.src or not args.out:
+        raise LsqError("squeeze needs SRC and --out")
+    from pydantic import ValidationError
+
+    from lsq.api import squeeze_adapter
+
+    try:
+        config = SqueezeConfig(
+            ranks=args.ranks, energy=args.energy, budget=args.budget, serving=args.serving,
+            alpha_policy=args.alpha_policy, alpha=args.alpha, method=args.method, oversample=args.oversample,
+            power_iters=args.power_iters, seed=args.seed, compute_dtype=args.compute_dtype,
+            out_dtype=args.out_dtype, device=args.device,
+        )
+    except ValidationError as exc:
+        raise LsqError(_one_line(exc)) from None
+    written = squeeze_adapter(args.src, args.out, config, force=args.force, plot=not args.no_plot,
+                              progress=_progress("squeeze"))
+    for name, folder in written.items():
+        print(f"{name}\t{folder}")
+    return 0
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from lsq.api import inspect_adapter
+
+    info = inspect_adapter(args.src, progress=_progress("inspect"))
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    s = info["summary"]
+    print(f"{s['source']}: {s['modules']} LoRA modules, source ranks {s['source_ranks']}, "
+          f"{s['lora_params']:,} parameters, rsLoRA {s['use_rslora']}, DoRA {s['use_dora']}")
+    print("energy  uniform rank (every module)  vllm rank")
+    for key, v in s.items():
+        if key.startswith("energy_"):
+            print(f"{key[7:]:>6}  {v['uniform_rank']:>26}  {v['vllm_rank']}")
+    print("per module (first 10; --json for all):")
+    for row in info["modules"][:10]:
+        print(f"  {row['module']}: r={row['source_rank']} sigma_1={row['sigma_1']:.4g} "
+              f"effective_rank={row['effective_rank']:.1f} rank@0.95={row['energy_0.95']}")
+    return 0
+
+
+def _one_line(exc: Exception) -> str:
+    """A pydantic ValidationError as one line naming the field and the problem."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        parts = []
+        for e in errors():
+            loc = ".".join(str(x) for x in e.get("loc", ())) or "settings"
+            parts.append(f"{loc}: {e.get('msg', '').removeprefix('Value error, ')}")
+        return "; ".join(parts)
+    return str(exc).splitlines()[0]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lsq", description="LoRA-Squeeze: train high, squeeze, recover, register.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _squeeze_parser(sub)
+    p = sub.add_parser("inspect", help="spectrum summary of an adapter and the rank each policy picks")
+    p.add_argument("src", help="PEFT adapter folder")
+    p.add_argument("--json", action="store_true", help="print everything as JSON")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    runners = {"squeeze": _run_squeeze, "inspect": _run_inspect}
+    from lsq.errors import LsqError
+
+    try:
+        return runners[args.command](args)
+    except LsqError as exc:
+        print(f"lsq: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lsq: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The squeeze core: a LoRA state dict in, one state dict (and config) per target rank out.
+
+Each module is decomposed once (:mod:`lsq.linalg`) and every target takes a prefix of its singular
+triplets, so asking for ranks 8, 16 and 32 costs one decomposition, not three. Policies that need the
+spectra of all modules first (energy, budget, serving) get a cheap first pass that computes singular
+values only. Tensors other than the LoRA factors (DoRA magnitudes, ``modules_to_save``, biases) are
+carried over unchanged. Reading and writing folders is :mod:`lsq.adapter`'s job, not this module's.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lsq.adapter import LoraModule, find_modules, scale_of
+from lsq.config import SqueezeConfig
+from lsq.errors import LsqError
+from lsq.linalg import Spectrum, factored_svd, randomized_factored_svd, truncate
+from lsq.policies import Target, resolve_ranks
+
+Progress = Callable[[Iterable[Any]], Iterable[Any]]
+
+
+@dataclass
+class SqueezedAdapter:
+    """One output: a PEFT config dict, its state dict, and the numbers behind each module's rank."""
+
+    name: str
+    target: Target
+    config: dict[str, Any]
+    weights: dict[str, Tensor] = field(repr=False)
+    ranks: dict[str, int]
+    alphas: dict[str, float]
+
+
+@dataclass
+class SqueezeResult:
+    """Every output of one squeeze, plus what the report needs about the source."""
+
+    adapters: list[SqueezedAdapter]
+    modules: list[LoraModule]
+    singular_values: dict[str, Tensor]  # module -> all singular values of its source update (float64)
+    widths: dict[str, int]  # module -> d_in + d_out (parameters per unit of rank)
+
+
+def target_alpha(config: SqueezeConfig, module: LoraModule, k: int) -> float:
+    """The new lora_alpha of ``module`` at rank ``k`` under the config's alpha policy."""
+    if config.alpha_policy == "rank":
+        return float(k)
+    if config.alpha_policy == "fixed":
+        assert config.alpha is not None
+        return float(config.alpha)
+    # keep-scale: s' = s, so alpha' = s * k (or s * sqrt(k) with rsLoRA); a float, never truncated
+    return scale_of(module.alpha, module.rank, module.use_rslora) * (k**0.5 if module.use_rslora else k)
+
+
+def load_factors(weights: Mapping[str, Tensor], module: LoraModule) -> tuple[Tensor, Tensor]:
+    """``(A, B)`` of a module as 2-D matrices ``(r, d_in)`` and ``(d_out, r)``, checked against the config.
+
+    Conv factors ``A: (r, C_in, *kernel)``, ``B: (C_out, r, 1, ...)`` are flattened (the update of a
+    conv LoRA is ``B.flatten(1) @ A.flatten(1)`` reshaped to the kernel).
+    """
+    A, B = weights[module.key_a], weights[module.key_b]
+    if A.ndim < 2 or B.ndim < 2 or any(s != 1 for s in B.shape[2:]):
+        raise LsqError(f"module {module.name}: unsupported factor shapes A {tuple(A.shape)}, B {tuple(B.shape)}")
+    if not (A.is_floating_point() and B.is_floating_point()):
+        raise LsqError(f"module {module.name}: factors must be floating point, got {A.dtype} and {B.dtype}")
+    if A.shape[0] != module.rank or B.shape[1] != module.rank:
+        raise LsqError(
+            f"module {module.name}: factor shapes A {tuple(A.shape)}, B {tuple(B.shape)} disagree with "
+            f"rank {module.rank} from adapter_config.json"
+        )
+    A2, B2 = A.reshape(A.shape[0], -1), B.reshape(B.shape[0], B.shape[1])
+    for label, t in (("lora_A", A2), ("lora_B", B2)):
+        if not torch.isfinite(t).all():
+            raise LsqError(f"module {module.name}: {label} holds NaN or Inf values")
+    return A2, B2
+
+
+def _decompose(A: Tensor, B: Tensor, module: LoraModule, config: SqueezeConfig, keep: int) -> Spectrum:
+    A, B = A.to(config.device), B.to(config.device)
+    if config.method == "rsvd":
+        return randomized_factored_svd(
+            A, B, module.scale, max(keep, 1), oversample=config.oversample, power_iters=config.power_iters,
+            seed=config.seed, compute_dtype=config.torch_compute_dtype,
+        )
+    return factored_svd(A, B, module.scale, keep=keep, compute_dtype=config.torch_compute_dtype)
+
+
+def _spectra(weights: Mapping[str, Tensor], modules: list[LoraModule], config: SqueezeConfig, progress: Progress):
+    """First pass: every module's singular values (exact, no singular vectors) and width."""
+    spectra, widths = {}, {}
+    for m in progress(modules):
+        A, B = load_factors(weights, m)
+        spectra[m.name] = factored_svd(A.to(config.device), B.to(config.device), m.scale, keep=0).S.double().cpu()
+        widths[m.name] = A.shape[1] + B.shape[0]
+    return spectra, widths
+
+
+def squeezed_config(source: Mapping[str, Any], ranks: Mapping[str, int], alphas: Mapping[str, float]) -> dict[str, Any]:
+    """The source config with r, lora_alpha, rank_pattern and alpha_pattern set for new ranks.
+
+    ``r`` and ``lora_alpha`` take the most common values; modules that differ go into the patterns by
+    full module name, longest name first. When one module's name is a dotted suffix of another's
+    (PEFT would match both with the shorter pattern), every module is listed so each finds its own.
+    """
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    names = sorted(ranks, key=lambda n: (-len(n), n))
+    uniform = len(set(ranks.values())) == 1 and len(set(alphas.values())) == 1
+    suffix_clash = not uniform and any(a.endswith("." + b) for a in names for b in names if a != b)
+    config = dict(source)
+    config["r"] = r
+    config["lora_alpha"] = alpha
+    config["rank_pattern"] = {n: ranks[n] for n in names if suffix_clash or ranks[n] != r}
+    config["alpha_pattern"] = {n: alphas[n] for n in names if suffix_clash or alphas[n] != alpha}
+    return config
+
+
+def squeeze_state_dict(
+    weights: Mapping[str, Tensor],
+    source_config: Mapping[str, Any],
+    config: SqueezeConfig,
+    progress: Progress = lambda it: it,
+) -> SqueezeResult:
+    """Squeeze a PEFT LoRA state dict to every target of ``config``.
+
+    Args:
+        weights: the adapter's state dict (PEFT's saved keys); may be lazy (:class:`lsq.adapter.LazyWeights`).
+        source_config: the adapter's ``adapter_config.json`` as a dict.
+        config: targets, alpha policy, method and dtypes.
+        progress: wraps the iteration over modules (e.g. ``tqdm``); identity by default.
+
+    Returns:
+        :class:`SqueezeResult`. For each output and module, ``s' B' A'`` equals the best rank-k
+        approximation of the source ``s B A`` (exactly with ``method="exact"``; rsvd within its bound).
+
+    Cost: one decomposition per module, ``O((d_in + d_out) r^2)``; peak memory is one module's work
+    plus the outputs. Raises :class:`LsqError` on bad shapes, non-finite values or impossible ranks.
+    """
+    modules = find_modules(list(weights.keys()), source_config)
+    source_ranks = {m.name: m.rank for m in modules}
+    targets = config.targets
+    spectra = widths = None
+    if any(t.needs_spectrum for t in targets):
+        spectra, widths = _spectra(weights, modules, config, progress)
+    plans = [(t, resolve_ranks(t, source_ranks, spectra, widths)) for t in targets]
+    names = [t.folder_name(Counter(r.values()).most_common(1)[0][0]) for t, r in plans]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise LsqError(f"two targets give the same output {dup!r}; drop one")
+
+    factor_keys = {k for m in modules for k in (m.key_a, m.key_b)}
+    passthrough = {k: weights[k] for k in weights.keys() if k not in factor_keys}  # loaded once, shared
+    outputs = [dict(passthrough) for _ in plans]
+    alphas: list[dict[str, float]] = [{} for _ in plans]
+    singular_values, all_widths = {}, {}
+    for m in progress(modules):
+        A, B = load_factors(weights, m)
+        a_shape, b_shape, dtype_a, dtype_b = weights[m.key_a].shape, weights[m.key_b].shape, A.dtype, B.dtype
+        keep = max(ranks[m.name] for _, ranks in plans)
+        spec = _decompose(A, B, m, config, keep)
+        singular_values[m.name] = spec.S.double().cpu()
+        all_widths[m.name] = A.shape[1] + B.shape[0]
+        for i, (_, ranks) in enumerate(plans):
+            k = ranks[m.name]
+            alphas[i][m.name] = alpha = target_alpha(config, m, k)
+            new_A, new_B = truncate(spec, k, scale_of(alpha, k, m.use_rslora))
+            outputs[i][m.key_a] = new_A.reshape((k, *a_shape[1:])).to("cpu", config.torch_out_dtype(dtype_a))
+            outputs[i][m.key_b] = new_B.reshape((b_shape[0], k, *b_shape[2:])).to("cpu", config.torch_out_dtype(dtype_b))
+    adapters = [
+        SqueezedAdapter(name, t, squeezed_config(source_config, ranks, alphas[i]), outputs[i], ranks, alphas[i])
+        for i, ((t, ranks), name) in enumerate(zip(plans, names))
+    ]
+    return SqueezeResult(adapters, modules, singular_values, all_widths)
