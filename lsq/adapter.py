@@ -84,6 +84,13 @@ def validate_config(config: Mapping[str, Any], where: str = CONFIG_NAME) -> None
     for key in _UNSUPPORTED_FIELDS:
         if config.get(key):
             raise LsqError(f"{where}: {key}={config[key]!r} is a LoRA variant lsq does not squeeze")
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise LsqError(f"{where}: {key} must be a JSON object, got {patterns!r}")
+        for name, value in patterns.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise LsqError(f"{where}: {key}[{name!r}] must be a positive number, got {value!r}")
 
 
 def find_modules(keys: list[str] | tuple[str, ...], config: Mapping[str, Any]) -> list[LoraModule]:
@@ -165,8 +172,13 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], Mapping[str, 
     if (folder / LEGACY_WEIGHTS_NAME).is_file():
         try:  # weights_only=True: PyTorch's restricted unpickler, no arbitrary code
             weights = torch.load(folder / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise LsqError(f"{folder / LEGACY_WEIGHTS_NAME}: refused by the safe loader ({exc})") from None
+        except Exception as exc:  # torch's message is several paragraphs: keep the lines that say what failed
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            boiler = ("Weights only load failed", "Please file an issue", "Check the documentation")
+            detail = " ".join(ln for ln in lines if not ln.startswith(boiler)) or (lines[0] if lines else repr(exc))
+            raise LsqError(f"{folder / LEGACY_WEIGHTS_NAME}: refused by the safe loader ({detail})") from None
+        if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+            raise LsqError(f"{folder / LEGACY_WEIGHTS_NAME}: expected a state dict of tensors, got {type(weights).__name__}")
         return config, weights
     raise LsqError(f"{folder}: no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in the adapter folder")
 

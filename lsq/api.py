@@ -24,6 +24,7 @@ from lsq.adapter import (
     write_adapter,
 )
 from lsq.config import SqueezeConfig
+from lsq.errors import LsqError
 from lsq.linalg import factored_svd
 from lsq.policies import SERVING_RANKS, energy_rank
 from lsq.report import adapter_report, plot_spectra
@@ -50,6 +51,8 @@ def squeeze_adapter(
     (model card, tokenizer) are copied. Returns ``{name: folder}``.
     """
     src = Path(src)
+    if Path(out).resolve() in (src.resolve(), *src.resolve().parents):  # --force would delete the source
+        raise LsqError(f"{out}: output folder is or contains the source adapter {src}; choose another --out")
     atomic = AtomicFolder(out, force=force)  # refuses an existing folder before any work
     source_config, weights = read_adapter(src)
     result = squeeze_state_dict(weights, source_config, config, progress=progress)

@@ -5,6 +5,8 @@
     lsq squeeze SRC --budget 2000000 --serving vllm --out OUT
     lsq squeeze --schema                          # JSON schema of the squeeze settings
     lsq inspect SRC                               # spectrum summary, the rank each policy picks
+    lsq train configs/quick.yaml method=in rank=4 # train one adapter (direct, source, cont, in, adalora)
+    lsq evaluate ADAPTER configs/quick.yaml       # score an adapter folder on the test split
 
 Bad input prints one line ``lsq: error: ...`` on stderr and exits with status 2; nothing is written.
 Heavy imports (torch, pydantic) happen after argument parsing so ``--help`` is instant.
@@ -39,6 +41,55 @@ def _squeeze_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-plot", action="store_true", help="skip spectrum.png")
     p.add_argument("--schema", action="store_true", help="print the JSON schema of the settings and exit")
+
+
+def _train_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train one adapter (direct, source, cont, in, adalora)")
+    p.add_argument("config", nargs="?", help="YAML preset (configs/); omitted: the built-in defaults")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method=in train.steps=100")
+    p.add_argument("--schema", action="store_true", help="print the JSON schema of the config and exit")
+    p = sub.add_parser("evaluate", help="score an adapter folder on a data split")
+    p.add_argument("adapter", help="PEFT adapter folder")
+    p.add_argument("config", nargs="?", help="YAML preset naming the model and data (as for train)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.max_eval=200")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+
+def _config_and_overrides(args: argparse.Namespace):
+    """A positional ``key=value`` in the config slot is an override, not a file."""
+    from lsq.train_config import load_train_config
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        config, overrides = None, [config, *overrides]
+    return load_train_config(config, overrides)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    if args.schema:
+        from lsq.train_config import TrainConfig
+
+        print(json.dumps(TrainConfig.model_json_schema(), indent=2))
+        return 0
+    cfg = _config_and_overrides(args)
+    from lsq.train import train
+
+    result = train(cfg)
+    print(json.dumps(result.to_json(), indent=1))
+    return 0
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    cfg = _config_and_overrides(args)
+    from lsq.evaluate import evaluate_adapter
+
+    metrics = evaluate_adapter(args.adapter, cfg.model, cfg.data, split=args.split, batch_size=cfg.train.eval_batch_size)
+    if args.json:
+        print(json.dumps(metrics, indent=1))
+    else:
+        print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    return 0
 
 
 def _progress(desc: str):
@@ -116,18 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="spectrum summary of an adapter and the rank each policy picks")
     p.add_argument("src", help="PEFT adapter folder")
     p.add_argument("--json", action="store_true", help="print everything as JSON")
+    _train_parsers(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    runners = {"squeeze": _run_squeeze, "inspect": _run_inspect}
+    runners = {"squeeze": _run_squeeze, "inspect": _run_inspect, "train": _run_train, "evaluate": _run_evaluate}
     from lsq.errors import LsqError
 
     try:
         return runners[args.command](args)
-    except LsqError as exc:
-        print(f"lsq: error: {exc}", file=sys.stderr)
+    except (LsqError, OSError) as exc:  # OSError: unwritable --out, disk full, ...; the contract is one line
+        print("lsq: error: " + " ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lsq: interrupted; nothing was written", file=sys.stderr)

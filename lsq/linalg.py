@@ -74,8 +74,11 @@ def _check_factors(A: Tensor, B: Tensor) -> None:
 
 
 # Gram route is used when cond(factor) <= 1e4, i.e. cond(Gram) <= 1e8: the orthogonality lost by
-# forming the Gram matrix is then about eps * cond(Gram) = 1e-8 in float64.
+# forming the Gram matrix is then about eps * cond(Gram) = 1e-8 in float64. In float32 (eps 1.2e-7)
+# that limit would lose all orthogonality; cond(Gram) <= 1e3 keeps the Gram route's error within a
+# few tens of eps of Householder QR's (measured in tests/lsq/test_linalg.py).
 GRAM_COND_LIMIT = 1e8
+GRAM_COND_LIMIT_FLOAT32 = 1e3
 
 
 def _orth_factor(X: Tensor, gram_ok: bool) -> tuple[Callable[[Tensor], Tensor], Tensor]:
@@ -84,12 +87,14 @@ def _orth_factor(X: Tensor, gram_ok: bool) -> tuple[Callable[[Tensor], Tensor], 
     Returns ``(q_times, R)`` where ``q_times(M) = Q @ M``, so that ``Q`` is never formed when a
     cheaper product exists. Fast path (``gram_ok``): eigendecomposition of the ``r x r`` Gram matrix
     ``X^T X = W L W^T``, ``R = L^{1/2} W^T``, ``Q = X W L^{-1/2}`` (GEMMs only, several times faster
-    than Householder QR on tall factors). It is taken only when ``cond(X^T X) <= GRAM_COND_LIMIT``;
-    otherwise, or for a rank-deficient factor, Householder QR (``torch.linalg.qr``) is used.
+    than Householder QR on tall factors). It is taken only when ``cond(X^T X) <= GRAM_COND_LIMIT``
+    (``GRAM_COND_LIMIT_FLOAT32`` below float64); otherwise, or for a rank-deficient factor, Householder QR
+    (``torch.linalg.qr``) is used.
     """
     if gram_ok and X.shape[0] >= X.shape[1]:
         evals, W = torch.linalg.eigh(X.mT @ X)  # ascending, (r,), (r, r)
-        if evals[0] > 0 and evals[-1] <= GRAM_COND_LIMIT * evals[0]:
+        limit = GRAM_COND_LIMIT if X.dtype == torch.float64 else GRAM_COND_LIMIT_FLOAT32
+        if evals[0] > 0 and evals[-1] <= limit * evals[0]:
             root = evals.sqrt()
             r_inv = W / root  # (r, r): Q = X @ r_inv
             return (lambda M: X @ (r_inv @ M)), root[:, None] * W.mT
@@ -128,9 +133,10 @@ def factored_svd(
     qa_times, Ra = _orth_factor(A.mT, gram)  # Qa: (d_in, p_a), Ra: (p_a, r)
     core = (Rb @ Ra.mT) * scale  # (p_b, p_a)
     Uc, S, Vhc = torch.linalg.svd(core, full_matrices=False)
-    Uc, Vhc = _flip_signs(Uc, Vhc)
     p = S.shape[0] if keep is None else min(keep, S.shape[0])
-    return Spectrum(U=qb_times(Uc[:, :p]), S=S, Vh=qa_times(Vhc[:p].mT).mT)
+    # signs are fixed on the final vectors: those of Qb's columns differ between the Gram and QR routes
+    U, Vh = _flip_signs(qb_times(Uc[:, :p]), qa_times(Vhc[:p].mT).mT)
+    return Spectrum(U=U, S=S, Vh=Vh)
 
 
 def randomized_factored_svd(

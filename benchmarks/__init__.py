@@ -1,0 +1,1 @@
+"""Benchmarks: side-by-side measurements, not tests (python -m benchmarks.<name>)."""

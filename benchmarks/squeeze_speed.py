@@ -1,0 +1,311 @@
+"""Speed, memory and accuracy of ``lsq squeeze`` on a Llama-3-8B-shaped r=64 adapter, beside PEFT's path.
+
+    python -m benchmarks.squeeze_speed            # full: 32 layers, 224 modules, ~5-8 min on 2 cores
+    python -m benchmarks.squeeze_speed --quick    # 4 layers, one lsq run, accuracy on q/k only
+
+What it does, in one run (a benchmark, not a test: it prints, it asserts nothing):
+
+1. Writes a PEFT LoRA adapter (r=64, lora_alpha=128, bf16) with Llama-3-8B's shapes straight to
+   ``adapter_model.safetensors`` + ``adapter_config.json`` in a temporary folder; no model is built.
+   Factors are seeded and shaped like trained ones: ``A ~ randn / sqrt(d_in)``, ``B = randn * c_j`` with
+   column scales ``c_j`` decaying as ``exp(-j / 16)``, so the update spectrum decays.
+2. Times ``lsq squeeze SRC --ranks 8 16 32 --out OUT`` as a subprocess (wall time with Python start-up,
+   median of 3) and its peak RSS (``/usr/bin/time -v``), then the same with ``--no-plot``.
+3. Times PEFT's path (``peft.tuners.lora.conversion._convert_module_to_lora`` on CPU with bf16 factors:
+   ``get_delta_weight`` forms ``s * B @ A`` in float32 and casts it back to bf16, then ``.float()`` and
+   ``torch.linalg.svd(dW, full_matrices=False)``) on one module of each sampled kind, and scales to every
+   module by kind (one PEFT call serves one rank, so the estimate is for one rank: conservative).
+4. Accuracy on the sampled modules at ranks 8, 16, 32: lsq's truncated update (``factored_svd`` +
+   ``truncate`` in float64) against the dense float64 and float32 truncated SVD, and separately the bf16
+   factors lsq wrote (storage rounding, the same for any tool that writes bf16).
+5. A stage profile of lsq (imports, read, maths, write, report, plot) and a markdown table with targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+for _k, _v in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "1"), ("HF_HUB_OFFLINE", "1")):
+    os.environ.setdefault(_k, _v)
+
+import torch  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+# Llama-3-8B: hidden 4096, intermediate 14336, 32 heads, 8 KV heads of 128 -> k/v out 1024.
+KINDS = {  # kind: (submodule path, d_in, d_out)
+    "q": ("self_attn.q_proj", 4096, 4096),
+    "k": ("self_attn.k_proj", 4096, 1024),
+    "v": ("self_attn.v_proj", 4096, 1024),
+    "o": ("self_attn.o_proj", 4096, 4096),
+    "gate": ("mlp.gate_proj", 4096, 14336),
+    "up": ("mlp.up_proj", 4096, 14336),
+    "down": ("mlp.down_proj", 14336, 4096),
+}
+RANK, ALPHA, TARGETS = 64, 128, (8, 16, 32)
+SPEEDUP_TARGET, MEMORY_TARGET, ERROR_TARGET = 1000.0, 3.0, 1e-5
+LSQ = str(Path(sys.executable).with_name("lsq"))
+
+
+def write_llama_adapter(folder: Path, layers: int, seed: int = 0) -> Path:
+    """A Llama-3-8B-shaped PEFT LoRA adapter folder (bf16 safetensors + adapter_config.json)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    decay = 2e-3 * torch.exp(-torch.arange(RANK, dtype=torch.float32) / 16)  # (r,) column scales of B
+    weights = {}
+    for i in range(layers):
+        for path, d_in, d_out in KINDS.values():
+            stem = f"base_model.model.model.layers.{i}.{path}"
+            A = torch.randn(RANK, d_in, generator=gen) / math.sqrt(d_in)  # (r, d_in)
+            B = torch.randn(d_out, RANK, generator=gen) * decay  # (d_out, r)
+            weights[f"{stem}.lora_A.weight"] = A.to(torch.bfloat16)
+            weights[f"{stem}.lora_B.weight"] = B.to(torch.bfloat16)
+    save_file(weights, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "meta-llama/Meta-Llama-3-8B",
+        "r": RANK, "lora_alpha": ALPHA, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "use_rslora": False, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
+        "target_modules": sorted(p.rsplit(".", 1)[1] for p, _, _ in KINDS.values()),
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return folder / "adapter_model.safetensors"
+
+
+def run_timed(cmd: list[str]) -> tuple[float, int | None]:
+    """(wall seconds, peak RSS in bytes or None) of one command; raises if it fails."""
+    time_bin = shutil.which("time") or ("/usr/bin/time" if Path("/usr/bin/time").exists() else None)
+    full = [time_bin, "-v", *cmd] if time_bin else cmd
+    t0 = time.perf_counter()
+    proc = subprocess.run(full, capture_output=True, text=True, env=os.environ.copy())
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    rss = None
+    if time_bin:
+        m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+        rss = int(m.group(1)) * 1024 if m else None
+    return wall, rss
+
+
+def time_lsq(src: Path, work: Path, repeats: int, extra: list[str]) -> tuple[float, int, list[float]]:
+    """Median wall time, max peak RSS and all wall times of ``lsq squeeze`` (fresh OUT each run)."""
+    walls, rsss = [], []
+    for i in range(repeats):
+        out = work / f"out{'-'.join(extra)}{i}"
+        wall, rss = run_timed([LSQ, "squeeze", str(src), "--ranks", *map(str, TARGETS), "--out", str(out), *extra])
+        walls.append(wall)
+        rsss.append(rss or 0)
+        if i < repeats - 1:
+            shutil.rmtree(out)
+    return statistics.median(walls), max(rsss), walls
+
+
+def import_times() -> dict[str, float]:
+    """Wall seconds of a bare interpreter and of the imports lsq pays on every call (median of 3)."""
+    snippets = {
+        "python start-up": "pass",
+        "import torch": "import torch",
+        "import lsq.api (torch, pydantic, safetensors, lsq)": "import lsq.api",
+        "import matplotlib.pyplot (plot only)": "import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot",
+    }
+    out = {}
+    for label, code in snippets.items():
+        walls = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True, env=os.environ.copy())
+            walls.append(time.perf_counter() - t0)
+        out[label] = statistics.median(walls)
+    return out
+
+
+def stage_profile(src: Path, work: Path) -> dict[str, float]:
+    """In-process seconds of each stage of ``squeeze_adapter`` (imports already paid)."""
+    from lsq.adapter import read_adapter, write_adapter
+    from lsq.config import SqueezeConfig
+    from lsq.report import adapter_report, plot_spectra
+    from lsq.squeeze import squeeze_state_dict
+
+    t = {}
+    t0 = time.perf_counter()
+    config, lazy = read_adapter(src)
+    weights = {k: lazy[k] for k in lazy}
+    t["read (safetensors -> tensors)"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result = squeeze_state_dict(weights, config, SqueezeConfig(ranks=TARGETS))
+    t["maths (squeeze_state_dict, float64)"] = time.perf_counter() - t0
+    out = work / "profile"
+    t0 = time.perf_counter()
+    for a in result.adapters:
+        write_adapter(out / a.name, a.config, a.weights)
+    t["write 3 adapters"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for a in result.adapters:
+        (out / a.name / "squeeze_report.json").write_text(json.dumps(adapter_report(result, a, str(src), {}), indent=1))
+    t["reports (json)"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    plot_spectra(result, out / "spectrum.png", {a.name: int(a.name[1:]) for a in result.adapters})
+    t["plot (incl. matplotlib import)"] = time.perf_counter() - t0
+    shutil.rmtree(out)
+    return t
+
+
+def peft_path(A: torch.Tensor, B: torch.Tensor, scale: float) -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PEFT's per-module work on CPU with bf16 factors, timed: (seconds, U, S, Vh)."""
+    t0 = time.perf_counter()
+    dW = ((B.float() @ A.float()) * scale).to(A.dtype)  # get_delta_weight: fp32 on CPU, cast back
+    dW = dW.float()  # _convert_module_to_lora: "SVD not implemented for half-precision types"
+    U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
+    return time.perf_counter() - t0, U, S, Vh
+
+
+def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(torch.linalg.matrix_norm(x - ref) / torch.linalg.matrix_norm(ref))
+
+
+def dense_truncated(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, k: int) -> torch.Tensor:
+    return (U[:, :k].double() * S[:k].double()) @ Vh[:k].double()  # (d_out, d_in)
+
+
+def sample_modules(src: Path, out: Path, samples: list[str], accuracy: set[str]) -> tuple[dict, dict]:
+    """PEFT-path seconds per sampled kind, and relative errors per (kind, reference, rank)."""
+    from lsq.linalg import factored_svd, truncate
+
+    seconds, errors = {}, {}
+    f = safe_open(str(src), framework="pt")
+    scale = ALPHA / RANK
+    for kind in samples:
+        stem = f"base_model.model.model.layers.0.{KINDS[kind][0]}"
+        A, B = f.get_tensor(f"{stem}.lora_A.weight"), f.get_tensor(f"{stem}.lora_B.weight")  # bf16
+        seconds[kind], *_ = peft_path(A, B, scale)
+        print(f"  PEFT path, {kind:>4} {tuple(B.shape[:1] + A.shape[1:])}: {seconds[kind]:.1f} s", flush=True)
+        if kind not in accuracy:
+            continue
+        refs = {}
+        dW64 = (B.double() @ A.double()) * scale  # exact update of the stored bf16 factors
+        refs["float64"] = torch.linalg.svd(dW64, full_matrices=False)
+        refs["float32"] = torch.linalg.svd(((B.float() @ A.float()) * scale), full_matrices=False)
+        spec = factored_svd(A, B, scale)  # float64
+        for k in TARGETS:
+            a_k, b_k = truncate(spec, k, scale)  # keep-scale: s' = s
+            lsq64 = scale * (b_k @ a_k)
+            disk = out / f"r{k}"
+            cfg = json.loads((disk / "adapter_config.json").read_text())
+            with safe_open(str(disk / "adapter_model.safetensors"), framework="pt") as g:
+                a16, b16 = g.get_tensor(f"{stem}.lora_A.weight"), g.get_tensor(f"{stem}.lora_B.weight")
+            lsq16 = (cfg["lora_alpha"] / cfg["r"]) * (b16.double() @ a16.double())
+            for name, (U, S, Vh) in refs.items():
+                ref = dense_truncated(U, S, Vh, k)
+                errors[(kind, f"lsq float64 maths vs dense {name}", k)] = rel(lsq64, ref)
+                errors[(kind, f"lsq bf16 on disk vs dense {name}", k)] = rel(lsq16, ref)
+            errors[(kind, "dense float32 vs dense float64", k)] = rel(
+                dense_truncated(*refs["float32"], k), dense_truncated(*refs["float64"], k))
+        print(f"  accuracy, {kind:>4}: done", flush=True)
+    return seconds, errors
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="4 layers, one lsq run, accuracy on q and k only")
+    p.add_argument("--layers", type=int, help="number of decoder layers (default 32; 4 with --quick)")
+    p.add_argument("--repeats", type=int, help="lsq runs per variant, median reported (default 3; 1 with --quick)")
+    p.add_argument("--samples", nargs="+", choices=list(KINDS), default=["q", "k", "o", "gate", "down"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep", type=Path, help="build the adapter and outputs here and keep them")
+    args = p.parse_args(argv)
+    layers = args.layers or (4 if args.quick else 32)
+    repeats = args.repeats or (1 if args.quick else 3)
+    accuracy = {"q", "k"} if args.quick else set(args.samples)
+    command = shlex.join([Path(sys.executable).name, "-m", "benchmarks.squeeze_speed", *(argv if argv is not None else sys.argv[1:])])
+    t_start = time.perf_counter()
+    work = args.keep or Path(tempfile.mkdtemp(prefix="lsq-bench-"))
+    try:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+              f"load average {os.getloadavg()[0]:.1f}; work dir {work}", flush=True)
+        src_file = write_llama_adapter(work / "src", layers, args.seed)
+        size = src_file.stat().st_size
+        n_modules = layers * len(KINDS)
+        print(f"adapter: {n_modules} modules, r={RANK}, bf16, {mib(size)}", flush=True)
+        wall, rss, walls = time_lsq(work / "src", work, repeats, [])
+        print(f"lsq squeeze: {', '.join(f'{w:.2f}' for w in walls)} s; peak RSS {mib(rss)}", flush=True)
+        wall_np, rss_np, walls_np = time_lsq(work / "src", work, repeats, ["--no-plot"])
+        print(f"lsq squeeze --no-plot: {', '.join(f'{w:.2f}' for w in walls_np)} s; peak RSS {mib(rss_np)}", flush=True)
+        imports = import_times()
+        stages = stage_profile(work / "src", work)
+        seconds, errors = sample_modules(src_file, work / f"out{repeats - 1}", args.samples, accuracy)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+    # PEFT estimate: every module costs what the sampled module of its shape costs.
+    by_shape = {KINDS[k][1:]: s for k, s in seconds.items()}
+    missing = [k for k in KINDS if KINDS[k][1:] not in by_shape]
+    peft_s = layers * sum(by_shape[KINDS[k][1:]] for k in KINDS if k not in missing)
+    speedup, speedup_np = peft_s / wall, peft_s / wall_np
+    err_maths = max((e for (_, what, _), e in errors.items() if what.startswith("lsq float64")), default=float("nan"))
+    err_maths64 = max((e for (_, w, _), e in errors.items() if w == "lsq float64 maths vs dense float64"), default=float("nan"))
+    err_disk = max((e for (_, what, _), e in errors.items() if what.startswith("lsq bf16")), default=float("nan"))
+
+    def verdict(ok: bool) -> str:
+        return "PASS" if ok else "FAIL"
+
+    print("\n## Import and stage profile of lsq (seconds)\n")
+    print("| stage | s |\n|---|---:|")
+    for label, s in {**imports, **stages}.items():
+        print(f"| {label} | {s:.2f} |")
+    print("\n## Relative Frobenius error of the rank-k update (sampled modules, layer 0)\n")
+    print("| module | comparison | " + " | ".join(f"r{k}" for k in TARGETS) + " |")
+    print("|---|---|" + "---:|" * len(TARGETS))
+    for kind, what in dict.fromkeys((k, w) for k, w, _ in errors):
+        print(f"| {kind} | {what} | " + " | ".join(f"{errors[(kind, what, k)]:.1e}" for k in TARGETS) + " |")
+
+    print(f"\n## lsq squeeze vs PEFT's dense path: Llama-3-8B-shaped LoRA, {n_modules} modules, r={RANK} -> "
+          f"{', '.join(map(str, TARGETS))}\n")
+    print("| metric | value | target | result |\n|---|---:|---:|---|")
+    print(f"| adapter file (bf16 safetensors) | {mib(size)} | | |")
+    print(f"| lsq wall time, median of {repeats} (with plot) | {wall:.2f} s | | |")
+    print(f"| lsq wall time, median of {repeats}, --no-plot | {wall_np:.2f} s | | |")
+    print(f"| lsq peak RSS (with plot) | {mib(rss)} | | |")
+    print(f"| peak RSS / adapter file | {rss / size:.2f}x | < {MEMORY_TARGET:g}x | {verdict(rss / size < MEMORY_TARGET)} |")
+    print(f"| peak RSS / adapter file, --no-plot | {rss_np / size:.2f}x | < {MEMORY_TARGET:g}x | "
+          f"{verdict(rss_np / size < MEMORY_TARGET)} |")
+    print(f"| PEFT path estimate, one rank ({', '.join(f'{k} {s:.1f} s' for k, s in seconds.items())} "
+          f"x {layers} layers by shape) | {peft_s:,.0f} s ({peft_s / 60:.1f} min) | | |")
+    print(f"| PEFT path estimate, ranks {' '.join(map(str, TARGETS))} (one call per rank) | "
+          f"{len(TARGETS) * peft_s / 60:.1f} min | | |")
+    print(f"| speed-up vs one-rank PEFT (with plot) | {speedup:,.0f}x | >= {SPEEDUP_TARGET:g}x | "
+          f"{verdict(speedup >= SPEEDUP_TARGET)} |")
+    print(f"| speed-up vs one-rank PEFT, --no-plot | {speedup_np:,.0f}x | >= {SPEEDUP_TARGET:g}x | "
+          f"{verdict(speedup_np >= SPEEDUP_TARGET)} |")
+    print(f"| max rel. error, lsq maths vs dense float64 SVD ({', '.join(sorted(accuracy))}) | {err_maths64:.1e} | "
+          f"<= {ERROR_TARGET:g} | {verdict(err_maths64 <= ERROR_TARGET)} |")
+    print(f"| max rel. error, lsq maths vs dense float64 or float32 SVD | {err_maths:.1e} | <= {ERROR_TARGET:g} | "
+          f"{verdict(err_maths <= ERROR_TARGET)} |")
+    print(f"| max rel. error, bf16 factors on disk (storage rounding, any bf16 writer) | {err_disk:.1e} | "
+          "reported | |")
+    if missing:
+        print(f"\nnot sampled (left out of the PEFT estimate): {', '.join(missing)}")
+    print(f"\ncommand: {command}   (lsq: {LSQ} squeeze SRC --ranks {' '.join(map(str, TARGETS))} --out OUT)")
+    print(f"benchmark wall time: {time.perf_counter() - t_start:.0f} s; load average at the end "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (other work on the machine slows both sides)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

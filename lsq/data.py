@@ -1,0 +1,360 @@
+"""Training data through ``datasets``: load, validate, normalise, split, cap and fingerprint.
+
+Sources: a built-in set (``builtin:movie``, ``builtin:amazon``, ``builtin:nyt``, ``builtin:tweets``; see
+:mod:`lsq.builtin_data`), one local file or a list of them (.csv, .json/.jsonl, .parquet; a list is one
+pool), a local folder or a dataset id for ``datasets.load_dataset`` (offline: from the local cache).
+Every source ends as a ``DatasetDict`` with splits train/validation/test and the columns
+``text``/``label`` (classification, ``label`` a ``ClassLabel``) or ``prompt``/``answer``(/``choices``)
+(causal LM). Missing validation/test splits are cut from train with a fixed seed (stratified by label
+when every class is large enough). Every problem is one :class:`~lsq.errors.LsqError` line, raised
+before any training starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dataset
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from lsq import builtin_data
+from lsq.errors import LsqError
+
+BUILTIN_SETS = tuple(builtin_data.VADER_FILES)
+BUILTIN_LABELS = ("negative", "positive")
+SPLITS = ("train", "validation", "test")
+_SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation"}
+_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# Suffixes that make a missing source read as a mistyped path rather than a dataset id.
+_FILE_SUFFIXES = set(_BUILDERS) | {".tsv", ".txt", ".arrow", ".xlsx", ".xls", ".gz", ".zip", ".pq", ".feather"}
+
+
+class DataConfig(BaseModel):
+    """Where the training data comes from, how its columns map, and how it is split."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    source: str | tuple[str, ...] = Field(
+        description="builtin:NAME (movie, amazon, nyt, tweets); a local file or list of files (.csv, .json, "
+        ".jsonl, .parquet; a list is one pool); a local folder or a dataset id for datasets.load_dataset "
+        "(offline: from the local datasets cache)."
+    )
+    task: Literal["classification", "causal_lm"] = Field("classification", description="What the data trains.")
+    text_column: str = Field("text", description="classification: column holding the input text.")
+    label_column: str = Field("label", description="classification: column holding the label (int or string).")
+    prompt_column: str = Field("prompt", description="causal_lm: column holding the prompt.")
+    answer_column: str = Field("answer", description="causal_lm: column holding the target answer.")
+    choices_column: str | None = Field(None, description="causal_lm: optional column with a list of choices.")
+    label_names: tuple[str, ...] | None = Field(
+        None, description="classification: class names, id = position. String labels map through them; "
+        "without them string labels map to their sorted unique values."
+    )
+    seed: int = Field(0, description="Seed of the validation/test splitting and of the caps.")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="Validation share, when the source has no validation split.")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="Test share, when the source has no test split.")
+    max_train: int | None = Field(None, ge=1, description="Cap on train rows (seeded sample, after splitting).")
+    max_eval: int | None = Field(None, ge=1, description="Cap on validation and on test rows (after splitting).")
+    max_length: int = Field(128, ge=1, description="Maximum tokens per example (the trainer truncates to it).")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.source in ("", ()):
+            raise ValueError("source: empty")
+        if self.builtin is not None:
+            if self.builtin not in BUILTIN_SETS:
+                raise ValueError(f"source: unknown built-in set {self.builtin!r} (known: {', '.join(BUILTIN_SETS)})")
+            if self.task != "classification":
+                raise ValueError(f"task: built-in sets are classification data, not {self.task!r}")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(f"val_fraction: {self.val_fraction} + test_fraction {self.test_fraction} leave no train rows")
+        if self.label_names is not None and (len(self.label_names) < 2 or len(set(self.label_names)) != len(self.label_names)):
+            raise ValueError(f"label_names: need at least 2 distinct names, got {list(self.label_names)}")
+        if self.task == "classification" and self.text_column == self.label_column:
+            raise ValueError(f"label_column: same as text_column ({self.text_column!r})")
+        return self
+
+    @property
+    def builtin(self) -> str | None:
+        """The built-in set name of a ``builtin:NAME`` source, else None."""
+        if isinstance(self.source, str) and self.source.startswith("builtin:"):
+            return self.source.removeprefix("builtin:")
+        return None
+
+
+def load_data(cfg: DataConfig) -> DatasetDict:
+    """The validated, normalised train/validation/test splits that ``cfg`` describes."""
+    split_args = dict(seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
+                      max_train=cfg.max_train, max_eval=cfg.max_eval)
+    if cfg.builtin is not None:
+        return builtin_dataset(cfg.builtin, **split_args)
+    raw = _canonical_splits(_load_source(cfg.source), cfg.source)
+    if cfg.task == "classification":
+        dsd = _classification(raw, cfg)
+        return split_and_cap(dsd, stratify="label", **split_args)
+    return split_and_cap(_causal_lm(raw, cfg), stratify=None, **split_args)
+
+
+def builtin_dataset(name: str, *, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2,
+                    max_train: int | None = None, max_eval: int | None = None,
+                    source: str | Path | None = None, sha256: str | None = None) -> DatasetDict:
+    """A built-in VADER set as train/validation/test with columns text, label (0 negative, 1 positive), rating.
+
+    Zero ratings are dropped; the label is the sign of the mean human rating (-4..4), kept as ``rating``.
+    ``source``/``sha256`` override where the sdist comes from and the digest it must have (tests).
+    """
+    if name not in BUILTIN_SETS:
+        raise LsqError(f"source: unknown built-in set {name!r} (known: {', '.join(BUILTIN_SETS)})")
+    rows = [r for r in builtin_data.vader_rows(source=source, sha256=sha256)[name] if r["rating"] != 0]
+    features = Features({"text": Value("string"), "label": ClassLabel(names=list(BUILTIN_LABELS)),
+                         "rating": Value("float64")})
+    ds = Dataset.from_dict({"text": [r["text"] for r in rows], "label": [int(r["rating"] > 0) for r in rows],
+                            "rating": [float(r["rating"]) for r in rows]}, features=features)
+    return split_and_cap(DatasetDict(train=ds), seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
+                         max_train=max_train, max_eval=max_eval, stratify="label")
+
+
+def split_and_cap(dsd: DatasetDict, *, seed: int, val_fraction: float, test_fraction: float,
+                  max_train: int | None, max_eval: int | None, stratify: str | None) -> DatasetDict:
+    """Cut the missing validation/test splits from train, then apply the caps; all seeded.
+
+    A missing split gets ``round(fraction * n)`` rows (at least 1) of the n train rows there were
+    before any cut; caps take a seeded (stratified when possible) sample of a split.
+    """
+    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise LsqError(f"val_fraction: {val_fraction} and test_fraction {test_fraction} must lie in (0, 1), sum below 1")
+    train, val, test = dsd["train"], dsd.get("validation"), dsd.get("test")
+    n = len(train)
+    if test is None:
+        train, test = _split(train, max(1, round(test_fraction * n)), seed, stratify, "test")
+    if val is None:
+        train, val = _split(train, max(1, round(val_fraction * n)), seed, stratify, "validation")
+    out = DatasetDict(train=_cap(train, max_train, seed, stratify), validation=_cap(val, max_eval, seed, stratify),
+                      test=_cap(test, max_eval, seed, stratify))
+    for name, ds in out.items():
+        if len(ds) == 0:
+            raise LsqError(f"split {name!r} is empty")
+    return out
+
+
+def _split(ds: Dataset, size: int, seed: int, stratify: str | None, what: str) -> tuple[Dataset, Dataset]:
+    """(rest, part): ``size`` rows cut from ``ds`` by a seeded shuffle; stratified when every class allows."""
+    if size >= len(ds):
+        raise LsqError(f"split 'train' has {len(ds)} rows: too few to cut a {what} split of {size} rows from")
+    for strat in ([stratify, None] if stratify else [None]):
+        try:
+            parts = ds.train_test_split(test_size=size, seed=seed, stratify_by_column=strat)
+            return parts["train"], parts["test"]
+        except ValueError as exc:
+            error = exc  # too few rows of some class to stratify: fall back to a plain seeded split
+    raise LsqError(f"split 'train' ({len(ds)} rows) cannot give a {what} split of {size} rows: {error}")
+
+
+def _cap(ds: Dataset, cap: int | None, seed: int, stratify: str | None) -> Dataset:
+    if cap is None or len(ds) <= cap:
+        return ds
+    return _split(ds, cap, seed, stratify, "capped")[1]
+
+
+# ----------------------------------------------------------------------------------------- sources
+
+
+def _load_source(source: str | tuple[str, ...]) -> DatasetDict:
+    if isinstance(source, tuple):
+        return _load_files([Path(s).expanduser() for s in source])
+    path = Path(source).expanduser()
+    if path.is_file():
+        return _load_files([path])
+    if path.is_dir():
+        return _load_dataset(str(path), f"source: folder {source!r} could not be loaded", source)
+    if source.startswith(("/", ".", "~")) or "\\" in source or source.count("/") > 1 \
+            or path.suffix.lower() in _FILE_SUFFIXES:
+        raise LsqError(f"source: no such file or folder {source!r}")
+    return _load_dataset(source, f"source: dataset {source!r} could not be loaded offline "
+                         "(not a local file or folder, and not in the local datasets cache)", source)
+
+
+def _load_files(paths: list[Path]) -> DatasetDict:
+    for p in paths:
+        if not p.is_file():
+            raise LsqError(f"source: no such file {str(p)!r}")
+        if p.suffix.lower() not in _BUILDERS:
+            raise LsqError(f"source: unsupported file extension {p.suffix!r} of {str(p)!r} "
+                           f"(use {', '.join(_BUILDERS)})")
+    builders = {_BUILDERS[p.suffix.lower()] for p in paths}
+    if len(builders) > 1:
+        raise LsqError(f"source: files mix formats ({', '.join(sorted({p.suffix for p in paths}))}); use one format")
+    names = ", ".join(map(str, paths))
+    return _load_dataset(builders.pop(), f"source: could not read {names}", names,
+                         data_files={"train": [str(p) for p in paths]})
+
+
+def _load_dataset(path: str, message: str, source: Any, **kwargs: Any) -> DatasetDict:
+    try:
+        dsd = load_dataset(path, **kwargs)
+    except Exception as exc:  # datasets raises many types (ConnectionError, FileNotFoundError, ArrowInvalid...)
+        detail = (str(exc).strip().splitlines() or [""])[0][:200]
+        empty = re.search(r'Instruction "(\w+)" corresponds to no data', detail)
+        if empty:  # how datasets reports a file without rows
+            raise LsqError(f"split {empty.group(1)!r} of source {source!r} is empty") from None
+        raise LsqError(f"{message}: {type(exc).__name__}: {detail}") from None
+    if not isinstance(dsd, DatasetDict):
+        raise LsqError(f"{message}: got {type(dsd).__name__}, not a DatasetDict")
+    return dsd
+
+
+def _canonical_splits(dsd: DatasetDict, source: Any) -> DatasetDict:
+    """Keep train/validation/test (valid/val/dev read as validation); each must exist and hold rows."""
+    out = {}
+    for name, ds in dsd.items():
+        canon = _SPLIT_ALIASES.get(str(name), str(name))
+        if canon in SPLITS and canon not in out:
+            out[canon] = ds
+    if "train" not in out:
+        raise LsqError(f"source: {source!r} has no train split (splits: {', '.join(map(str, dsd)) or 'none'})")
+    for name, ds in out.items():
+        if len(ds) == 0:
+            raise LsqError(f"split {name!r} of source {source!r} is empty")
+    return DatasetDict(out)
+
+
+# ----------------------------------------------------------------------------------------- columns
+
+
+def _table(ds: Dataset) -> pa.Table:
+    return ds.with_format("arrow")[:]
+
+
+def _column(dsd: DatasetDict, key: str, column: str) -> dict[str, pa.ChunkedArray]:
+    """``column`` of every split; an LsqError naming the key, the split and the columns present if absent."""
+    out = {}
+    for split, ds in dsd.items():
+        if column not in ds.column_names:
+            raise LsqError(f"{key}: column {column!r} not in split {split!r} (columns: {', '.join(ds.column_names)})")
+        out[split] = _table(ds).column(column)
+        if out[split].null_count:
+            raise LsqError(f"{key}: column {column!r} of split {split!r} has {out[split].null_count} missing values")
+    return out
+
+
+def _check_text(dsd: DatasetDict, key: str, column: str) -> None:
+    for split, arr in _column(dsd, key, column).items():
+        if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+            raise LsqError(f"{key}: column {column!r} of split {split!r} holds {arr.type}, not text")
+
+
+def _classification(dsd: DatasetDict, cfg: DataConfig) -> DatasetDict:
+    _check_text(dsd, "text_column", cfg.text_column)
+    labels = _column(dsd, "label_column", cfg.label_column)
+    feature = dsd["train"].features[cfg.label_column]
+    kinds = {_label_kind(a.type) for a in labels.values()}
+    if len(kinds) > 1:
+        types = ", ".join(f"{s} {a.type}" for s, a in labels.items())
+        raise LsqError(f"label_column: splits disagree on the type of column {cfg.label_column!r} ({types})")
+    kind = kinds.pop()
+    if kind == "string":
+        seen = sorted({v for a in labels.values() for v in pc.unique(a).to_pylist()})
+        names = list(cfg.label_names) if cfg.label_names else seen
+        unknown = [v for v in seen if v not in names]
+        if unknown:
+            raise LsqError(f"label_column: value {unknown[0]!r} is not one of label_names {names}")
+    elif kind == "number":
+        ints = {}
+        for split, arr in labels.items():
+            values = pc.unique(arr).to_pylist()
+            bad = [v for v in values if isinstance(v, float) and not (math.isfinite(v) and v.is_integer())]
+            if bad:
+                raise LsqError(f"label_column: value {bad[0]!r} in split {split!r} is not an integer")
+            ints[split] = [int(v) for v in values]
+        default = feature.names if isinstance(feature, ClassLabel) else None
+        names = list(cfg.label_names or default or [str(i) for i in range(max(max(v) for v in ints.values()) + 1)])
+        for split, values in ints.items():
+            outside = [v for v in values if not 0 <= v < len(names)]
+            if outside:
+                raise LsqError(f"label_column: label {outside[0]} in split {split!r} is out of range 0..{len(names) - 1}")
+    else:
+        raise LsqError(f"label_column: column {cfg.label_column!r} holds {kind}, not integer or string labels")
+    if len(names) < 2:
+        raise LsqError(f"label_column: only one class ({names[0]!r}); classification needs at least 2")
+    if pc.count_distinct(labels["train"]).as_py() < 2:
+        raise LsqError(f"label_column: split 'train' holds a single class ({pc.unique(labels['train'])[0]}); "
+                       "classification needs at least 2")
+    features = Features({"text": Value("string"), "label": ClassLabel(names=names)})
+    out = {}
+    for split, ds in dsd.items():
+        ds = ds.select_columns([cfg.text_column, cfg.label_column])
+        f = ds.features[cfg.label_column]
+        if isinstance(f, Value) and (f.dtype.startswith("float") or f.dtype == "bool"):
+            ds = ds.cast_column(cfg.label_column, Value("int64"))
+        ds = ds.rename_columns({c: n for c, n in [(cfg.text_column, "text"), (cfg.label_column, "label")] if c != n})
+        out[split] = ds.cast(features)
+    return DatasetDict(out)
+
+
+def _label_kind(t: pa.DataType) -> str:
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "string"
+    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
+        return "number"
+    return str(t)
+
+
+def _causal_lm(dsd: DatasetDict, cfg: DataConfig) -> DatasetDict:
+    _check_text(dsd, "prompt_column", cfg.prompt_column)
+    _check_text(dsd, "answer_column", cfg.answer_column)
+    mapping = {cfg.prompt_column: "prompt", cfg.answer_column: "answer"}
+    if cfg.choices_column is not None:
+        for split, arr in _column(dsd, "choices_column", cfg.choices_column).items():
+            if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)) or not (
+                    pa.types.is_string(arr.type.value_type) or pa.types.is_large_string(arr.type.value_type)):
+                raise LsqError(f"choices_column: column {cfg.choices_column!r} of split {split!r} holds {arr.type}, "
+                               "not lists of strings")
+            answers = _table(dsd[split]).column(cfg.answer_column).to_pylist()
+            for i, (choices, answer) in enumerate(zip(arr.to_pylist(), answers)):
+                if answer not in choices:
+                    raise LsqError(f"answer_column: answer {answer!r} in row {i} of split {split!r} is not one of "
+                                   f"its choices {choices}")
+        mapping[cfg.choices_column] = "choices"
+    out = {}
+    for split, ds in dsd.items():
+        ds = ds.select_columns(list(mapping)).rename_columns({c: n for c, n in mapping.items() if c != n})
+        out[split] = ds.cast_column("prompt", Value("string")).cast_column("answer", Value("string"))
+    return DatasetDict(out)
+
+
+# ------------------------------------------------------------------------------------- fingerprint
+
+
+def fingerprint(dsd: DatasetDict) -> str:
+    """sha256 (first 16 hex digits) of the content: every split's name, columns, class names and rows in order.
+
+    Independent of ``datasets``' own (random, per-process) fingerprints, of the Arrow layout and of the
+    split order in the dict; it changes when any value, row order, column name or class name changes.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(dsd):
+        ds = dsd[name].with_format(None)
+        labels = {c: f.names for c, f in ds.features.items() if isinstance(f, ClassLabel)}
+        digest.update(_canon({"split": str(name), "columns": ds.column_names, "class_names": labels, "rows": len(ds)}))
+        for batch in ds.iter(batch_size=1000):
+            for row in zip(*(batch[c] for c in ds.column_names)):
+                digest.update(_canon(list(row)))
+    return digest.hexdigest()[:16]
+
+
+def _canon(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=_json_default).encode() + b"\n"
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, bytes):
+        return {"bytes": obj.hex()}
+    if hasattr(obj, "tolist"):  # numpy scalars and arrays
+        return obj.tolist()
+    return {"repr": str(obj)}

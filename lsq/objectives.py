@@ -1,0 +1,134 @@
+"""Task objectives: tokenisation, batching and metrics for classification and causal-LM SFT.
+
+Classification: rows ``{text, label}``; metrics accuracy and macro-F1.
+Causal LM: rows ``{prompt, answer[, choices]}``; the loss covers the answer tokens only (prompt
+labels are -100); metrics are the eval loss, the teacher-forced answer-token accuracy, and, when
+rows carry ``choices``, multiple-choice accuracy by summed answer log-likelihood (the paper's setup).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+IGNORE = -100
+
+
+def tokenize_classification(dataset, tokenizer, max_length: int):
+    """Map ``{text, label}`` rows to ``{input_ids, attention_mask, labels}``."""
+
+    def encode(batch):
+        enc = tokenizer(batch["text"], truncation=True, max_length=max_length)
+        enc["labels"] = batch["label"]
+        return enc
+
+    return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="tokenize")
+
+
+def _sft_ids(tokenizer, prompt: str, answer: str, max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids of prompt + answer (+ eos) and labels masking the prompt; the answer is kept on truncation."""
+    p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    a = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        a = a + [tokenizer.eos_token_id]
+    a = a[:max_length]
+    p = p[-(max_length - len(a)) :] if max_length > len(a) else []
+    return p + a, [IGNORE] * len(p) + a
+
+
+def tokenize_causal_lm(dataset, tokenizer, max_length: int):
+    """Map ``{prompt, answer}`` rows to ``{input_ids, attention_mask, labels}`` (loss on the answer only)."""
+
+    def encode(batch):
+        out = {"input_ids": [], "attention_mask": [], "labels": []}
+        for prompt, answer in zip(batch["prompt"], batch["answer"]):
+            ids, labels = _sft_ids(tokenizer, prompt, answer, max_length)
+            out["input_ids"].append(ids)
+            out["attention_mask"].append([1] * len(ids))
+            out["labels"].append(labels)
+        return out
+
+    return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="tokenize")
+
+
+class PadCollator:
+    """Right-pads ``input_ids`` (pad id), ``attention_mask`` (0) and token ``labels`` (-100)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        batch = {
+            "input_ids": torch.full((len(rows), width), self.pad_id, dtype=torch.long),
+            "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
+        }
+        token_labels = isinstance(rows[0]["labels"], list)
+        batch["labels"] = (
+            torch.full((len(rows), width), IGNORE, dtype=torch.long)
+            if token_labels
+            else torch.tensor([r["labels"] for r in rows], dtype=torch.long)
+        )
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            batch["input_ids"][i, :n] = torch.tensor(r["input_ids"])
+            batch["attention_mask"][i, :n] = 1
+            if token_labels:
+                batch["labels"][i, :n] = torch.tensor(r["labels"])
+        return batch
+
+
+def _batches(dataset, collator, batch_size: int, device) -> Iterator[dict[str, torch.Tensor]]:
+    for start in range(0, len(dataset), batch_size):
+        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        yield {k: v.to(device) for k, v in collator(rows).items()}
+
+
+@torch.no_grad()
+def classification_metrics(model: nn.Module, dataset, collator, batch_size: int, device) -> dict[str, float]:
+    """Accuracy and macro-F1 of ``model`` on a tokenised classification split."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    model.eval()
+    preds, labels = [], []
+    for batch in _batches(dataset, collator, batch_size, device):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        preds += logits.argmax(-1).tolist()
+        labels += batch["labels"].tolist()
+    return {"accuracy": float(accuracy_score(labels, preds)), "macro_f1": float(f1_score(labels, preds, average="macro"))}
+
+
+def _answer_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row: summed log-likelihood of the labelled tokens, correct-token count and labelled count."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    logits, labels = logits[:, :-1], batch["labels"][:, 1:]  # position t predicts token t+1
+    mask = labels != IGNORE
+    logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    correct = (logits.argmax(-1) == labels) & mask
+    return (logp * mask).sum(1), correct.sum(1), mask.sum(1)
+
+
+@torch.no_grad()
+def causal_lm_metrics(model: nn.Module, dataset, collator, batch_size: int, device, raw=None, tokenizer=None, max_length=256) -> dict[str, float]:
+    """Eval loss and answer-token accuracy on a tokenised split; plus multiple-choice accuracy when the
+    raw split (``raw``) has a ``choices`` column: the choice with the highest summed log-likelihood."""
+    model.eval()
+    nll = correct = count = 0.0
+    for batch in _batches(dataset, collator, batch_size, device):
+        lp, c, n = _answer_logprobs(model, batch)
+        nll -= float(lp.sum())
+        correct += float(c.sum())
+        count += float(n.sum())
+    metrics = {"loss": nll / max(count, 1.0), "answer_accuracy": correct / max(count, 1.0)}
+    if raw is not None and "choices" in raw.column_names:
+        hits = 0
+        for row in raw:
+            scored = [_sft_ids(tokenizer, row["prompt"], choice, max_length) for choice in row["choices"]]
+            rows = [{"input_ids": ids, "labels": labels} for ids, labels in scored]
+            batch = {k: v.to(device) for k, v in collator(rows).items()}
+            lp, _, _ = _answer_logprobs(model, batch)
+            hits += int(row["choices"][int(lp.argmax())] == row["answer"])
+        metrics["choice_accuracy"] = hits / max(len(raw), 1)
+    return metrics

@@ -1,0 +1,171 @@
+"""Train one adapter: direct LoRA, high-rank source, Cont-Squeeze, In-Squeeze or AdaLoRA.
+
+A recipe reads as its steps: load data and model, wrap the model with the method's adapter,
+tokenise, train with the transformers ``Trainer`` (seeded, checkpointed, resumable), save the
+adapter atomically, write a summary. Tracking reaches it only through ``log(metrics, step)``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+
+from lsq.adapter import AtomicFolder, find_modules, read_adapter
+from lsq.data import fingerprint, load_data
+from lsq.errors import LsqError
+from lsq.insqueeze import RankScheduleCallback, boundaries
+from lsq.live import lora_layers, resize_lora_
+from lsq.models import default_targets, device_of, load_base_model, load_tokenizer
+from lsq.objectives import PadCollator, tokenize_causal_lm, tokenize_classification
+from lsq.train_config import TrainConfig
+
+Log = Callable[[Mapping[str, float], int], None]
+SUMMARY_NAME = "train_summary.json"
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    method: str
+    rank: int
+    steps: int
+    train_seconds: float
+    train_loss: float
+    dataset_fingerprint: str
+    rank_events: list[dict[str, float]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "adapter_dir": str(self.adapter_dir)}
+
+
+def num_labels_of(dsd) -> int:
+    labels = [int(x) for split in dsd.values() for x in split.unique("label")]
+    return max(labels) + 1
+
+
+def build_model(cfg: TrainConfig, base):
+    """Wrap ``base`` with the method's adapter (trainable)."""
+    from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
+
+    task_type = "SEQ_CLS" if cfg.model.task == "classification" else "CAUSAL_LM"
+    targets = cfg.lora.target_modules or default_targets(base)
+    if cfg.method == "cont":
+        return PeftModel.from_pretrained(base, cfg.cont.adapter, is_trainable=True)
+    if cfg.method == "adalora":
+        a = cfg.adalora
+        peft_config = AdaLoraConfig(
+            task_type=task_type, target_modules=targets, init_r=cfg.source_rank, target_r=cfg.rank,
+            lora_alpha=cfg.lora.alpha_ratio * cfg.source_rank, lora_dropout=cfg.lora.dropout,
+            tinit=int(a.tinit * cfg.train.steps), tfinal=int(a.tfinal * cfg.train.steps), deltaT=a.delta_t,
+            total_step=cfg.train.steps,
+        )
+    else:
+        r = cfg.initial_rank
+        peft_config = LoraConfig(
+            task_type=task_type, target_modules=targets, r=r, lora_alpha=cfg.lora.alpha_ratio * r,
+            lora_dropout=cfg.lora.dropout, use_rslora=cfg.lora.use_rslora,
+        )
+    return get_peft_model(base, peft_config)
+
+
+class LogCallback(TrainerCallback):
+    """Forward the Trainer's logs (loss, learning rate, grad norm) to ``log(metrics, step)``."""
+
+    def __init__(self, log: Log):
+        self.log = log
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        numbers = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
+        if numbers:
+            self.log(numbers, state.global_step)
+
+
+class AdaLoraCallback(TrainerCallback):
+    """AdaLoRA's budget update needs the gradients: run it after the optimizer step, before zero_grad."""
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        model.base_model.update_and_allocate(state.global_step)
+
+
+def _last_checkpoint(folder: Path) -> Path | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return Path(ckpt) if folder.is_dir() and (ckpt := get_last_checkpoint(str(folder))) else None
+
+
+def _match_checkpoint_ranks(model, checkpoint: Path) -> None:
+    """An In-Squeeze checkpoint may be past a boundary: resize the fresh model to its ranks first."""
+    config, weights = read_adapter(checkpoint)
+    ranks = {m.name: m.rank for m in find_modules(list(weights.keys()), config)}
+    current = {n: layer.r["default"] for n, layer in lora_layers(model).items()}
+    smaller = {n: k for n, k in ranks.items() if k < current.get(n, k)}
+    if smaller:
+        resize_lora_(model, smaller)
+
+
+def train(cfg: TrainConfig, log: Log | None = None) -> TrainResult:
+    """Run one training recipe and save its adapter to ``{output_dir}/adapter``."""
+    out = Path(cfg.output_dir)
+    set_seed(cfg.train.seed)
+    data = load_data(cfg.data)
+    tokenizer = load_tokenizer(cfg.model)
+    is_cls = cfg.model.task == "classification"
+    base = load_base_model(cfg.model, num_labels_of(data) if is_cls else None)
+    model = build_model(cfg, base)
+    tokenize = tokenize_classification if is_cls else tokenize_causal_lm
+    train_set = tokenize(data["train"], tokenizer, cfg.data.max_length)
+
+    steps, lr, warmup = cfg.train.steps, cfg.train.lr, cfg.train.warmup_steps
+    if cfg.method == "cont":
+        steps, lr, warmup = cfg.cont.steps, cfg.cont.lr, cfg.cont.warmup_steps
+    device = device_of(cfg.model)
+    args = TrainingArguments(
+        output_dir=str(out / "checkpoints"), max_steps=steps, per_device_train_batch_size=cfg.train.batch_size,
+        learning_rate=lr, warmup_steps=warmup, lr_scheduler_type=cfg.train.scheduler,
+        weight_decay=cfg.train.weight_decay, optim=cfg.train.optim, max_grad_norm=cfg.train.max_grad_norm,
+        logging_steps=cfg.train.logging_steps, save_steps=cfg.train.save_steps, save_total_limit=1,
+        seed=cfg.train.seed, data_seed=cfg.train.seed, report_to="none", use_cpu=device.type == "cpu",
+        bf16=device.type == "cuda" and torch.cuda.is_bf16_supported(), dataloader_num_workers=0,
+        remove_unused_columns=False, save_only_model=False,
+    )
+    callbacks: list[TrainerCallback] = [LogCallback(log)] if log else []
+    schedule = None
+    if cfg.method == "in":
+        schedule = RankScheduleCallback(
+            boundaries(cfg.stage_ranks, cfg.stage_steps), cfg.insqueeze.optimizer_state, log=log
+        )
+        callbacks.append(schedule)
+    if cfg.method == "adalora":
+        callbacks.append(AdaLoraCallback())
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train_set, data_collator=PadCollator(tokenizer.pad_token_id),
+        callbacks=callbacks,
+    )
+    checkpoint = _last_checkpoint(out / "checkpoints") if cfg.resume else None
+    if checkpoint is not None and cfg.method == "in":
+        _match_checkpoint_ranks(model, checkpoint)
+    start = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    seconds = time.perf_counter() - start
+    loss = float(output.training_loss)
+    if not torch.isfinite(torch.tensor(loss)):
+        raise LsqError(f"training diverged: final loss {loss}; lower train.lr ({lr})")
+
+    with AtomicFolder(out / "adapter", force=True) as tmp:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+    result = TrainResult(
+        adapter_dir=out / "adapter", method=cfg.method, rank=cfg.rank if cfg.method != "source" else cfg.source_rank,
+        steps=steps, train_seconds=seconds, train_loss=loss, dataset_fingerprint=fingerprint(data),
+        rank_events=schedule.events if schedule else [],
+    )
+    summary = {**result.to_json(), "config": cfg.model_dump(mode="json")}
+    (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=1) + "\n")
+    return result

@@ -1,0 +1,188 @@
+"""Typed, frozen configuration of one training run (``lsq train CONFIG.yaml key=value ...``).
+
+Methods (the paper's names where it has them):
+  direct   LoRA trained at ``rank`` for ``train.steps`` (today's practice: the baseline)
+  source   LoRA trained at ``source_rank`` (the high-rank source that Post-/Cont-Squeeze compress)
+  cont     Cont-Squeeze: start from a squeezed adapter (``cont.adapter``) and train ``cont.steps`` more
+  in       In-Squeeze: start at ``source_rank``, resize in place at each stage boundary down to ``rank``
+  adalora  PEFT's AdaLoRA from ``source_rank`` to an average of ``rank``, same steps (second baseline)
+Post-Squeeze is not training: it is ``lsq squeeze`` on a source adapter.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lsq.data import DataConfig
+from lsq.errors import LsqError
+from lsq.models import ModelConfig
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+class LoraSettings(BaseModel):
+    model_config = _FROZEN
+
+    target_modules: list[str] | str | None = Field(None, description="Modules to adapt; default per architecture.")
+    alpha_ratio: float = Field(2.0, gt=0, description="lora_alpha = alpha_ratio * r (scale alpha/r stays fixed across ranks).")
+    use_rslora: bool = Field(False, description="Scale alpha/sqrt(r) instead of alpha/r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+
+
+class OptimSettings(BaseModel):
+    model_config = _FROZEN
+
+    steps: int = Field(200, ge=1, description="Optimizer steps (the budget every method shares).")
+    batch_size: int = Field(32, ge=1, description="Per-step batch size.")
+    eval_batch_size: int = Field(64, ge=1, description="Batch size for evaluation.")
+    lr: float = Field(5e-4, gt=0, description="Peak learning rate.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps.")
+    scheduler: Literal["linear", "cosine", "constant_with_warmup"] = Field("linear", description="LR schedule.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    optim: Literal["adamw_torch", "adafactor"] = Field("adamw_torch", description="Optimizer (the paper used Adafactor).")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping (0 disables).")
+    logging_steps: int = Field(10, ge=1, description="Log every N steps.")
+    save_steps: int = Field(50, ge=1, description="Checkpoint every N steps (a killed run resumes from the last).")
+    seed: int = Field(0, description="Seed of initialisation, data order and dropout.")
+
+
+class ContSettings(BaseModel):
+    model_config = _FROZEN
+
+    adapter: str | None = Field(None, description="Squeezed adapter folder to continue from (method cont).")
+    steps: int = Field(50, ge=1, description="Recovery steps at the target rank.")
+    lr: float = Field(2e-4, gt=0, description="Recovery learning rate.")
+    warmup_steps: int = Field(5, ge=0, description="Recovery warm-up steps.")
+
+
+class InSqueezeSettings(BaseModel):
+    model_config = _FROZEN
+
+    schedule: list[int] | None = Field(
+        None, description="Ranks of the stages, decreasing, from source_rank to rank; default geometric halving."
+    )
+    stage_steps: list[int] | None = Field(None, description="Steps per stage (sums to train.steps); default equal.")
+    optimizer_state: Literal["project", "reset"] = Field(
+        "project", description="Adam moments at a rank change: projected onto the new factors, or reset to zero."
+    )
+
+
+class AdaLoraSettings(BaseModel):
+    model_config = _FROZEN
+
+    tinit: float = Field(0.1, ge=0, lt=1, description="Fraction of steps before pruning starts.")
+    tfinal: float = Field(0.2, ge=0, lt=1, description="Fraction of final steps at the target budget.")
+    delta_t: int = Field(5, ge=1, description="Steps between budget reallocations.")
+
+
+class TrainConfig(BaseModel):
+    """One training run: model, data, method, ranks and optimisation."""
+
+    model_config = _FROZEN
+
+    method: Literal["direct", "source", "cont", "in", "adalora"] = Field("source", description="What to train.")
+    rank: int = Field(8, ge=1, description="Target rank (direct, cont, in, adalora).")
+    source_rank: int = Field(64, ge=1, description="High source rank (source, in, adalora).")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=lambda: DataConfig(source="builtin:movie"))
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    train: OptimSettings = Field(default_factory=OptimSettings)
+    cont: ContSettings = Field(default_factory=ContSettings)
+    insqueeze: InSqueezeSettings = Field(default_factory=InSqueezeSettings)
+    adalora: AdaLoraSettings = Field(default_factory=AdaLoraSettings)
+    output_dir: str = Field("runs/train", description="Where the adapter, checkpoints and summary go.")
+    resume: bool = Field(True, description="Resume from the last checkpoint in output_dir when there is one.")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.model.task != self.data.task:
+            raise ValueError(f"data.task: {self.data.task!r} disagrees with model.task {self.model.task!r}")
+        if self.method in ("in", "adalora") and self.rank >= self.source_rank:
+            raise ValueError(f"rank: target rank {self.rank} must be below source_rank {self.source_rank}")
+        if self.method == "cont" and not self.cont.adapter:
+            raise ValueError("cont.adapter: method cont needs the squeezed adapter folder to start from")
+        if self.method == "in":
+            ranks = self.stage_ranks
+            if ranks[0] != self.source_rank or ranks[-1] != self.rank:
+                raise ValueError(f"insqueeze.schedule: {ranks} must start at source_rank {self.source_rank} and end at rank {self.rank}")
+            if any(b >= a for a, b in zip(ranks, ranks[1:])):
+                raise ValueError(f"insqueeze.schedule: {ranks} does not strictly decrease")
+            steps = self.stage_steps
+            if len(steps) != len(ranks) or sum(steps) != self.train.steps or min(steps) < 1:
+                raise ValueError(
+                    f"insqueeze.stage_steps: {steps} must give {len(ranks)} stages of at least 1 step summing to train.steps {self.train.steps}"
+                )
+        return self
+
+    @property
+    def stage_ranks(self) -> list[int]:
+        """In-Squeeze ranks: the explicit schedule, or halving from source_rank down to rank."""
+        if self.insqueeze.schedule:
+            return list(self.insqueeze.schedule)
+        ranks = [self.source_rank]
+        while ranks[-1] // 2 > self.rank:
+            ranks.append(ranks[-1] // 2)
+        return ranks + [self.rank]
+
+    @property
+    def stage_steps(self) -> list[int]:
+        if self.insqueeze.stage_steps:
+            return list(self.insqueeze.stage_steps)
+        n, total = len(self.stage_ranks), self.train.steps
+        return [total // n + (1 if i < total % n else 0) for i in range(n)]
+
+    @property
+    def initial_rank(self) -> int:
+        return self.rank if self.method in ("direct", "cont") else self.source_rank
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``key.sub=value`` overrides (values parsed as YAML) applied to a nested dict."""
+    out = dict(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise LsqError(f"override {item!r}: expected key=value")
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            node[part] = child = dict(child) if isinstance(child, dict) else {}
+            node = child
+        node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read a YAML preset, apply overrides, validate; errors name the key and the bad value."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise LsqError(f"{p}: config file not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise LsqError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise LsqError(f"{p}: expected a mapping at the top level")
+    raw = apply_overrides(raw, list(overrides))
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise LsqError(validation_message(exc)) from None
+
+
+def validation_message(exc: ValidationError) -> str:
+    """A pydantic error as one line: ``key.sub: problem (got VALUE)``."""
+    parts = []
+    for e in exc.errors():
+        loc = ".".join(str(x) for x in e.get("loc", ())) or "config"
+        msg = e.get("msg", "").removeprefix("Value error, ")
+        got = e.get("input")
+        parts.append(f"{loc}: {msg}" + (f" (got {got!r})" if loc != "config" and not isinstance(got, dict) else ""))
+    return "; ".join(parts)

