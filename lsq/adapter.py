@@ -127,23 +127,39 @@ def find_modules(keys: list[str] | tuple[str, ...], config: Mapping[str, Any]) -
 
 
 class LazyWeights(Mapping[str, torch.Tensor]):
-    """Read-only mapping over a safetensors file that loads one tensor at a time (bounded memory)."""
+    """Read-only mapping over a safetensors file that loads one tensor at a time (bounded memory).
+
+    safetensors memory-maps the file, and every page read stays in the process's resident set while
+    the handle lives: reading a whole adapter through one handle adds the file's size to peak RSS.
+    The handle is therefore reopened after every ``REOPEN_BYTES`` read, which bounds that growth
+    (tensors already returned keep their own pages until they are dropped).
+    """
+
+    REOPEN_BYTES = 64 * 2**20
 
     def __init__(self, path: Path):
         self.path = path
+        self._file = self._open()
+        self._keys = tuple(self._file.keys())
+        self._read = 0  # bytes read through the current handle
+
+    def _open(self):
         try:
-            self._file = safe_open(str(path), framework="pt")
-            self._keys = tuple(self._file.keys())
+            return safe_open(str(self.path), framework="pt")
         except Exception as exc:  # safetensors raises its own error types for corrupt headers
-            raise LsqError(f"{path}: not a readable safetensors file ({exc})") from None
+            raise LsqError(f"{self.path}: not a readable safetensors file ({exc})") from None
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._keys:
             raise KeyError(key)
+        if self._read >= self.REOPEN_BYTES:
+            self._file, self._read = self._open(), 0  # drops the old mapping and its resident pages
         try:
-            return self._file.get_tensor(key)
+            tensor = self._file.get_tensor(key)
         except Exception as exc:
             raise LsqError(f"{self.path}: tensor {key!r} cannot be read ({exc})") from None
+        self._read += tensor.numel() * tensor.element_size()
+        return tensor
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -186,7 +202,8 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], Mapping[str, 
 def write_adapter(folder: Path, config: Mapping[str, Any], weights: Mapping[str, torch.Tensor]) -> None:
     """Write a PEFT adapter folder's two files into ``folder`` (which the caller makes atomic)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    # no sort_keys: PEFT applies the first matching rank_pattern key, so their order must survive
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
 
 

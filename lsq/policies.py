@@ -34,7 +34,12 @@ class Target:
 
     def folder_name(self, uniform_rank: int | None = None) -> str:
         """``r8``, ``energy0.95``, ``budget1000000``; with serving ``r8-vllm``, ``energy0.95-vllm-r32``."""
-        base = f"r{int(self.value)}" if self.policy == "rank" else f"{self.policy}{self.value:g}"
+        # budgets are ints (":g" would write 1000000 as "1e+06"); energies keep 12 significant digits
+        # (":g" keeps 6: 0.9999999 would be "1", and two close thresholds would share a folder)
+        if self.policy == "energy":
+            base = f"energy{self.value:.12g}"
+        else:
+            base = f"{'r' if self.policy == 'rank' else 'budget'}{int(self.value)}"
         if self.serving is None:
             return base
         if self.policy == "rank":
@@ -126,17 +131,19 @@ def _serving_uniform(
 ) -> dict[str, int]:
     """One serving rank from a per-module result: energy snaps the largest rank up (every module meets
     the threshold); budget takes the largest accepted rank whose uniform adapter fits the budget."""
-    max_source = min(source_ranks.values())
-    allowed = [k for k in SERVING_RANKS[target.serving] if k <= max_source]
+    smallest_source = min(source_ranks.values())
     if target.policy == "energy":
-        k = snap_up(max(ranks.values()), target.serving)
-        k = min(k, max(allowed)) if allowed else k
-    else:
+        need = max(ranks.values())
+        k = snap_up(need, target.serving)
+        if k > smallest_source:
+            module = max(ranks, key=ranks.get)
+            raise LsqError(
+                f"--energy {target.value:g}: module {module} needs rank {need}; the {target.serving} rank that covers "
+                f"it ({k}) exceeds the source rank {smallest_source}"
+            )
+    else:  # budget_ranks already refused a budget below rank 1 everywhere, and 1 is a serving rank
         width = sum(widths.values())
-        fitting = [k for k in allowed if k * width <= target.value]
-        if not fitting:
-            raise LsqError(f"--budget {target.value:g} fits no {target.serving} rank (rank 1 needs {width} parameters)")
-        k = max(fitting)
+        k = max(v for v in SERVING_RANKS[target.serving] if v <= smallest_source and v * width <= target.value)
     return {name: min(k, source_ranks[name]) for name in source_ranks}
 
 

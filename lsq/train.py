@@ -110,10 +110,20 @@ def _match_checkpoint_ranks(model, checkpoint: Path) -> None:
         resize_lora_(model, smaller)
 
 
+def _cont_ranks(cfg: TrainConfig) -> dict[str, int]:
+    """``{module: rank}`` of the adapter method cont starts from; an LsqError naming cont.adapter otherwise."""
+    try:
+        config, weights = read_adapter(cfg.cont.adapter)
+        return {m.name: m.rank for m in find_modules(list(weights.keys()), config)}
+    except LsqError as exc:
+        raise LsqError(f"cont.adapter: {exc}") from None
+
+
 def train(cfg: TrainConfig, log: Log | None = None) -> TrainResult:
     """Run one training recipe and save its adapter to ``{output_dir}/adapter``."""
     out = Path(cfg.output_dir)
     set_seed(cfg.train.seed)
+    cont_ranks = _cont_ranks(cfg) if cfg.method == "cont" else {}
     data = load_data(cfg.data)
     tokenizer = load_tokenizer(cfg.model)
     is_cls = cfg.model.task == "classification"
@@ -162,7 +172,8 @@ def train(cfg: TrainConfig, log: Log | None = None) -> TrainResult:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
     result = TrainResult(
-        adapter_dir=out / "adapter", method=cfg.method, rank=cfg.rank if cfg.method != "source" else cfg.source_rank,
+        adapter_dir=out / "adapter", method=cfg.method,
+        rank=max(cont_ranks.values()) if cont_ranks else cfg.source_rank if cfg.method == "source" else cfg.rank,
         steps=steps, train_seconds=seconds, train_loss=loss, dataset_fingerprint=fingerprint(data),
         rank_events=schedule.events if schedule else [],
     )

@@ -105,6 +105,12 @@ class TrainConfig(BaseModel):
             raise ValueError(f"rank: target rank {self.rank} must be below source_rank {self.source_rank}")
         if self.method == "cont" and not self.cont.adapter:
             raise ValueError("cont.adapter: method cont needs the squeezed adapter folder to start from")
+        if self.method == "adalora":  # PEFT's AdaLoraConfig refuses a schedule without a budgeting phase
+            a, steps = self.adalora, self.train.steps
+            if int(a.tinit * steps) >= steps - int(a.tfinal * steps):
+                raise ValueError(
+                    f"adalora.tinit: {a.tinit} with adalora.tfinal {a.tfinal} leaves no budgeting steps of train.steps {steps}"
+                )
         if self.method == "in":
             ranks = self.stage_ranks
             if ranks[0] != self.source_rank or ranks[-1] != self.rank:
@@ -181,8 +187,11 @@ def validation_message(exc: ValidationError) -> str:
     """A pydantic error as one line: ``key.sub: problem (got VALUE)``."""
     parts = []
     for e in exc.errors():
-        loc = ".".join(str(x) for x in e.get("loc", ())) or "config"
+        loc = ".".join(str(x) for x in e.get("loc", ()))
         msg = e.get("msg", "").removeprefix("Value error, ")
         got = e.get("input")
-        parts.append(f"{loc}: {msg}" + (f" (got {got!r})" if loc != "config" and not isinstance(got, dict) else ""))
+        if not loc:  # a whole-config check: its message already starts with the key at fault
+            parts.append(msg)
+            continue
+        parts.append(f"{loc}: {msg}" + ("" if isinstance(got, dict) else f" (got {got!r})"))
     return "; ".join(parts)

@@ -30,8 +30,12 @@ from tests.lsq.dense import best_rank_k, dense_update, rel_err
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 # orthonormality of U: the Gram route loses eps * cond(Gram) (<= 1e-8 in float64 by design; its float32
 # limit of cond(Gram) <= 1e3 gives about 1e-4, measured <= 9e-5); Householder QR keeps it to rounding.
-ORTH_TOL = {(torch.float64, True): 1e-7, (torch.float64, False): 1e-12, (torch.float32, True): 5e-4, (torch.float32, False): 1e-5}
-
+ORTH_TOL = {
+    (torch.float64, True): 1e-7,
+    (torch.float64, False): 1e-12,
+    (torch.float32, True): 5e-4,
+    (torch.float32, False): 1e-5,
+}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -56,7 +60,7 @@ def _with_spectrum(gen: torch.Generator, rows: int, cols: int, s: torch.Tensor) 
     return (U[:, : len(s)] * s) @ Vh[: len(s)]
 
 
-def make_factors(kind: str, d_in: int, d_out: int, r: int, seed: int, param: float) -> tuple[torch.Tensor, torch.Tensor]:
+def make_factors(kind: str, d_in: int, d_out: int, r: int, seed: int, param: float) -> tuple[torch.Tensor, ...]:
     """``(A (r, d_in), B (d_out, r))`` in float64 of one family; ``param`` in [0, 1) sets its severity."""
     gen = torch.Generator().manual_seed(seed)
     A, B = _randn(gen, r, d_in), _randn(gen, d_out, r)
@@ -148,9 +152,13 @@ def check_truncations(spec: Spectrum, dW: torch.Tensor, ks, new_scale: float, to
 # exact route
 
 
-@settings(max_examples=400, deadline=None)
-@given(case=lora_case(), gram=st.booleans(), compute=st.sampled_from([torch.float64, torch.float32]),
-       new_scale_exp=st.floats(-3, 3))
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(
+    case=lora_case(),
+    gram=st.booleans(),
+    compute=st.sampled_from([torch.float64, torch.float32]),
+    new_scale_exp=st.floats(-3, 3),
+)
 def test_factored_svd_matches_dense(case, gram, compute, new_scale_exp):
     A, B, scale = case
     r, d_in, d_out = A.shape[0], A.shape[1], B.shape[0]
@@ -176,7 +184,7 @@ def test_factored_svd_matches_dense(case, gram, compute, new_scale_exp):
     assert A_k.dtype == B_k.dtype == torch.bfloat16
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(case=lora_case(kinds=("gaussian", "decay", "imbalanced", "dup_rows_a")))
 def test_sign_convention_is_deterministic_across_routes(case):
     """Isolated singular vectors come out identical (not merely up to sign) from both routes, from
@@ -196,7 +204,7 @@ def test_sign_convention_is_deterministic_across_routes(case):
     assert torch.equal(runs[0].U, runs[2].U) and torch.equal(runs[0].S, runs[2].S)  # repeatable bit for bit
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(case=lora_case(kinds=("gaussian", "decay", "zero_cols_b")), keep=st.integers(0, 24))
 def test_keep_materialises_a_prefix(case, keep):
     A, B, scale = case
@@ -207,6 +215,43 @@ def test_keep_materialises_a_prefix(case, keep):
     assert part.U.shape[1] == part.Vh.shape[0] == p
     torch.testing.assert_close(part.U, full.U[:, :p], rtol=0, atol=1e-12)
     torch.testing.assert_close(part.Vh, full.Vh[:p], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("compute", "cond", "qr_calls"),
+    [
+        (torch.float64, 10.0, 0),
+        (torch.float64, 3e2, 0),  # cond(Gram) 9e4 <= 1e6: Gram route
+        (torch.float64, 3e3, 1),  # cond(Gram) 9e6: Householder QR for B
+        (torch.float32, 10.0, 0),  # cond(Gram) 1e2 <= 1e3
+        (torch.float32, 100.0, 1),  # cond(Gram) 1e4: the float64 limit (1e6) would keep the Gram route here
+    ],
+)
+def test_gram_route_gives_way_to_qr(monkeypatch, compute, cond, qr_calls):
+    gen = torch.Generator().manual_seed(6)
+    B = _with_spectrum(gen, 40, 8, torch.logspace(0, -math.log10(cond), 8, dtype=torch.float64))
+    A = _with_spectrum(gen, 8, 30, torch.linspace(1, 0.5, 8, dtype=torch.float64))  # cond(Gram) 4
+    calls = []
+    real_qr = torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda X, *a, **kw: calls.append(X.shape) or real_qr(X, *a, **kw))
+    spec = factored_svd(A.to(compute), B.to(compute), 1.5, compute_dtype=compute)
+    assert len(calls) == qr_calls
+    dW = dense_update(A, B, 1.5)
+    check_spectrum(spec, dW, 8, TOL[compute] * kappa(A, B, 1.5))
+    check_truncations(spec, dW, range(1, 9), 0.5, TOL[compute] * kappa(A, B, 1.5))
+
+
+@pytest.mark.parametrize("gram", [True, False])
+@pytest.mark.parametrize("param", [0.4, 0.5, 0.6, 0.66])
+def test_float32_compute_on_imbalanced_factors(gram, param):
+    """cond(M) from 250 to 1e4: factors whose Gram matrices a float32 eigh cannot trust (errors of
+    several percent before the float32 limit existed); both routes must stay within eps32 * kappa."""
+    A, B = make_factors("imbalanced", 60, 70, 16, 11, param)
+    dW = dense_update(A, B, 0.5)
+    tol = TOL[torch.float32] * kappa(A, B, 0.5)
+    spec = factored_svd(A.float(), B.float(), 0.5, compute_dtype=torch.float32, gram=gram)
+    check_spectrum(spec, dW, 16, tol)
+    check_truncations(spec, dW, range(1, 17), 2.0, tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -257,7 +302,7 @@ def test_bad_arguments_are_refused():
 # randomized route
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, derandomize=True)
 @given(case=lora_case(), data=st.data(), power_iters=st.integers(0, 3), seed=st.integers(0, 2**31 - 1))
 def test_rsvd_is_exact_when_the_sketch_covers_r(case, data, power_iters, seed):
     """With ``rank + oversample >= r`` the sketch spans the whole range: the exact answer."""
@@ -281,11 +326,12 @@ def test_rsvd_is_exact_when_the_sketch_covers_r(case, data, power_iters, seed):
 
 
 def decaying_case(r_min: int):
-    return lora_case(kinds=("decay",), min_r=r_min, max_r=48).filter(lambda c: min(c[0].shape[1], c[1].shape[0]) >= r_min)
+    cases = lora_case(kinds=("decay",), min_r=r_min, max_r=48)
+    return cases.filter(lambda c: min(c[0].shape[1], c[1].shape[0]) >= r_min)
 
 
 @pytest.mark.parametrize(("oversample", "power_iters", "bound"), [(10, 2, 1.02), (2, 1, 1.25)])
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(case=decaying_case(13), data=st.data(), seed=st.integers(0, 2**31 - 1))
 def test_rsvd_with_a_small_sketch_is_near_optimal(oversample, power_iters, bound, case, data, seed):
     A, B, scale = case
@@ -304,7 +350,7 @@ def test_rsvd_with_a_small_sketch_is_near_optimal(oversample, power_iters, bound
     assert resid >= opt - 1e-12 * float(dW.norm())  # Eckart-Young: nothing beats the truncated SVD
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(case=decaying_case(16), seed=st.integers(0, 2**31 - 1))
 def test_rsvd_is_deterministic_and_leaves_the_global_rng_alone(case, seed):
     A, B, scale = case

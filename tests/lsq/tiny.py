@@ -49,6 +49,7 @@ def save_tiny_bert(folder: Path, num_labels: int = 2, seed: int = 0) -> None:
     config = BertConfig(
         vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
         max_position_embeddings=128, num_labels=num_labels, pad_token_id=tok.pad_token_id,
+        initializer_range=0.1,  # large enough that LoRA alone learns the toy task in a few dozen steps
     )
     torch.manual_seed(seed)
     BertForSequenceClassification(config).save_pretrained(folder)
@@ -63,6 +64,7 @@ def save_tiny_llama(folder: Path, seed: int = 0) -> None:
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
         bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id, tie_word_embeddings=True,
+        initializer_range=0.5,  # tied embeddings this large let LoRA move the logits: the SFT loss falls fast
     )
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(folder)
@@ -70,14 +72,14 @@ def save_tiny_llama(folder: Path, seed: int = 0) -> None:
 
 
 def write_classification_csv(path: Path, n: int = 240, seed: int = 0) -> Path:
-    """``text,label`` rows: label 1 when the sentence holds a positive word, 0 for a negative one."""
+    """``text,label`` rows: one filler word and three sentiment words, label 1 for positive ones, 0 for negative."""
     rng = random.Random(seed)
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["text", "label"])
         for i in range(n):
             label = i % 2
-            words = rng.sample(FILLER, 5) + [rng.choice(POSITIVE if label else NEGATIVE)]
+            words = rng.sample(FILLER, 1) + rng.sample(POSITIVE if label else NEGATIVE, 3)
             rng.shuffle(words)
             w.writerow([" ".join(words), label])
     return path

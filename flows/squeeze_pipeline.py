@@ -1,0 +1,75 @@
+"""The squeeze pipeline, as its story.
+
+    python -m flows.squeeze_pipeline configs/demo.yaml [key=value ...]
+
+prepare data -> train the high-rank source -> squeeze it to every target rank -> recover each
+(Cont-Squeeze) -> In-Squeeze run -> baselines when asked -> evaluate every adapter -> register each
+in MLflow -> promote one -> report. Parameters are a config file path or a dict.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from lsq.pipeline_config import PipelineConfig, load_pipeline_config
+from lsq.variants import Variant
+from tasks import tracking
+from tasks.registry import champion_score, log_and_register, promote, report, start_run
+from tasks.steps import code_version, evaluate_variant, prepare_data, squeeze_source, train_adapter
+
+
+@flow(name="lsq-squeeze-pipeline", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
+def squeeze_pipeline(config: str | dict[str, Any] | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    cfg: PipelineConfig = load_pipeline_config(config, overrides or [])  # a bad config stops here
+    log = get_run_logger()
+    code = code_version()
+    uri = tracking.default_tracking_uri(cfg.tracking)
+    out = Path(cfg.output_dir)
+
+    fingerprint = prepare_data(cfg.data, code)
+    parent = start_run(uri, cfg, fingerprint, flow_run.get_name() or "local")
+    try:
+        source = train_adapter(cfg.step_config("source", cfg.source_rank), code)
+        post = squeeze_source(source, cfg.target_ranks, cfg.squeeze, str(out / "post"), code)
+        futures = []
+        if cfg.recover.enabled:
+            futures += [train_adapter.submit(cfg.step_config("cont", v.rank, v.adapter_dir), code, v) for v in post]
+        if cfg.insqueeze.enabled:
+            futures.append(train_adapter.submit(cfg.step_config("in", cfg.insqueeze.rank), code))
+        for k in cfg.target_ranks:
+            if cfg.baselines.direct:
+                futures.append(train_adapter.submit(cfg.step_config("direct", k), code))
+            if cfg.baselines.adalora:
+                futures.append(train_adapter.submit(cfg.step_config("adalora", k), code))
+        variants = [source, *post, *(f.result() for f in futures)]
+
+        evaluations = [
+            evaluate_variant.submit(v, cfg.model, cfg.data, cfg.eval_split, cfg.train.eval_batch_size, code)
+            for v in variants
+        ]
+        champion = champion_score(uri, cfg)
+        rows = [log_and_register(uri, cfg, parent, v, e.result(), fingerprint) for v, e in zip(variants, evaluations)]
+        decision = promote(uri, cfg, rows, champion)
+        report(uri, cfg, parent, rows, decision)
+    except BaseException:
+        tracking.finish_run(uri, parent, "FAILED")
+        raise
+    tracking.finish_run(uri, parent, "FINISHED")
+    log.info("%s -> %s: %s", decision.winner, decision.alias, decision.reason)
+    return {"parent_run_id": parent, "tracking_uri": uri, "registered_model": cfg.registered_model,
+            "decision": {"winner": decision.winner, "alias": decision.alias, "reason": decision.reason},
+            "variants": rows}
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    config = args[0] if args and "=" not in args[0] else None
+    result = squeeze_pipeline(config, args[1:] if config else args)
+    print(f"\nMLflow: {result['tracking_uri']}  registered model: {result['registered_model']}")
+    print(f"winner: {result['decision']['winner']} -> @{result['decision']['alias']}")

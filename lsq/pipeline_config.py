@@ -1,0 +1,165 @@
+"""Typed, frozen configuration of the whole pipeline, and the per-step configs derived from it.
+
+The pipeline trains one source adapter at ``source_rank``, squeezes it to every ``target_ranks``
+(Post-Squeeze), recovers each with a short fine-tune (Cont-Squeeze), optionally anneals a second
+run down to ``insqueeze.rank`` (In-Squeeze) and trains baselines (direct LoRA, AdaLoRA) at the
+target ranks, evaluates every adapter on the same split, registers each, and promotes one.
+Nothing here imports prefect or mlflow: the orchestration layer reads these values.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lsq.data import DataConfig
+from lsq.errors import LsqError
+from lsq.models import ModelConfig
+from lsq.train_config import (
+    AdaLoraSettings,
+    ContSettings,
+    InSqueezeSettings,
+    LoraSettings,
+    OptimSettings,
+    TrainConfig,
+    apply_overrides,
+    validation_message,
+)
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+class SqueezeStep(BaseModel):
+    model_config = _FROZEN
+
+    alpha_policy: Literal["keep-scale", "rank"] = Field("keep-scale", description="New lora_alpha (see lsq squeeze).")
+    method: Literal["exact", "rsvd"] = Field("exact", description="Decomposition (see lsq squeeze).")
+
+
+class RecoverStep(ContSettings):
+    enabled: bool = Field(True, description="Run Cont-Squeeze recovery for every squeezed adapter.")
+
+
+class InSqueezeStep(InSqueezeSettings):
+    enabled: bool = Field(True, description="Run one In-Squeeze training down to rank.")
+    rank: int = Field(4, ge=1, description="Final rank of the In-Squeeze run.")
+
+
+class Baselines(BaseModel):
+    model_config = _FROZEN
+
+    direct: bool = Field(False, description="Train LoRA directly at every target rank.")
+    adalora: bool = Field(False, description="Train AdaLoRA from source_rank to every target rank.")
+    adalora_settings: AdaLoraSettings = Field(default_factory=AdaLoraSettings)
+
+
+class Promotion(BaseModel):
+    model_config = _FROZEN
+
+    metric: str = Field("accuracy", description="Test metric that ranks adapters (logged as test_<metric>).")
+    greater_is_better: bool = Field(True, description="False for losses.")
+    tolerance: float = Field(0.01, ge=0, description="Smallest adapter whose metric is within this of the best wins.")
+    champion_alias: str = Field("champion", description="Alias of the promoted version.")
+    challenger_alias: str = Field("challenger", description="Alias when the winner does not beat the champion.")
+
+
+class Tracking(BaseModel):
+    model_config = _FROZEN
+
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db."
+    )
+    experiment: str = Field("lsq", description="MLflow experiment name.")
+    registered_model: str | None = Field(None, description="Registry name; default lsq-<model>-<data>.")
+
+
+class Orchestration(BaseModel):
+    model_config = _FROZEN
+
+    runner: Literal["threads", "dask"] = Field("threads", description="Prefect task runner.")
+    max_workers: int = Field(1, ge=1, description="Parallel branches (threads or local Dask workers).")
+    dask_address: str | None = Field(None, description="Existing Dask scheduler address (runner dask).")
+
+
+class PipelineConfig(BaseModel):
+    """The squeeze pipeline: train high, squeeze, recover, anneal, evaluate, register, promote."""
+
+    model_config = _FROZEN
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=lambda: DataConfig(source="builtin:movie"))
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    train: OptimSettings = Field(default_factory=OptimSettings)
+    source_rank: int = Field(64, ge=2, description="Rank of the high-rank source adapter.")
+    target_ranks: tuple[int, ...] = Field((16, 8, 4), description="Ranks to squeeze the source to.")
+    squeeze: SqueezeStep = Field(default_factory=SqueezeStep)
+    recover: RecoverStep = Field(default_factory=RecoverStep)
+    insqueeze: InSqueezeStep = Field(default_factory=InSqueezeStep)
+    baselines: Baselines = Field(default_factory=Baselines)
+    eval_split: Literal["validation", "test"] = Field("test", description="Split every adapter is scored on.")
+    promotion: Promotion = Field(default_factory=Promotion)
+    tracking: Tracking = Field(default_factory=Tracking)
+    orchestration: Orchestration = Field(default_factory=Orchestration)
+    output_dir: str = Field("runs/pipeline", description="Working folder for adapters and reports.")
+
+    @model_validator(mode="after")
+    def _check(self) -> PipelineConfig:
+        if not self.target_ranks:
+            raise ValueError("target_ranks: give at least one rank")
+        for k in self.target_ranks:
+            if not 1 <= k < self.source_rank:
+                raise ValueError(f"target_ranks: {k} is not in 1..{self.source_rank - 1} (below source_rank)")
+        if len(set(self.target_ranks)) != len(self.target_ranks):
+            raise ValueError(f"target_ranks: {list(self.target_ranks)} repeats a rank")
+        if self.insqueeze.enabled:
+            self.step_config("in", self.insqueeze.rank)  # validates the schedule before any work
+        return self
+
+    @property
+    def registered_model(self) -> str:
+        if self.tracking.registered_model:
+            return self.tracking.registered_model
+        model = Path(self.model.name.removeprefix("builtin:")).name
+        data = self.data.source if isinstance(self.data.source, str) else self.data.source[0]
+        data = Path(data.removeprefix("builtin:")).stem
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"lsq-{model}-{data}")
+
+    def step_config(self, method: str, rank: int, adapter: str | None = None) -> TrainConfig:
+        """The :class:`TrainConfig` of one training step (``source``, ``cont``, ``in``, ``direct``, ``adalora``)."""
+        folder = "source" if method == "source" else f"{method}-r{rank}"
+        cont = ContSettings(**{**self.recover.model_dump(exclude={"enabled"}), "adapter": adapter})
+        ins = InSqueezeSettings(**self.insqueeze.model_dump(exclude={"enabled", "rank"}))
+        try:
+            return TrainConfig(
+                method=method, rank=rank, source_rank=self.source_rank, model=self.model, data=self.data,
+                lora=self.lora, train=self.train, cont=cont, insqueeze=ins, adalora=self.baselines.adalora_settings,
+                output_dir=str(Path(self.output_dir) / folder),
+            )
+        except ValidationError as exc:
+            raise ValueError(f"{method} step: {validation_message(exc)}") from None
+
+
+def load_pipeline_config(source: str | Path | dict[str, Any] | None = None, overrides: list[str] = ()) -> PipelineConfig:
+    """A pipeline config from a YAML file, a dict or the defaults, with ``key=value`` overrides."""
+    if isinstance(source, dict):
+        raw = dict(source)
+    elif source is None:
+        raw = {}
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise LsqError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise LsqError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise LsqError(f"{path}: expected a mapping at the top level")
+    try:
+        return PipelineConfig.model_validate(apply_overrides(raw, list(overrides)))
+    except ValidationError as exc:
+        raise LsqError(validation_message(exc)) from None

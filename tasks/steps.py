@@ -1,0 +1,101 @@
+"""Thin Prefect tasks over lsq: one task per pipeline step, paths and frozen configs in and out.
+
+No maths here: every body calls one lsq function. Training-like tasks carry the ``lsq-compute`` tag,
+which a tag concurrency limit (``deployments/setup.py``) holds to one run per device. Results are
+persisted and cached on the task's inputs, its source and ``code_version()`` (a hash of the lsq
+sources), so re-running a pipeline skips training that already finished with the same inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from prefect import task
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
+
+from lsq.api import REPORT_NAME, PLOT_NAME, squeeze_adapter
+from lsq.config import SqueezeConfig
+from lsq.data import DataConfig, fingerprint, load_data
+from lsq.evaluate import evaluate_adapter
+from lsq.models import ModelConfig
+from lsq.pipeline_config import SqueezeStep
+from lsq.train import train
+from lsq.train_config import TrainConfig
+from lsq.variants import Variant
+
+COMPUTE_TAG = "lsq-compute"
+
+
+@dataclass
+class UnlessOutputMissing(CachePolicy):
+    """INPUTS + TASK_SOURCE, except that a missing output folder gives no key, so the task runs again
+    (a cached result must never point at a folder someone deleted)."""
+
+    output_of: Callable[[dict[str, Any]], str] = lambda inputs: "."
+
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
+        if not Path(self.output_of(inputs)).is_dir():
+            return None
+        return (INPUTS + TASK_SOURCE).compute_key(task_ctx, inputs, flow_parameters, **kwargs)
+
+
+def _cached(output_of: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+    return {"cache_policy": UnlessOutputMissing(output_of=output_of), "persist_result": True}
+
+
+def code_version() -> str:
+    """Hash of the lsq package sources: part of every cache key, so a code change re-runs training."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).resolve().parents[1].joinpath("lsq").rglob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
+def prepare_data(data: DataConfig, code: str) -> str:
+    """Fetch (once), parse and split the data; return its content fingerprint."""
+    return fingerprint(load_data(data))
+
+
+@task(retries=1, retry_delay_seconds=10, tags=[COMPUTE_TAG], **_cached(lambda i: f"{i['cfg'].output_dir}/adapter"))
+def train_adapter(cfg: TrainConfig, code: str, parent: Variant | None = None) -> Variant:
+    """Train one adapter (source, cont, in, direct, adalora) and describe it as a Variant."""
+    result = train(cfg)
+    energy = result.rank_events[-1]["mean_retained_energy"] if result.rank_events else None
+    return Variant(
+        method=cfg.method, rank=result.rank, source_rank=cfg.source_rank, adapter_dir=str(result.adapter_dir),
+        steps=result.steps, lr=cfg.cont.lr if cfg.method == "cont" else cfg.train.lr,
+        train_seconds=result.train_seconds,
+        retained_energy=parent.retained_energy if parent else (1.0 if cfg.method == "source" else energy),
+        relative_error=parent.relative_error if parent else (0.0 if cfg.method == "source" else None),
+        report=parent.report if parent else None, plot=parent.plot if parent else None,
+    )
+
+
+@task(retries=1, tags=[COMPUTE_TAG], **_cached(lambda i: i["out"]))
+def squeeze_source(source: Variant, ranks: tuple[int, ...], step: SqueezeStep, out: str, code: str) -> list[Variant]:
+    """Post-Squeeze: one decomposition of the source, one adapter folder per target rank."""
+    config = SqueezeConfig(ranks=ranks, alpha_policy=step.alpha_policy, method=step.method)
+    folders = squeeze_adapter(source.adapter_dir, out, config, force=True)
+    variants = []
+    for k in ranks:
+        folder = folders[f"r{k}"]
+        totals = json.loads((folder / REPORT_NAME).read_text())["totals"]
+        variants.append(Variant(
+            method="post", rank=k, source_rank=source.rank, adapter_dir=str(folder), steps=source.steps,
+            lr=source.lr, train_seconds=source.train_seconds, retained_energy=totals["retained_energy"],
+            relative_error=totals["relative_error"], report=str(folder / REPORT_NAME), plot=str(folder / PLOT_NAME),
+        ))
+    return variants
+
+
+@task(retries=1, tags=[COMPUTE_TAG], **_cached(lambda i: i["variant"].adapter_dir))
+def evaluate_variant(variant: Variant, model: ModelConfig, data: DataConfig, split: str, batch_size: int, code: str) -> dict[str, Any]:
+    """Test metrics and size of one adapter."""
+    return evaluate_adapter(variant.adapter_dir, model, data, split=split, batch_size=batch_size)
