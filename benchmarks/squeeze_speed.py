@@ -83,12 +83,12 @@ def write_llama_adapter(folder: Path, layers: int, seed: int = 0) -> Path:
     return folder / "adapter_model.safetensors"
 
 
-def run_timed(cmd: list[str]) -> tuple[float, int | None]:
+def run_timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int | None]:
     """(wall seconds, peak RSS in bytes or None) of one command; raises if it fails."""
     time_bin = shutil.which("time") or ("/usr/bin/time" if Path("/usr/bin/time").exists() else None)
     full = [time_bin, "-v", *cmd] if time_bin else cmd
     t0 = time.perf_counter()
-    proc = subprocess.run(full, capture_output=True, text=True, env=os.environ.copy())
+    proc = subprocess.run(full, capture_output=True, text=True, env={**os.environ, **(env or {})})
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -99,12 +99,13 @@ def run_timed(cmd: list[str]) -> tuple[float, int | None]:
     return wall, rss
 
 
-def time_lsq(src: Path, work: Path, repeats: int, extra: list[str]) -> tuple[float, int, list[float]]:
+def time_lsq(src: Path, work: Path, repeats: int, extra: list[str], env: dict[str, str] | None = None):
     """Median wall time, max peak RSS and all wall times of ``lsq squeeze`` (fresh OUT each run)."""
     walls, rsss = [], []
     for i in range(repeats):
-        out = work / f"out{'-'.join(extra)}{i}"
-        wall, rss = run_timed([LSQ, "squeeze", str(src), "--ranks", *map(str, TARGETS), "--out", str(out), *extra])
+        out = work / f"out{'-'.join(extra)}{'-'.join(env or {})}{i}"
+        cmd = [LSQ, "squeeze", str(src), "--ranks", *map(str, TARGETS), "--out", str(out), *extra]
+        wall, rss = run_timed(cmd, env)
         walls.append(wall)
         rsss.append(rss or 0)
         if i < repeats - 1:
@@ -246,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lsq squeeze: {', '.join(f'{w:.2f}' for w in walls)} s; peak RSS {mib(rss)}", flush=True)
         wall_np, rss_np, walls_np = time_lsq(work / "src", work, repeats, ["--no-plot"])
         print(f"lsq squeeze --no-plot: {', '.join(f'{w:.2f}' for w in walls_np)} s; peak RSS {mib(rss_np)}", flush=True)
+        wall_1t, rss_1t, walls_1t = time_lsq(work / "src", work, repeats, ["--no-plot"], {"OMP_NUM_THREADS": "1"})
+        print(f"OMP_NUM_THREADS=1 lsq squeeze --no-plot: {', '.join(f'{w:.2f}' for w in walls_1t)} s", flush=True)
         imports = import_times()
         stages = stage_profile(work / "src", work)
         seconds, errors = sample_modules(src_file, work / f"out{repeats - 1}", args.samples, accuracy)
@@ -281,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| adapter file (bf16 safetensors) | {mib(size)} | | |")
     print(f"| lsq wall time, median of {repeats} (with plot) | {wall:.2f} s | | |")
     print(f"| lsq wall time, median of {repeats}, --no-plot | {wall_np:.2f} s | | |")
+    print(f"| lsq wall time, median of {repeats}, --no-plot, OMP_NUM_THREADS=1 (information) | {wall_1t:.2f} s | | |")
     print(f"| lsq peak RSS (with plot) | {mib(rss)} | | |")
     print(f"| peak RSS / adapter file | {rss / size:.2f}x | < {MEMORY_TARGET:g}x | {verdict(rss / size < MEMORY_TARGET)} |")
     print(f"| peak RSS / adapter file, --no-plot | {rss_np / size:.2f}x | < {MEMORY_TARGET:g}x | "

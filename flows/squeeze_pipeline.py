@@ -5,6 +5,10 @@
 prepare data -> train the high-rank source -> squeeze it to every target rank -> recover each
 (Cont-Squeeze) -> In-Squeeze run -> baselines when asked -> evaluate every adapter -> register each
 in MLflow -> promote one -> report. Parameters are a config file path or a dict.
+
+Adapters go to ``<output_dir>/<data fingerprint>-<code version>/``: new data or new lsq code gets a
+fresh folder (training resumes from checkpoints in its folder, so a shared folder would "resume" a
+finished run on other data); the same data and code reuse it, and the cached tasks skip the work.
 """
 
 from __future__ import annotations
@@ -24,15 +28,18 @@ from tasks.registry import champion_score, log_and_register, promote, report, st
 from tasks.steps import code_version, evaluate_variant, prepare_data, squeeze_source, train_adapter
 
 
-@flow(name="lsq-squeeze-pipeline", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
+# log_prints stays off: prints inside tasks would go to the logger, and dill (datasets' hashing of
+# map functions) captures `dis` output through print, which then floods the log with bytecode.
+@flow(name="lsq-squeeze-pipeline", log_prints=False, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def squeeze_pipeline(config: str | dict[str, Any] | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     cfg: PipelineConfig = load_pipeline_config(config, overrides or [])  # a bad config stops here
     log = get_run_logger()
     code = code_version()
     uri = tracking.default_tracking_uri(cfg.tracking)
-    out = Path(cfg.output_dir)
 
     fingerprint = prepare_data(cfg.data, code)
+    out = Path(cfg.output_dir) / f"{fingerprint}-{code[:8]}"
+    cfg = cfg.model_copy(update={"output_dir": str(out)})
     parent = start_run(uri, cfg, fingerprint, flow_run.get_name() or "local")
     try:
         source = train_adapter(cfg.step_config("source", cfg.source_rank), code)
@@ -53,8 +60,9 @@ def squeeze_pipeline(config: str | dict[str, Any] | None = None, overrides: list
             evaluate_variant.submit(v, cfg.model, cfg.data, cfg.eval_split, cfg.train.eval_batch_size, code)
             for v in variants
         ]
+        evaluated = [e.result() for e in evaluations]  # every score first: a failure registers nothing
         champion = champion_score(uri, cfg)
-        rows = [log_and_register(uri, cfg, parent, v, e.result(), fingerprint) for v, e in zip(variants, evaluations)]
+        rows = [log_and_register(uri, cfg, parent, v, e, fingerprint) for v, e in zip(variants, evaluated)]
         decision = promote(uri, cfg, rows, champion)
         report(uri, cfg, parent, rows, decision)
     except BaseException:

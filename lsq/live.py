@@ -70,9 +70,16 @@ def _new_alpha(policy: str, alpha: float | None, old_alpha: float, r: int, k: in
     return scale_of(old_alpha, r, rslora) * (k**0.5 if rslora else k)
 
 
-def _least_squares_map(X: Tensor, Y: Tensor) -> Tensor:
-    """``M`` minimising ``||X @ M - Y||``: ``X: (d, r)``, ``Y: (d, k)`` -> ``(r, k)`` (exact when Y = X M)."""
-    return torch.linalg.lstsq(X, Y).solution
+def _least_squares_map(X: Tensor, Y: Tensor, stored_dtype: torch.dtype) -> Tensor:
+    """Least-norm ``M`` minimising ``||X @ M - Y||``: ``X: (d, r)``, ``Y: (d, k)`` -> ``(r, k)`` (exact when Y = X M).
+
+    Singular values of ``X`` below ``max(d, r) * eps(stored_dtype) * sigma_max`` (numpy's ``matrix_rank``
+    tolerance: the rounding level of the stored factor) count as zero. A factor that is rank-deficient up to
+    rounding (an update whose numerical rank is below k) would otherwise give a map with entries of 1e3 and
+    more, and a projected second moment millions of times too large, freezing that rank slot under Adam.
+    Cost: one ``d x r`` SVD, O(d r^2).
+    """
+    return torch.linalg.pinv(X, rtol=max(X.shape) * torch.finfo(stored_dtype).eps) @ Y
 
 
 @torch.no_grad()
@@ -94,7 +101,7 @@ def resize_lora_(
 
     Each new rank must be at least 1 and below the layer's current rank. The model's output changes
     only by the discarded singular triplets (Eckart-Young). Cost per layer as
-    :func:`lsq.linalg.factored_svd` plus two ``r x r`` least-squares solves for the maps.
+    :func:`lsq.linalg.factored_svd` plus two least-squares maps (an SVD of each factor).
     """
     layers = lora_layers(model, adapter_name)
     if not layers:
@@ -117,8 +124,8 @@ def resize_lora_(
         old_alpha, old_scale = float(layer.lora_alpha[adapter_name]), float(layer.scaling[adapter_name])
         new_alpha = _new_alpha(alpha_policy, alpha, old_alpha, r, k, rslora)
         new_A2, new_B2 = truncate(spec, k, scale_of(new_alpha, k, rslora))
-        map_a = _least_squares_map(A2.to(compute_dtype).mT, new_A2.mT).mT.float()  # (k, r)
-        map_b = _least_squares_map(B2.to(compute_dtype), new_B2).float()  # (r, k)
+        map_a = _least_squares_map(A2.to(compute_dtype).mT, new_A2.mT, A.dtype).mT.float()  # (k, r)
+        map_b = _least_squares_map(B2.to(compute_dtype), new_B2, B.dtype).float()  # (r, k)
         new_A = nn.Parameter(new_A2.reshape((k, *A.shape[1:])).to(A.dtype), requires_grad=A.requires_grad)
         new_B = nn.Parameter(new_B2.reshape((B.shape[0], k, *B.shape[2:])).to(B.dtype), requires_grad=B.requires_grad)
         _install(layer, adapter_name, new_A, new_B, is_embedding)

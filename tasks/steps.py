@@ -4,6 +4,8 @@ No maths here: every body calls one lsq function. Training-like tasks carry the 
 which a tag concurrency limit (``deployments/setup.py``) holds to one run per device. Results are
 persisted and cached on the task's inputs, its source and ``code_version()`` (a hash of the lsq
 sources), so re-running a pipeline skips training that already finished with the same inputs.
+``prepare_data`` is never cached: its fingerprint must describe the data as it is now (the flow puts
+it in every working folder, hence in every training cache key). Bad input (``LsqError``) is not retried.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CachePolicy
 
 from lsq.api import REPORT_NAME, PLOT_NAME, squeeze_adapter
 from lsq.config import SqueezeConfig
 from lsq.data import DataConfig, fingerprint, load_data
+from lsq.errors import LsqError
 from lsq.evaluate import evaluate_adapter
 from lsq.models import ModelConfig
 from lsq.pipeline_config import SqueezeStep
@@ -49,6 +52,17 @@ def _cached(output_of: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
     return {"cache_policy": UnlessOutputMissing(output_of=output_of), "persist_result": True}
 
 
+def retry_unless_bad_input(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn``: retry transient failures, never an ``LsqError`` (same input, same error)."""
+    try:
+        state.result()
+    except LsqError:
+        return False
+    except BaseException:
+        return True
+    return True
+
+
 def code_version() -> str:
     """Hash of the lsq package sources: part of every cache key, so a code change re-runs training."""
     digest = hashlib.sha256()
@@ -57,13 +71,14 @@ def code_version() -> str:
     return digest.hexdigest()[:16]
 
 
-@task(retries=2, retry_delay_seconds=5, cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_bad_input, cache_policy=NO_CACHE)
 def prepare_data(data: DataConfig, code: str) -> str:
-    """Fetch (once), parse and split the data; return its content fingerprint."""
+    """Fetch, parse and split the data as it is now; return its content fingerprint."""
     return fingerprint(load_data(data))
 
 
-@task(retries=1, retry_delay_seconds=10, tags=[COMPUTE_TAG], **_cached(lambda i: f"{i['cfg'].output_dir}/adapter"))
+@task(retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unless_bad_input, tags=[COMPUTE_TAG],
+      **_cached(lambda i: f"{i['cfg'].output_dir}/adapter"))
 def train_adapter(cfg: TrainConfig, code: str, parent: Variant | None = None) -> Variant:
     """Train one adapter (source, cont, in, direct, adalora) and describe it as a Variant."""
     result = train(cfg)

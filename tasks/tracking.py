@@ -254,7 +254,8 @@ def champion(uri: str, model_name: str, alias: str = "champion", dst_path: str |
     try:
         mv = client.get_model_version_by_alias(model_name, alias)
     except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+        # no such model: RESOURCE_DOES_NOT_EXIST; no such alias: INVALID_PARAMETER_VALUE "... not found"
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(exc).lower():
             return None
         raise
     path = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="adapter", dst_path=dst_path,
@@ -279,38 +280,31 @@ def log_pareto(uri: str, parent_run_id: str, rows: Sequence[Mapping[str, Any]], 
     Artifacts of ``parent_run_id``: ``pareto/pareto.png``, ``pareto/variants.json``, ``pareto/variants.csv``.
     Rows need ``label``, ``method``, ``rank``, ``adapter_bytes``, ``metric``. Returns the front's labels.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global state, safe in worker threads
 
     scored = [r for r in rows if r.get("metric") is not None]
     front = pareto_front([(r["label"], int(r["adapter_bytes"]), float(r["metric"])) for r in scored], greater_is_better)
     table = [{"label": r["label"], "method": r["method"], "rank": int(r["rank"]), "adapter_bytes": int(r["adapter_bytes"]),
               metric_name: None if r.get("metric") is None else float(r["metric"]), "on_front": r["label"] in front}
              for r in rows]
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    try:
-        for on in (False, True):
-            pts = [r for r in scored if (r["label"] in front) == on]
-            ax.scatter([r["adapter_bytes"] for r in pts], [r["metric"] for r in pts], s=60 if on else 30,
-                       c="tab:red" if on else "tab:gray", label="Pareto front" if on else "dominated", zorder=3)
-            for r in pts:
-                ax.annotate(r["label"], (r["adapter_bytes"], r["metric"]), textcoords="offset points",
-                            xytext=(4, 4), fontsize=8)
-        line = sorted((r for r in scored if r["label"] in front), key=lambda r: r["adapter_bytes"])
-        ax.plot([r["adapter_bytes"] for r in line], [r["metric"] for r in line], c="tab:red", lw=1, zorder=2)
-        if scored and max(r["adapter_bytes"] for r in scored) > 10 * min(max(r["adapter_bytes"], 1) for r in scored):
-            ax.set_xscale("log")
-        ax.set_xlabel("adapter size (bytes)")
-        ax.set_ylabel(metric_name)
-        ax.set_title("metric vs adapter size")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize=8)
-        client = client_for(uri)
-        client.log_figure(parent_run_id, fig, "pareto/pareto.png")
-    finally:
-        plt.close(fig)
+    fig = Figure(figsize=(6.4, 4.4))
+    ax = fig.subplots()
+    for on in (False, True):
+        pts = [r for r in scored if (r["label"] in front) == on]
+        ax.scatter([r["adapter_bytes"] for r in pts], [r["metric"] for r in pts], s=60 if on else 30,
+                   c="tab:red" if on else "tab:gray", label="Pareto front" if on else "dominated", zorder=3)
+        for r in pts:
+            ax.annotate(r["label"], (r["adapter_bytes"], r["metric"]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=8)
+    line = sorted((r for r in scored if r["label"] in front), key=lambda r: r["adapter_bytes"])
+    ax.plot([r["adapter_bytes"] for r in line], [r["metric"] for r in line], c="tab:red", lw=1, zorder=2)
+    if scored and max(r["adapter_bytes"] for r in scored) > 10 * min(max(r["adapter_bytes"], 1) for r in scored):
+        ax.set_xscale("log")
+    ax.set(xlabel="adapter size (bytes)", ylabel=metric_name, title=f"{metric_name} vs adapter size")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    client = client_for(uri)
+    client.log_figure(parent_run_id, fig, "pareto/pareto.png")
     client.log_dict(parent_run_id, {"metric": metric_name, "greater_is_better": greater_is_better,
                                     "front": front, "variants": table}, "pareto/variants.json")
     buf = io.StringIO()
@@ -440,9 +434,3 @@ def _slug(name: str) -> str:
 def _quote(text: str) -> str:
     return text.replace("'", "\\'")
 
-
-__all__ = [
-    "artifact_root", "champion", "client_for", "default_tracking_uri", "ensure_experiment",
-    "finish_run", "log_pareto", "log_pyfunc", "log_variant_run", "register_variant", "set_alias",
-    "start_pipeline_run", "variant_run_metrics",
-]

@@ -116,10 +116,16 @@ def test_projected_first_moment_equals_adam_of_the_new_gradients(case, alpha_pol
         assert A2.shape[0] == B2.shape[1] == k
         assert old[n][0] not in opt.state and old[n][1] not in opt.state
         for p, g in zip((A2, B2), new_grads[n]):
-            state = opt.state[p]
-            torch.testing.assert_close(state["exp_avg"], (1 - BETAS[0]) * g, rtol=1e-4, atol=1e-6)
+            state, m = opt.state[p], (1 - BETAS[0]) * g
+            # float32 factors: exact to rounding; a rank-3 update kept at rank 4 has one direction of pure
+            # rounding noise (sigma ~ 1e-7), whose gradient is only known to ~sqrt(1e-7) of the largest
+            atol = 1e-6 if update_rank is None else 1e-3 * float(m.abs().max())
+            torch.testing.assert_close(state["exp_avg"], m, rtol=1e-4, atol=atol)
             assert float(state["step"]) == 1.0  # bias correction continues
-            assert state["exp_avg_sq"].shape == p.shape and bool((state["exp_avg_sq"] >= 0).all())
+            v, v_true = state["exp_avg_sq"], (1 - BETAS[1]) * g**2
+            assert v.shape == p.shape and bool((v >= 0).all())
+            # an estimate, but on the scale of the true one (a noise direction once gave 5e6 times too much)
+            assert float(v.max()) <= 10 * float(v_true.max()), (n, float(v.max()), float(v_true.max()))
         # the gradients really changed with the resize: the check above is not vacuous
         assert not torch.allclose(new_grads[n][0][:k], old_grads[n][0][:k], rtol=1e-3)
 

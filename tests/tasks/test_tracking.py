@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import mlflow
@@ -25,7 +26,7 @@ from lsq.models import ModelConfig
 from lsq.pipeline_config import Tracking
 from lsq.variants import Decision, Variant
 from tasks import tracking
-from tests.lsq.tiny import built_once, save_tiny_bert
+from tests.lsq.tiny import built_once, save_tiny_bert, save_tiny_llama
 
 REPO = Path(__file__).resolve().parents[2]
 LABELS = ["neg", "pos"]
@@ -187,6 +188,7 @@ def test_register_alias_champion_and_predict_in_new_process(mlflow_uri, variants
     # idempotent: a retry returns the same version and adds none
     again = tracking.register_variant(mlflow_uri, MODEL, run_id, v, ModelConfig(name=str(base_dir)), extra, LABELS)
     assert again == "1" and len(client.search_model_versions(f"name = '{MODEL}'")) == 1
+    assert len(client.get_run(run_id).outputs.model_outputs) == 1  # and logs no second model
     assert tracking.champion(mlflow_uri, MODEL) is None  # registered, not promoted
 
     decision = Decision(winner=v.label, alias="champion", reason="post-r4: best score 0.7500")
@@ -303,8 +305,16 @@ def test_explicit_uri_wins_over_the_global_one(mlflow_uri, variants, base_dir, t
     assert len(tracking.client_for(mlflow_uri).search_model_versions(f"name = '{MODEL}'")) == 1
 
 
-def test_concurrent_pipelines_register_into_one_model(mlflow_uri, variants, base_dir):
+def test_concurrent_pipelines_register_into_one_model(mlflow_uri, variants, base_dir, monkeypatch):
     client = tracking.client_for(mlflow_uri)
+    real = mlflow.MlflowClient.set_model_version_tag
+
+    def slow(self, name, version=None, key=None, value=None, stage=None):
+        if key == "lsq.method":  # widen the window between a version's creation and its tags
+            time.sleep(0.6)
+        return real(self, name, version, key, value)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_model_version_tag", slow)
     exp = tracking.ensure_experiment(mlflow_uri, "lsq-test")
     start = threading.Barrier(2)
     errors: list[BaseException] = []
@@ -338,6 +348,38 @@ def test_concurrent_pipelines_register_into_one_model(mlflow_uri, variants, base
         assert (mv.tags["lsq.rank"], mv.tags["lsq.pipeline"]) == runs[mv.run_id]
         assert client.get_run(mv.run_id).data.params["rank"] == mv.tags["lsq.rank"]
         assert mv.tags.keys() == {"lsq.method", "lsq.rank", "lsq.source_rank", "lsq.run_id", "lsq.pipeline"}
+
+
+def test_causal_lm_pyfunc_answers_greedily(mlflow_uri, tmp_path_factory):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = built_once(tmp_path_factory, "tiny-llama", save_tiny_llama)
+    adapter = tmp_path_factory.mktemp("lm-adapter") / "adapter"
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    model.save_pretrained(adapter)
+    v = Variant(method="direct", rank=4, source_rank=16, adapter_dir=str(adapter))
+    _, run_id = _child(mlflow_uri, v)
+    version = tracking.register_variant(mlflow_uri, "lsq-tiny-lm", run_id, v,
+                                        ModelConfig(name=str(base), task="causal_lm", device="cpu"), {})
+    tracking.set_alias(mlflow_uri, "lsq-tiny-lm", version, "champion", Decision(v.label, "champion", "only one"))
+
+    prompts = ["the colour of the sky is", "the colour of the snow is"]
+    tok = AutoTokenizer.from_pretrained(base)
+    lm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(adapter)).eval()
+    expected = []
+    for text in prompts:
+        ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+        out = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=16,
+                          pad_token_id=tok.pad_token_id)
+        expected.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    served = mlflow.pyfunc.load_model("models:/lsq-tiny-lm@champion").predict(prompts)
+    assert list(served) == expected and len(served) == len(prompts)
 
 
 def test_log_pareto(mlflow_uri, tmp_path):

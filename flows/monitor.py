@@ -1,0 +1,61 @@
+"""The monitor, as its story: has the data changed since the champion was trained, has the champion degraded?
+
+    python -m flows.monitor configs/demo.yaml [key=value ...]
+
+fingerprint today's data -> fetch the registered champion and score it on fresh labelled data (the
+config's eval split) -> emit ``lsq.dataset.updated`` when the fingerprint differs from the champion's
+``lsq.dataset_fingerprint`` tag (or there is no champion), and ``lsq.model.degraded`` when its metric
+falls more than ``margin`` below the ``test_<metric>`` recorded on its version. The retraining
+deployment (``deployments/``) is triggered by either event. Same parameters as the pipeline, plus
+``margin``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from lsq.monitoring import check_dataset, check_metric
+from lsq.pipeline_config import PipelineConfig, load_pipeline_config
+from tasks import tracking
+from tasks.monitoring import emit_finding, evaluate_champion
+from tasks.steps import code_version, prepare_data
+
+
+@flow(name="lsq-monitor", log_prints=False)
+def monitor(config: str | dict[str, Any] | None = None, overrides: list[str] | None = None,
+            margin: float = 0.02) -> dict[str, Any]:
+    cfg: PipelineConfig = load_pipeline_config(config, overrides or [])  # a bad config stops here
+    if not margin >= 0:
+        raise ValueError(f"margin: {margin} must be >= 0")
+    log = get_run_logger()
+    uri = tracking.default_tracking_uri(cfg.tracking)
+    name, source = cfg.registered_model, str(Path(config).resolve()) if isinstance(config, str) else None
+
+    fingerprint = prepare_data(cfg.data, code_version())
+    champion = evaluate_champion(uri, cfg)
+    findings = [check_dataset(name, fingerprint, champion and champion["tags"], champion and champion["version"], source)]
+    if champion is not None:
+        findings.append(check_metric(name, cfg.promotion.metric, champion["recorded"], champion["current"], margin,
+                                     cfg.promotion.greater_is_better, champion["version"], source))
+    findings = [f for f in findings if f is not None]
+    events = [emit_finding(f) for f in findings]
+
+    for f in findings:
+        log.info("%s: %s", f.event, f.payload["reason"])
+    if not findings:
+        log.info("%s: data unchanged (%s), champion v%s holds up", name, fingerprint, champion["version"])
+    return {"registered_model": name, "tracking_uri": uri, "fingerprint": fingerprint,
+            "champion": None if champion is None else {k: champion[k] for k in ("version", "recorded", "current")},
+            "events": [{"event": f.event, "resource": f.resource_id, "id": i, "payload": f.payload}
+                       for f, i in zip(findings, events)]}
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    config = args[0] if args and "=" not in args[0] else None
+    result = monitor(config, args[1:] if config else args)
+    print(f"\n{result['registered_model']}: {[e['event'] for e in result['events']] or 'no events'}")
