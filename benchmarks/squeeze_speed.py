@@ -256,10 +256,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
 
-    # PEFT estimate: every module costs what the sampled module of its shape costs.
+    # PEFT estimate: a sampled kind costs its own time, any other what the sampled kind of its shape costs.
     by_shape = {KINDS[k][1:]: s for k, s in seconds.items()}
-    missing = [k for k in KINDS if KINDS[k][1:] not in by_shape]
-    peft_s = layers * sum(by_shape[KINDS[k][1:]] for k in KINDS if k not in missing)
+    per_kind = {k: seconds.get(k, by_shape.get(KINDS[k][1:])) for k in KINDS}
+    missing = [k for k, s in per_kind.items() if s is None]
+    peft_s = layers * sum(s for s in per_kind.values() if s is not None)
     speedup, speedup_np = peft_s / wall, peft_s / wall_np
     err_maths = max((e for (_, what, _), e in errors.items() if what.startswith("lsq float64")), default=float("nan"))
     err_maths64 = max((e for (_, w, _), e in errors.items() if w == "lsq float64 maths vs dense float64"), default=float("nan"))

@@ -21,7 +21,7 @@ from prefect import flow, get_run_logger
 from lsq.monitoring import check_dataset, check_metric
 from lsq.pipeline_config import PipelineConfig, load_pipeline_config
 from tasks import tracking
-from tasks.monitoring import emit_finding, evaluate_champion
+from tasks.monitoring import emit_finding, evaluate_champion, versions_trained_on
 from tasks.steps import code_version, prepare_data
 
 
@@ -37,7 +37,9 @@ def monitor(config: str | dict[str, Any] | None = None, overrides: list[str] | N
 
     fingerprint = prepare_data(cfg.data, code_version())
     champion = evaluate_champion(uri, cfg)
-    findings = [check_dataset(name, fingerprint, champion and champion["tags"], champion and champion["version"], source)]
+    trained_on = versions_trained_on(uri, name, fingerprint)
+    findings = [check_dataset(name, fingerprint, champion and champion["tags"], champion and champion["version"],
+                              source, trained_on)]
     if champion is not None:
         findings.append(check_metric(name, cfg.promotion.metric, champion["recorded"], champion["current"], margin,
                                      cfg.promotion.greater_is_better, champion["version"], source))
@@ -47,7 +49,8 @@ def monitor(config: str | dict[str, Any] | None = None, overrides: list[str] | N
     for f in findings:
         log.info("%s: %s", f.event, f.payload["reason"])
     if not findings:
-        log.info("%s: data unchanged (%s), champion v%s holds up", name, fingerprint, champion["version"])
+        log.info("%s: data %s already trained on (versions %s), champion v%s holds up", name, fingerprint,
+                 ", ".join(trained_on), champion["version"])
     return {"registered_model": name, "tracking_uri": uri, "fingerprint": fingerprint,
             "champion": None if champion is None else {k: champion[k] for k in ("version", "recorded", "current")},
             "events": [{"event": f.event, "resource": f.resource_id, "id": i, "payload": f.payload}

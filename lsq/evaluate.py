@@ -74,6 +74,9 @@ def evaluate_adapter(
 
     ``data`` (a loaded DatasetDict) saves re-reading the dataset when scoring many adapters.
     """
+    if not Path(adapter_dir).is_dir():
+        raise LsqError(f"{adapter_dir}: adapter folder not found")
+    size = adapter_size(adapter_dir)  # refuses a folder without weights before any model is loaded
     data = data if data is not None else load_data(data_cfg)
     if split not in data or len(data[split]) == 0:
         raise LsqError(f"split {split!r} is missing or empty")
@@ -90,4 +93,4 @@ def evaluate_adapter(
             tokens = tokenize_causal_lm(data[split], tokenizer, data_cfg.max_length)
             metrics = causal_lm_metrics(model, tokens, collator, batch_size, device, raw=data[split],
                                         tokenizer=tokenizer, max_length=data_cfg.max_length)
-    return {**metrics, **adapter_size(adapter_dir), "split": split, "examples": len(data[split])}
+    return {**metrics, **size, "split": split, "examples": len(data[split])}

@@ -14,7 +14,7 @@ as a Prefect event that a deployment trigger turns into a retraining run.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,12 +66,20 @@ def recorded_metric(tags: Mapping[str, str], run_metrics: Mapping[str, float], m
 
 
 def check_dataset(model_name: str, fingerprint: str, champion_tags: Mapping[str, str] | None,
-                  champion_version: str | None = None, config: str | None = None) -> Finding | None:
-    """``lsq.dataset.updated`` when the data changed since the champion was trained, or no champion exists."""
+                  champion_version: str | None = None, config: str | None = None,
+                  trained_on: Sequence[str] = ()) -> Finding | None:
+    """``lsq.dataset.updated`` when the data changed since the champion was trained, or no champion exists.
+
+    ``trained_on``: versions already registered from data with this fingerprint. When there are any,
+    the pipeline has seen this data and kept the champion (its winner was worse: a challenger), so
+    no event: another retraining on the same data would only repeat that, every time the monitor runs.
+    """
     if not fingerprint:
         raise ValueError("fingerprint: empty")
     old = None if champion_tags is None else champion_tags.get(FINGERPRINT_TAG)
     if champion_tags is not None and old == fingerprint:
+        return None
+    if champion_tags is not None and trained_on:
         return None
     if champion_tags is None:
         reason = "no champion registered yet"

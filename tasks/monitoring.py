@@ -13,7 +13,7 @@ from prefect import task
 from prefect.events import emit_event
 
 from lsq.evaluate import evaluate_adapter
-from lsq.monitoring import Finding, recorded_metric
+from lsq.monitoring import FINGERPRINT_TAG, Finding, recorded_metric
 from lsq.pipeline_config import PipelineConfig
 from tasks import tracking
 from tasks.steps import COMPUTE_TAG
@@ -38,6 +38,14 @@ def evaluate_champion(uri: str, cfg: PipelineConfig) -> dict[str, Any] | None:
     return {"version": current["version"], "run_id": current["run_id"], "tags": current["tags"],
             "recorded": recorded_metric(current["tags"], current["metrics"], metric),
             "current": float(evaluation[metric]), "examples": int(evaluation["examples"]), "split": cfg.eval_split}
+
+
+@task(retries=2, retry_delay_seconds=[2, 5])
+def versions_trained_on(uri: str, model_name: str, fingerprint: str) -> list[str]:
+    """Registered versions of ``model_name`` whose ``lsq.dataset_fingerprint`` tag is ``fingerprint``."""
+    found = tracking.client_for(uri).search_model_versions(
+        f"name = '{model_name}' AND tags.`{FINGERPRINT_TAG}` = '{fingerprint}'")
+    return sorted((str(v.version) for v in found), key=int)
 
 
 @task(retries=2, retry_delay_seconds=2)

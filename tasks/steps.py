@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -33,19 +35,39 @@ from lsq.train_config import TrainConfig
 from lsq.variants import Variant
 
 COMPUTE_TAG = "lsq-compute"
+_SQUEEZE_LOCK = threading.Lock()
 
 
 @dataclass
 class UnlessOutputMissing(CachePolicy):
-    """INPUTS + TASK_SOURCE, except that a missing output folder gives no key, so the task runs again
-    (a cached result must never point at a folder someone deleted)."""
+    """INPUTS + TASK_SOURCE + a token kept beside the task's output folder (:func:`output_token`).
+
+    A cached result must never point at a folder someone deleted: a missing output gets a new token,
+    hence a new key and a cache miss, and the task rebuilds it. (Returning no key while the output is
+    missing would also store nothing on the first run, so the second run would miss as well.)
+    """
 
     output_of: Callable[[dict[str, Any]], str] = lambda inputs: "."
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
-        if not Path(self.output_of(inputs)).is_dir():
-            return None
-        return (INPUTS + TASK_SOURCE).compute_key(task_ctx, inputs, flow_parameters, **kwargs)
+        key = (INPUTS + TASK_SOURCE).compute_key(task_ctx, inputs, flow_parameters, **kwargs)
+        return None if key is None else f"{key}-{output_token(Path(self.output_of(inputs)))[:12]}"
+
+
+def output_token(output: Path) -> str:
+    """The token of this incarnation of ``output``, in ``<parent>/.<name>.cache-token``.
+
+    Kept while ``output`` exists; made anew when there is none yet or ``output`` is missing.
+    """
+    token_file = output.parent / f".{output.name}.cache-token"
+    if output.exists() and token_file.is_file():
+        return token_file.read_text().strip()
+    token_file.parent.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex
+    tmp = token_file.with_name(f"{token_file.name}.{token}")
+    tmp.write_text(token)
+    tmp.replace(token_file)  # atomic: a concurrent reader sees one whole token
+    return token
 
 
 def _cached(output_of: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
@@ -97,7 +119,8 @@ def train_adapter(cfg: TrainConfig, code: str, parent: Variant | None = None) ->
 def squeeze_source(source: Variant, ranks: tuple[int, ...], step: SqueezeStep, out: str, code: str) -> list[Variant]:
     """Post-Squeeze: one decomposition of the source, one adapter folder per target rank."""
     config = SqueezeConfig(ranks=ranks, alpha_policy=step.alpha_policy, method=step.method)
-    folders = squeeze_adapter(source.adapter_dir, out, config, force=True)
+    with _SQUEEZE_LOCK:  # the spectrum plot (matplotlib mathtext) is not thread-safe: one squeeze at a time
+        folders = squeeze_adapter(source.adapter_dir, out, config, force=True)
     variants = []
     for k in ranks:
         folder = folders[f"r{k}"]

@@ -7,6 +7,7 @@ session) records flow and task runs, whose states the cache test reads back.
 from __future__ import annotations
 
 import math
+import shutil
 import threading
 from collections import defaultdict
 from pathlib import Path
@@ -103,6 +104,14 @@ def test_pipeline_end_to_end_then_cached_rerun(tiny_config, tiny_csv):
     second = state.result()
     assert {r["label"]: r["metrics"]["train_seconds"] for r in second["variants"]} == \
            {r["label"]: r["metrics"]["train_seconds"] for r in result["variants"]}
+
+    # a deleted adapter folder is rebuilt, never served from the cache
+    [source_adapter] = [p.parent for p in adapters if p.parent.parent.name == "source"]
+    shutil.rmtree(source_adapter)
+    state = squeeze_pipeline(cfg, return_state=True)
+    assert state.is_completed(), state.message
+    assert (source_adapter / "adapter_model.safetensors").is_file()
+    assert [r.state_name for r in task_runs(state)["train_adapter"]].count("Completed") >= 1
 
 
 def test_new_data_retrains_in_a_fresh_folder(tiny_model, tmp_path):

@@ -20,7 +20,7 @@ from lsq.errors import LsqError
 from lsq.evaluate import adapter_size, evaluate_adapter
 from lsq.train import train
 from lsq.train_config import TrainConfig
-from tests.lsq.tiny import built_once, cls_config, cls_csv, lm_config, lm_jsonl, tiny_bert, tiny_llama  # noqa: F401
+from tests.lsq.tiny import built_once, cls_config, cls_csv, lm_config, tiny_bert, tiny_llama  # noqa: F401
 
 BERT_TARGETS = ("query", "key", "value", "dense")
 
@@ -33,7 +33,7 @@ def cls_run(tmp_path_factory):
     model = built_once(tmp_path_factory, "tiny-bert", save_tiny_bert)
     data = built_once(tmp_path_factory, "cls-data", lambda d: write_classification_csv(d / "train.csv")) / "train.csv"
     cfg = TrainConfig.model_validate(cls_config(model, data, tmp_path_factory.mktemp("eval") / "cls",
-                                                train__steps=30, train__lr=3e-3))
+                                                train__steps=30))
     return cfg, train(cfg)
 
 
@@ -80,16 +80,18 @@ def macro_f1(labels: list[int], preds: list[int]) -> float:
 def test_classification_metrics_and_size(cls_run, tiny_bert):
     cfg, result = cls_run
     metrics = evaluate_adapter(result.adapter_dir, cfg.model, cfg.data, split="test", batch_size=7)
-    assert set(metrics) == {"accuracy", "macro_f1", "trainable_params", "lora_params", "adapter_bytes", "split", "examples"}
+    assert set(metrics) == {"accuracy", "macro_f1", "trainable_params", "lora_params", "adapter_bytes", "split",
+                            "examples"}
 
     # the metrics, recomputed: PEFT loads the adapter, one batch at a time, plain argmax
     test = load_data(cfg.data)["test"]
     tok = AutoTokenizer.from_pretrained(tiny_bert)
     model = peft_model(result.adapter_dir, tiny_bert)
     with torch.no_grad():
-        enc = tok(test["text"], truncation=True, max_length=cfg.data.max_length, padding=True, return_tensors="pt")
+        enc = tok(list(test["text"]), truncation=True, max_length=cfg.data.max_length, padding=True,
+                  return_tensors="pt")
         preds = model(**enc).logits.argmax(-1).tolist()
-    labels = test["label"]
+    labels = list(test["label"])
     assert metrics["examples"] == len(test) == 48 and metrics["split"] == "test"
     assert metrics["accuracy"] == pytest.approx(sum(p == y for p, y in zip(preds, labels)) / len(labels))
     assert metrics["macro_f1"] == pytest.approx(macro_f1(labels, preds))
@@ -116,6 +118,8 @@ def test_size_of_a_squeezed_adapter_with_per_module_ranks(cls_run, tiny_bert, tm
 
 def test_causal_lm_metrics(lm_run, tiny_llama, tmp_path):
     cfg, result = lm_run
+    summary = json.loads((result.adapter_dir.parent / "train_summary.json").read_text())
+    assert (summary["method"], summary["rank"], summary["steps"]) == ("direct", 4, 20)
     metrics = evaluate_adapter(result.adapter_dir, cfg.model, cfg.data, split="test")
     assert {"loss", "answer_accuracy", "choice_accuracy", "lora_params", "adapter_bytes"} <= set(metrics)
     test = load_data(cfg.data)["test"]
@@ -153,7 +157,8 @@ def test_causal_lm_metrics(lm_run, tiny_llama, tmp_path):
 
 
 def test_adalora_adapter_is_scored(tiny_bert, cls_csv, tmp_path):
-    cfg = TrainConfig.model_validate(cls_config(tiny_bert, cls_csv, tmp_path / "ada", method="adalora", train__steps=10))
+    raw = cls_config(tiny_bert, cls_csv, tmp_path / "ada", method="adalora", train__steps=10)
+    cfg = TrainConfig.model_validate(raw)
     result = train(cfg)
     metrics = evaluate_adapter(result.adapter_dir, cfg.model, cfg.data, split="validation")
     weights = load_file(result.adapter_dir / "adapter_model.safetensors")
@@ -164,8 +169,11 @@ def test_adalora_adapter_is_scored(tiny_bert, cls_csv, tmp_path):
 
 def test_refusals(cls_run, lm_run, tmp_path):
     cfg, result = cls_run
-    with pytest.raises(LsqError, match="adapter|not found|no adapter_model"):
+    with pytest.raises(LsqError, match="missing: adapter folder not found"):
         evaluate_adapter(tmp_path / "missing", cfg.model, cfg.data)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LsqError, match="empty: no adapter_model.safetensors"):
+        evaluate_adapter(tmp_path / "empty", cfg.model, cfg.data)
     lm_cfg, lm_result = lm_run
     with pytest.raises(LsqError, match="cannot load the adapter"):  # a Llama adapter onto the BERT
         evaluate_adapter(lm_result.adapter_dir, cfg.model, cfg.data)
@@ -188,4 +196,5 @@ def test_lsq_evaluate_command(cls_run, tmp_path, capsys):
     line = capsys.readouterr().out.strip()
     assert line.startswith("accuracy=") and "split=validation" in line
     assert main(["evaluate", str(tmp_path / "nope"), str(preset)]) == 2
-    assert capsys.readouterr().err.startswith("lsq: error: ")
+    err = capsys.readouterr().err  # refused before any model is loaded: no progress bars, one line
+    assert err.startswith("lsq: error: ") and err.count("\n") == 1 and "nope: adapter folder not found" in err

@@ -31,6 +31,12 @@ def test_same_fingerprint_is_quiet_and_a_new_one_is_not():
     assert "config" not in f.payload
 
 
+def test_data_already_trained_on_is_quiet_unless_there_is_no_champion():
+    # the pipeline ran on "def" and kept the old champion (its winner became challenger): no retrain loop
+    assert check_dataset("m", "def", {FINGERPRINT_TAG: "abc"}, "3", trained_on=["5", "6"]) is None
+    assert check_dataset("m", "def", None, trained_on=["5"]) is not None
+
+
 def test_champion_without_fingerprint_tag_counts_as_changed():
     f = check_dataset("m", "abc", {}, "1")
     assert f is not None and "no lsq.dataset_fingerprint tag" in f.payload["reason"]

@@ -132,7 +132,8 @@ def test_causal_lm_labels_mask_the_prompt(tiny_llama, lm_jsonl):
         assert ex["labels"] == [IGNORE] * len(prompt) + answer
         assert ex["attention_mask"] == [1] * len(prompt + answer)
         assert tok.decode([t for t in ex["labels"] if t != IGNORE]) == row["answer"]
-    batch = PadCollator(tok.pad_token_id)([tokens[0], {"input_ids": [5, 6], "attention_mask": [1, 1], "labels": [IGNORE, 6]}])
+    short = {"input_ids": [5, 6], "attention_mask": [1, 1], "labels": [IGNORE, 6]}
+    batch = PadCollator(tok.pad_token_id)([tokens[0], short])
     width = len(tokens[0]["input_ids"])
     assert batch["labels"].shape == (2, width)
     assert batch["labels"][1].tolist() == [IGNORE, 6] + [IGNORE] * (width - 2)
@@ -209,6 +210,9 @@ def test_no_resume_starts_over(tiny_bert, cls_csv, tmp_path):
 # ------------------------------------------------------------------------ bad input, before training
 
 
+THREE_LABELS = "text,label\n" + "".join(f"w{i},{i % 3}\n" for i in range(30))
+
+
 def _write(path, text):
     path.write_text(text)
     return path
@@ -216,12 +220,13 @@ def _write(path, text):
 
 BAD_INPUT = {
     # name: (config changes given tmp_path, words of the message)
-    "unknown model folder": (lambda t: {"model": {"name": str(t / "no-model"), "device": "cpu"}}, ["model.name", "no-model"]),
+    "unknown model folder": (lambda t: {"model": {"name": str(t / "no-model"), "device": "cpu"}},
+                             ["model.name", "no-model"]),
     "unknown built-in model": (lambda t: {"model": {"name": "builtin:gpt5"}}, ["model.name", "builtin:gpt5"]),
     "missing text column": (lambda t: {"data__text_column": "sentence"}, ["text_column", "'sentence'"]),
     "missing label column": (lambda t: {"data__label_column": "stars"}, ["label_column", "'stars'"]),
     "labels out of range": (
-        lambda t: {"data__source": str(_write(t / "r.csv", "text,label\n" + "".join(f"w{i},{i % 3}\n" for i in range(30)))),
+        lambda t: {"data__source": str(_write(t / "r.csv", THREE_LABELS)),
                    "data__label_names": ["neg", "pos"]},
         ["label_column", "label 2", "0..1"]),
     "empty split": (lambda t: {"data__source": str(_write(t / "e.csv", "text,label\n"))}, ["split 'train'", "empty"]),

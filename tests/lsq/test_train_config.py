@@ -94,7 +94,8 @@ BAD = {
     "schedule misses source rank": (["insqueeze.schedule=[8, 4]"], ["insqueeze.schedule", "[8, 4]", "source_rank 16"]),
     "target rank not below source (in)": (["rank=16"], ["rank", "16", "source_rank"]),
     "target rank above source (adalora)": (["method=adalora", "rank=32"], ["rank", "32", "source_rank 16"]),
-    "stage steps not summing": (["insqueeze.stage_steps=[4, 4, 3]"], ["insqueeze.stage_steps", "[4, 4, 3]", "train.steps 12"]),
+    "stage steps not summing": (["insqueeze.stage_steps=[4, 4, 3]"],
+                                ["insqueeze.stage_steps", "[4, 4, 3]", "train.steps 12"]),
     "too few steps for the stages": (["train.steps=2"], ["insqueeze.stage_steps", "[1, 1, 0]", "train.steps 2"]),
     "data task disagrees": (["data.task=causal_lm"], ["data.task", "causal_lm", "model.task", "classification"]),
     "unknown top-level key": (["trian.steps=3"], ["trian", "Extra inputs"]),
@@ -142,7 +143,8 @@ def test_unreadable_config_file(tmp_path, text, words):
     assert all(w in str(info.value) for w in words), str(info.value)
 
 
-@pytest.mark.parametrize("case", ["bad integer", "stage steps not summing", "unknown nested key", "data task disagrees"])
+@pytest.mark.parametrize("case", ["bad integer", "stage steps not summing", "unknown nested key",
+                                  "data task disagrees"])
 def test_cli_refuses_with_one_line_and_creates_nothing(case, preset, tmp_path, capsys):
     overrides, words = BAD[case]
     assert main(["train", str(preset), *overrides]) == 2

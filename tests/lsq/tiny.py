@@ -1,8 +1,9 @@
 """Tiny models and datasets for the training tests, built from configs and saved locally (no hub).
 
-- :func:`tiny_bert`: a 2-layer BERT for sequence classification (hidden 32) with the MiniLM tokenizer;
-- :func:`tiny_llama`: a 2-layer Llama causal LM (hidden 32), same tokenizer, ``vocab_size = len(tokenizer)``;
-- :func:`classification_csv` / :func:`causal_jsonl`: small seeded datasets with a learnable signal.
+- ``tiny_bert``: a 2-layer BERT for sequence classification (hidden 32) with the MiniLM tokenizer saved beside it;
+- ``tiny_llama``: a 2-layer Llama causal LM (hidden 32), same tokenizer, ``vocab_size = len(tokenizer)``;
+- ``cls_csv`` (``text,label``) / ``lm_jsonl`` (``prompt, answer, choices``): small seeded sets with a learnable signal;
+- :func:`cls_config` / :func:`lm_config`: raw training configs on them (a few steps, seeded, CPU).
 
 Everything is written once per test session under pytest's base temp folder (``built_once``), so the
 fixtures below may be imported by several test modules without building twice.
@@ -95,7 +96,8 @@ def write_causal_jsonl(path: Path, n: int = 120, seed: int = 0) -> Path:
             answer = COLOURS[thing]
             choices = [answer, *rng.sample([c for c in colours if c != answer], 2)]
             rng.shuffle(choices)
-            f.write(json.dumps({"prompt": f"the colour of the {thing} is", "answer": answer, "choices": choices}) + "\n")
+            row = {"prompt": f"the colour of the {thing} is", "answer": answer, "choices": choices}
+            f.write(json.dumps(row) + "\n")
     return path
 
 
@@ -120,7 +122,7 @@ def lm_jsonl(tmp_path_factory) -> Path:
 
 
 def cls_config(model_dir: Path, data_file: Path, out: Path, **changes) -> dict:
-    """A raw TrainConfig dict for the tiny BERT (few steps; ``changes`` override keys, ``train__steps=10`` for nested ones)."""
+    """A raw TrainConfig dict for the tiny BERT, a few steps; ``changes`` override keys (``train__steps=10``)."""
     raw = {
         "method": "direct", "rank": 4, "source_rank": 16,
         "model": {"name": str(model_dir), "device": "cpu"},

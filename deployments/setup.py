@@ -1,0 +1,67 @@
+"""Create what the deployments expect on a Prefect server: a process work pool and the compute limit.
+
+    python -m deployments.setup [--pool lsq-process] [--slots N]
+
+- work pool ``lsq-process`` (type process: flow runs are subprocesses of ``prefect worker start``),
+  for ``deployments/prefect.yaml``; ``deployments.serve`` needs no pool;
+- tag concurrency limit ``lsq-compute``: at most N task runs with that tag at once (training,
+  squeezing, evaluation; see ``tasks/steps.py``). N defaults to one per GPU, 1 without one.
+
+Idempotent: an existing pool is left as it is, an existing limit is set to N. Talks to PREFECT_API_URL
+(the CLI equivalents: ``prefect work-pool create lsq-process --type process`` and
+``prefect concurrency-limit create lsq-compute N``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.exceptions import ObjectAlreadyExists
+
+from tasks.steps import COMPUTE_TAG
+
+POOL = "lsq-process"
+
+
+def default_slots() -> int:
+    """One compute slot per CUDA device, 1 on a machine without one."""
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+def setup(pool: str = POOL, slots: int | None = None) -> dict[str, object]:
+    """Create the work pool (if missing) and set the ``lsq-compute`` tag limit; what the server now holds."""
+    from prefect.workers.process import ProcessWorker
+
+    slots = default_slots() if slots is None else slots
+    if slots < 1:
+        raise ValueError(f"slots: {slots} must be at least 1")
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(WorkPoolCreate(
+                name=pool, type="process", base_job_template=ProcessWorker.get_default_base_job_template(),
+                description="lsq flow runs as local subprocesses of `prefect worker start --pool lsq-process`"))
+            created = True
+        except ObjectAlreadyExists:
+            created = False
+        client.create_concurrency_limit(tag=COMPUTE_TAG, concurrency_limit=slots)  # an upsert on the server
+        limit = client.read_concurrency_limit_by_tag(COMPUTE_TAG)
+        return {"pool": client.read_work_pool(pool).name, "pool_created": created,
+                "tag": limit.tag, "slots": limit.concurrency_limit}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m deployments.setup", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pool", default=POOL, help=f"work pool name (default {POOL})")
+    parser.add_argument("--slots", type=int, default=None, help="concurrent lsq-compute task runs (default: GPUs or 1)")
+    args = parser.parse_args(argv)
+    state = setup(args.pool, args.slots)
+    print(f"work pool {state['pool']} ({'created' if state['pool_created'] else 'exists'}); "
+          f"tag limit {state['tag']} = {state['slots']}")
+
+
+if __name__ == "__main__":
+    main()
