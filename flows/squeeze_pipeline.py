@@ -13,6 +13,7 @@ finished run on other data); the same data and code reuse it, and the cached tas
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,8 @@ def squeeze_pipeline(config: str | dict[str, Any] | None = None, overrides: list
         raise
     tracking.finish_run(uri, parent, "FINISHED")
     log.info("%s -> %s: %s", decision.winner, decision.alias, decision.reason)
-    return {"parent_run_id": parent, "tracking_uri": uri, "registered_model": cfg.registered_model,
+    return {"parent_run_id": parent, "tracking_uri": uri, "experiment": cfg.tracking.experiment,
+            "registered_model": cfg.registered_model,
             "decision": {"winner": decision.winner, "alias": decision.alias, "reason": decision.reason},
             "variants": rows}
 
@@ -79,5 +81,13 @@ if __name__ == "__main__":
     args = sys.argv[1:]
     config = args[0] if args and "=" not in args[0] else None
     result = squeeze_pipeline(config, args[1:] if config else args)
-    print(f"\nMLflow: {result['tracking_uri']}  registered model: {result['registered_model']}")
-    print(f"winner: {result['decision']['winner']} -> @{result['decision']['alias']}")
+    uri, name, decision = result["tracking_uri"], result["registered_model"], result["decision"]
+    print(f"\nwinner: {decision['winner']} -> {name}@{decision['alias']}\n  {decision['reason']}")
+    print(f"MLflow: {uri} (experiment {result['experiment']!r}, registered model {name!r})")
+    if uri.startswith("sqlite:"):
+        print(f"  UI: mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000")
+    if os.environ.get("PREFECT_API_URL"):
+        print(f"Prefect UI: {os.environ['PREFECT_API_URL'].removesuffix('/api')}")
+    else:
+        print("Prefect: this run used a temporary server, gone with it. To keep flow runs and see them in the UI:\n"
+              "  prefect server start --host 127.0.0.1   and   export PREFECT_API_URL=http://127.0.0.1:4200/api")

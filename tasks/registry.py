@@ -6,6 +6,7 @@ runs tasks in worker threads). Registry writes retry on the decorator and inside
 
 from __future__ import annotations
 
+import tempfile
 from typing import Any
 
 from prefect import task
@@ -15,6 +16,7 @@ from lsq.evaluate import evaluate_adapter
 from lsq.pipeline_config import PipelineConfig
 from lsq.variants import Decision, Variant, decide
 from tasks import tracking
+from tasks.steps import COMPUTE_TAG
 
 
 def variant_params(cfg: PipelineConfig, variant: Variant, data_fingerprint: str) -> dict[str, Any]:
@@ -61,14 +63,15 @@ def log_and_register(uri: str, cfg: PipelineConfig, parent_run_id: str, variant:
             "metric": metrics.get(metric), "metrics": metrics}
 
 
-@task(retries=1)
+@task(retries=1, tags=[COMPUTE_TAG])
 def champion_score(uri: str, cfg: PipelineConfig) -> tuple[str | None, float | None]:
     """The current champion's metric on this run's test data (re-evaluated here, not read from its run)."""
-    current = tracking.champion(uri, cfg.registered_model, cfg.promotion.champion_alias)
-    if current is None:
-        return None, None
-    evaluation = evaluate_adapter(current["adapter_path"], cfg.model, cfg.data, split=cfg.eval_split,
-                                  batch_size=cfg.train.eval_batch_size)
+    with tempfile.TemporaryDirectory(prefix="lsq-champion-") as tmp:  # the downloaded adapter goes with it
+        current = tracking.champion(uri, cfg.registered_model, cfg.promotion.champion_alias, dst_path=tmp)
+        if current is None:
+            return None, None
+        evaluation = evaluate_adapter(current["adapter_path"], cfg.model, cfg.data, split=cfg.eval_split,
+                                      batch_size=cfg.train.eval_batch_size)
     return current["version"], float(evaluation[cfg.promotion.metric])
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 import tasks.monitoring as monitoring_tasks
@@ -39,8 +40,6 @@ def emitted(monkeypatch) -> Recorder:
 
 def test_no_champion_emits_dataset_updated(tiny_config, emitted, tmp_path):
     config_file = tmp_path / "pipeline.yaml"
-    import yaml
-
     config_file.write_text(yaml.safe_dump(tiny_config))
     result = monitor(str(config_file))
     fp = fingerprint(load_data(DataConfig(**tiny_config["data"])))

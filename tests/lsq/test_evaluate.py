@@ -23,6 +23,7 @@ from lsq.train_config import TrainConfig
 from tests.lsq.tiny import built_once, cls_config, cls_csv, lm_config, tiny_bert, tiny_llama  # noqa: F401
 
 BERT_TARGETS = ("query", "key", "value", "dense")
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
 
 @pytest.fixture(scope="module")

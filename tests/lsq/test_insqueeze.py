@@ -20,6 +20,7 @@ from tests.lsq.dense import best_rank_k, dense_update, rel_err
 from tests.lsq.tiny import lm_config, lm_jsonl, tiny_llama  # noqa: F401  (fixtures)
 
 BETAS = (0.9, 0.999)
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
 
 class Net(nn.Module):

@@ -25,6 +25,7 @@ from lsq.train_config import TrainConfig
 from tests.lsq.tiny import cls_config, cls_csv, lm_jsonl, tiny_bert, tiny_llama  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
 
 def run(raw: dict, logs: list | None = None):
