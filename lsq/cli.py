@@ -15,6 +15,7 @@ Heavy imports (torch, pydantic) happen after argument parsing so ``--help`` is i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
@@ -75,7 +76,8 @@ def _run_train(args: argparse.Namespace) -> int:
     cfg = _config_and_overrides(args)
     from lsq.train import train
 
-    result = train(cfg)
+    with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs; stdout stays pure JSON
+        result = train(cfg)
     print(json.dumps(result.to_json(), indent=1))
     return 0
 

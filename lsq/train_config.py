@@ -109,7 +109,8 @@ class TrainConfig(BaseModel):
             a, steps = self.adalora, self.train.steps
             if int(a.tinit * steps) >= steps - int(a.tfinal * steps):
                 raise ValueError(
-                    f"adalora.tinit: {a.tinit} with adalora.tfinal {a.tfinal} leaves no budgeting steps of train.steps {steps}"
+                    f"adalora.tinit: {a.tinit} with adalora.tfinal {a.tfinal} leaves no budgeting steps "
+                    f"of train.steps {steps}"
                 )
         if self.method == "in":
             ranks = self.stage_ranks

@@ -99,7 +99,7 @@ def adam_after_one_step(model, loss_fn):
 def test_projected_first_moment_equals_adam_of_the_new_gradients(case, alpha_policy):
     deep, update_rank, loss_fn, k = CASES[case]
     model = lora_net(deep, update_rank=update_rank)
-    before = {n: dense_update(A, B, lora_layers(model)[n].scaling["default"]) for n, (A, B) in factors(model).items()}
+    before = {n: dense_update(A.detach(), B.detach(), lora_layers(model)[n].scaling["default"]) for n, (A, B) in factors(model).items()}
     opt, old_grads = adam_after_one_step(model, loss_fn)
     old = factors(model)
 
@@ -111,7 +111,7 @@ def test_projected_first_moment_equals_adam_of_the_new_gradients(case, alpha_pol
     assert (alpha_policy == "keep-scale") == all(r == pytest.approx(1.0) for r in ratios.values())
     if update_rank is not None:  # the resize is exact here: same dW, so the same G at every layer
         for n, (A, B) in new.items():
-            assert rel_err(dense_update(A, B, lora_layers(model)[n].scaling["default"]), before[n]) < 1e-5
+            assert rel_err(dense_update(A.detach(), B.detach(), lora_layers(model)[n].scaling["default"]), before[n]) < 1e-5
     new_grads = factor_grads(model, loss_fn)  # autograd at the new factors, independent of the projection
     for n, (A2, B2) in new.items():
         assert A2.shape[0] == B2.shape[1] == k
@@ -293,10 +293,10 @@ def test_resize_of_the_live_model_is_the_best_rank_k_update(tiny_llama):
         for p in model.parameters():
             if p.requires_grad:
                 p.copy_(torch.randn_like(p) * 0.2)
-    before = {n: dense_update(A, B, 2.0) for n, (A, B) in factors(model).items()}
+    before = {n: dense_update(A.detach(), B.detach(), 2.0) for n, (A, B) in factors(model).items()}
     changes = resize_lora_(model, 3)
     assert {c.name for c in changes} == set(before) and len(before) == 4
     for n, (A, B) in factors(model).items():
         layer = lora_layers(model)[n]
         assert layer.r["default"] == 3 and layer.scaling["default"] == pytest.approx(2.0)
-        assert rel_err(dense_update(A, B, layer.scaling["default"]), best_rank_k(before[n], 3)) < 1e-5
+        assert rel_err(dense_update(A.detach(), B.detach(), layer.scaling["default"]), best_rank_k(before[n], 3)) < 1e-5
