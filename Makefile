@@ -25,10 +25,11 @@ test: install
 	$(BIN)/python -m pytest -q
 
 demo: install
-	$(BIN)/python -m benchmarks.demo_squeeze
+	$(BIN)/python -m flows.squeeze_pipeline configs/demo.yaml
 
 bench: install
 	$(BIN)/python -m benchmarks.squeeze_speed
+	$(BIN)/python -m benchmarks.insqueeze_overhead
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
