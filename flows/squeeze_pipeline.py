@@ -22,7 +22,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from lsq.pipeline_config import PipelineConfig, load_pipeline_config
+from lsq.pipeline_config import Orchestration, PipelineConfig, load_pipeline_config
 from lsq.variants import Variant
 from tasks import tracking
 from tasks.registry import champion_score, log_and_register, promote, report, start_run
@@ -77,10 +77,27 @@ def squeeze_pipeline(config: str | dict[str, Any] | None = None, overrides: list
             "variants": rows}
 
 
+def task_runner(orchestration: Orchestration):
+    """Threads by default; Dask (prefect-dask) on a local cluster or an existing scheduler's address."""
+    if orchestration.runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if orchestration.dask_address:
+            return DaskTaskRunner(address=orchestration.dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": orchestration.max_workers, "threads_per_worker": 1})
+    return ThreadPoolTaskRunner(max_workers=orchestration.max_workers)
+
+
+def run(config: str | dict[str, Any] | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Run the pipeline with the task runner its config asks for (the decorator's default is threads)."""
+    cfg = load_pipeline_config(config, overrides or [])
+    return squeeze_pipeline.with_options(task_runner=task_runner(cfg.orchestration))(config, overrides)
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
     config = args[0] if args and "=" not in args[0] else None
-    result = squeeze_pipeline(config, args[1:] if config else args)
+    result = run(config, args[1:] if config else args)
     uri, name, decision = result["tracking_uri"], result["registered_model"], result["decision"]
     print(f"\nwinner: {decision['winner']} -> {name}@{decision['alias']}\n  {decision['reason']}")
     print(f"MLflow: {uri} (experiment {result['experiment']!r}, registered model {name!r})")

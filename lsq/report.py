@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -64,15 +65,23 @@ def adapter_report(result: SqueezeResult, adapter: SqueezedAdapter, source: str,
     }
 
 
+# Matplotlib's text layout (pyparsing-based) is not thread-safe; every lsq plot takes this lock, so
+# squeezes running in worker threads (Prefect's task runner) and the tracking code can share it.
+PLOT_LOCK = threading.Lock()
+
+
 def plot_spectra(result: SqueezeResult, path: Path, marks: Mapping[str, int] | None = None) -> None:
     """PNG: normalised singular values per module (left) and cumulative energy (right), with the
-    uniform target ranks marked. Matplotlib is imported here only (Agg backend, no display)."""
-    import matplotlib
+    uniform target ranks marked. Matplotlib is imported here only (object API, no pyplot state)."""
+    with PLOT_LOCK:
+        _plot_spectra(result, path, marks or {})
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, (ax_s, ax_e) = plt.subplots(1, 2, figsize=(11, 4.2))
+def _plot_spectra(result: SqueezeResult, path: Path, marks: Mapping[str, int]) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2))
+    ax_s, ax_e = fig.subplots(1, 2)
     alpha = max(0.08, min(0.8, 8 / max(len(result.singular_values), 1)))
     for S in result.singular_values.values():
         S = S.double()
@@ -81,7 +90,7 @@ def plot_spectra(result: SqueezeResult, path: Path, marks: Mapping[str, int] | N
         ks = range(1, len(S) + 1)
         ax_s.semilogy(ks, (S / S[0]).clamp_min(1e-12).tolist(), color="tab:blue", alpha=alpha, lw=1)
         ax_e.plot(ks, (torch.cumsum(S**2, 0) / (S**2).sum()).tolist(), color="tab:blue", alpha=alpha, lw=1)
-    for label, k in (marks or {}).items():
+    for label, k in marks.items():
         for ax in (ax_s, ax_e):
             ax.axvline(k, color="tab:red", ls="--", lw=1)
         ax_e.annotate(label, (k, 0.02), color="tab:red", rotation=90, fontsize=8, ha="right")
@@ -91,4 +100,3 @@ def plot_spectra(result: SqueezeResult, path: Path, marks: Mapping[str, int] | N
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

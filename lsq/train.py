@@ -7,6 +7,7 @@ adapter atomically, write a summary. Tracking reaches it only through ``log(metr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -119,6 +120,16 @@ def _cont_ranks(cfg: TrainConfig) -> dict[str, int]:
         raise LsqError(f"cont.adapter: {exc}") from None
 
 
+def _check_checkpoint_config(folder: Path, cfg: TrainConfig, resuming: bool) -> None:
+    """Resume only the same run: checkpoints of another config (lr, steps, data...) are refused."""
+    digest = hashlib.sha256(json.dumps(cfg.model_dump(mode="json", exclude={"resume"}), sort_keys=True).encode()).hexdigest()
+    stamp = folder / "lsq_config.sha256"
+    if resuming and stamp.is_file() and stamp.read_text().strip() != digest:
+        raise LsqError(f"{folder}: checkpoints of a different config; pass resume=false or another output_dir")
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(digest + "\n")
+
+
 def train(cfg: TrainConfig, log: Log | None = None) -> TrainResult:
     """Run one training recipe and save its adapter to ``{output_dir}/adapter``."""
     out = Path(cfg.output_dir)
@@ -159,6 +170,7 @@ def train(cfg: TrainConfig, log: Log | None = None) -> TrainResult:
         callbacks=callbacks,
     )
     checkpoint = _last_checkpoint(out / "checkpoints") if cfg.resume else None
+    _check_checkpoint_config(out / "checkpoints", cfg, resuming=checkpoint is not None)
     if checkpoint is not None and cfg.method == "in":
         _match_checkpoint_ranks(model, checkpoint)
     start = time.perf_counter()

@@ -35,7 +35,6 @@ from lsq.train_config import TrainConfig
 from lsq.variants import Variant
 
 COMPUTE_TAG = "lsq-compute"
-_SQUEEZE_LOCK = threading.Lock()
 
 
 @dataclass
@@ -119,8 +118,7 @@ def train_adapter(cfg: TrainConfig, code: str, parent: Variant | None = None) ->
 def squeeze_source(source: Variant, ranks: tuple[int, ...], step: SqueezeStep, out: str, code: str) -> list[Variant]:
     """Post-Squeeze: one decomposition of the source, one adapter folder per target rank."""
     config = SqueezeConfig(ranks=ranks, alpha_policy=step.alpha_policy, method=step.method)
-    with _SQUEEZE_LOCK:  # the spectrum plot (matplotlib mathtext) is not thread-safe: one squeeze at a time
-        folders = squeeze_adapter(source.adapter_dir, out, config, force=True)
+    folders = squeeze_adapter(source.adapter_dir, out, config, force=True)
     variants = []
     for k in ranks:
         folder = folders[f"r{k}"]

@@ -34,6 +34,7 @@ import mlflow
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
+from lsq.report import PLOT_LOCK
 from lsq.models import ModelConfig
 from lsq.pipeline_config import Tracking
 from lsq.variants import Decision, Variant, pareto_front
@@ -280,31 +281,32 @@ def log_pareto(uri: str, parent_run_id: str, rows: Sequence[Mapping[str, Any]], 
     Artifacts of ``parent_run_id``: ``pareto/pareto.png``, ``pareto/variants.json``, ``pareto/variants.csv``.
     Rows need ``label``, ``method``, ``rank``, ``adapter_bytes``, ``metric``. Returns the front's labels.
     """
-    from matplotlib.figure import Figure  # no pyplot: no global state, safe in worker threads
+    from matplotlib.figure import Figure  # no pyplot: no global state
 
     scored = [r for r in rows if r.get("metric") is not None]
     front = pareto_front([(r["label"], int(r["adapter_bytes"]), float(r["metric"])) for r in scored], greater_is_better)
     table = [{"label": r["label"], "method": r["method"], "rank": int(r["rank"]), "adapter_bytes": int(r["adapter_bytes"]),
               metric_name: None if r.get("metric") is None else float(r["metric"]), "on_front": r["label"] in front}
              for r in rows]
-    fig = Figure(figsize=(6.4, 4.4))
-    ax = fig.subplots()
-    for on in (False, True):
-        pts = [r for r in scored if (r["label"] in front) == on]
-        ax.scatter([r["adapter_bytes"] for r in pts], [r["metric"] for r in pts], s=60 if on else 30,
-                   c="tab:red" if on else "tab:gray", label="Pareto front" if on else "dominated", zorder=3)
-        for r in pts:
-            ax.annotate(r["label"], (r["adapter_bytes"], r["metric"]), textcoords="offset points", xytext=(4, 4),
-                        fontsize=8)
-    line = sorted((r for r in scored if r["label"] in front), key=lambda r: r["adapter_bytes"])
-    ax.plot([r["adapter_bytes"] for r in line], [r["metric"] for r in line], c="tab:red", lw=1, zorder=2)
-    if scored and max(r["adapter_bytes"] for r in scored) > 10 * min(max(r["adapter_bytes"], 1) for r in scored):
-        ax.set_xscale("log")
-    ax.set(xlabel="adapter size (bytes)", ylabel=metric_name, title=f"{metric_name} vs adapter size")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
     client = client_for(uri)
-    client.log_figure(parent_run_id, fig, "pareto/pareto.png")
+    with PLOT_LOCK:  # matplotlib text layout is not thread-safe (shared with lsq.report)
+        fig = Figure(figsize=(6.4, 4.4))
+        ax = fig.subplots()
+        for on in (False, True):
+            pts = [r for r in scored if (r["label"] in front) == on]
+            ax.scatter([r["adapter_bytes"] for r in pts], [r["metric"] for r in pts], s=60 if on else 30,
+                       c="tab:red" if on else "tab:gray", label="Pareto front" if on else "dominated", zorder=3)
+            for r in pts:
+                ax.annotate(r["label"], (r["adapter_bytes"], r["metric"]), textcoords="offset points", xytext=(4, 4),
+                            fontsize=8)
+        line = sorted((r for r in scored if r["label"] in front), key=lambda r: r["adapter_bytes"])
+        ax.plot([r["adapter_bytes"] for r in line], [r["metric"] for r in line], c="tab:red", lw=1, zorder=2)
+        if scored and max(r["adapter_bytes"] for r in scored) > 10 * min(max(r["adapter_bytes"], 1) for r in scored):
+            ax.set_xscale("log")
+        ax.set(xlabel="adapter size (bytes)", ylabel=metric_name, title=f"{metric_name} vs adapter size")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+        client.log_figure(parent_run_id, fig, "pareto/pareto.png")
     client.log_dict(parent_run_id, {"metric": metric_name, "greater_is_better": greater_is_better,
                                     "front": front, "variants": table}, "pareto/variants.json")
     buf = io.StringIO()
