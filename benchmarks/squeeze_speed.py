@@ -10,14 +10,17 @@ What it does, in one run (a benchmark, not a test: it prints, it asserts nothing
    Factors are seeded and shaped like trained ones: ``A ~ randn / sqrt(d_in)``, ``B = randn * c_j`` with
    column scales ``c_j`` decaying as ``exp(-j / 16)``, so the update spectrum decays.
 2. Times ``lsq squeeze SRC --ranks 8 16 32 --out OUT`` as a subprocess (wall time with Python start-up,
-   median of 3) and its peak RSS (``/usr/bin/time -v``), then the same with ``--no-plot``.
+   median of 3) and its peak RSS (``/usr/bin/time -v``), the same with ``--no-plot``, and with
+   ``--no-plot`` under ``OMP_NUM_THREADS=1`` (for information). The three rounds are spread between the
+   PEFT samples so that both sides see the same load when other work shares the machine.
 3. Times PEFT's path (``peft.tuners.lora.conversion._convert_module_to_lora`` on CPU with bf16 factors:
    ``get_delta_weight`` forms ``s * B @ A`` in float32 and casts it back to bf16, then ``.float()`` and
    ``torch.linalg.svd(dW, full_matrices=False)``) on one module of each sampled kind, and scales to every
    module by kind (one PEFT call serves one rank, so the estimate is for one rank: conservative).
 4. Accuracy on the sampled modules at ranks 8, 16, 32: lsq's truncated update (``factored_svd`` +
-   ``truncate`` in float64) against the dense float64 and float32 truncated SVD, and separately the bf16
-   factors lsq wrote (storage rounding, the same for any tool that writes bf16).
+   ``truncate`` in float64) against the dense float64 and float32 truncated SVD (taken on the tall
+   orientation, which LAPACK does several times faster; the PEFT timing keeps PEFT's orientation), and
+   separately the bf16 factors lsq wrote (storage rounding, the same for any tool that writes bf16).
 5. A stage profile of lsq (imports, read, maths, write, report, plot) and a markdown table with targets.
 """
 
@@ -99,18 +102,23 @@ def run_timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float,
     return wall, rss
 
 
-def time_lsq(src: Path, work: Path, repeats: int, extra: list[str], env: dict[str, str] | None = None):
-    """Median wall time, max peak RSS and all wall times of ``lsq squeeze`` (fresh OUT each run)."""
-    walls, rsss = [], []
-    for i in range(repeats):
-        out = work / f"out{'-'.join(extra)}{'-'.join(env or {})}{i}"
-        cmd = [LSQ, "squeeze", str(src), "--ranks", *map(str, TARGETS), "--out", str(out), *extra]
-        wall, rss = run_timed(cmd, env)
-        walls.append(wall)
-        rsss.append(rss or 0)
-        if i < repeats - 1:
+VARIANTS = {  # label: (extra CLI flags, extra environment)
+    "with plot": ([], {}),
+    "--no-plot": (["--no-plot"], {}),
+    "--no-plot, OMP_NUM_THREADS=1": (["--no-plot"], {"OMP_NUM_THREADS": "1"}),
+}
+
+
+def lsq_round(src: Path, work: Path, runs: dict[str, list[tuple[float, int]]]) -> None:
+    """One ``lsq squeeze`` run of every variant (fresh OUT each); the first output is kept in ``work/out``."""
+    for label, (extra, env) in VARIANTS.items():
+        out = work / "out" if not (work / "out").exists() else work / "out-tmp"
+        wall, rss = run_timed([LSQ, "squeeze", str(src), "--ranks", *map(str, TARGETS), "--out", str(out), *extra], env)
+        runs.setdefault(label, []).append((wall, rss or 0))
+        if out.name == "out-tmp":
             shutil.rmtree(out)
-    return statistics.median(walls), max(rsss), walls
+        print(f"  lsq squeeze ({label}): {wall:.2f} s, peak RSS {mib(rss or 0)}, load {os.getloadavg()[0]:.1f}",
+              flush=True)
 
 
 def import_times() -> dict[str, float]:
@@ -180,24 +188,29 @@ def dense_truncated(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, k: int) 
     return (U[:, :k].double() * S[:k].double()) @ Vh[:k].double()  # (d_out, d_in)
 
 
-def sample_modules(src: Path, out: Path, samples: list[str], accuracy: set[str]) -> tuple[dict, dict]:
-    """PEFT-path seconds per sampled kind, and relative errors per (kind, reference, rank)."""
+def dense_svd(dW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of ``dW``, taken on the tall orientation (LAPACK on CPU is several times slower on wide)."""
+    if dW.shape[0] >= dW.shape[1]:
+        return torch.linalg.svd(dW, full_matrices=False)
+    U, S, Vh = torch.linalg.svd(dW.mT, full_matrices=False)
+    return Vh.mT, S, U.mT
+
+
+def sample_module(src: Path, out: Path, kind: str, accuracy: bool, errors: dict) -> float:
+    """PEFT-path seconds of layer 0's ``kind`` module; relative errors go into ``errors[(kind, what, k)]``."""
     from lsq.linalg import factored_svd, truncate
 
-    seconds, errors = {}, {}
-    f = safe_open(str(src), framework="pt")
     scale = ALPHA / RANK
-    for kind in samples:
-        stem = f"base_model.model.model.layers.0.{KINDS[kind][0]}"
-        A, B = f.get_tensor(f"{stem}.lora_A.weight"), f.get_tensor(f"{stem}.lora_B.weight")  # bf16
-        seconds[kind], *_ = peft_path(A, B, scale)
-        print(f"  PEFT path, {kind:>4} {tuple(B.shape[:1] + A.shape[1:])}: {seconds[kind]:.1f} s", flush=True)
-        if kind not in accuracy:
-            continue
+    stem = f"base_model.model.model.layers.0.{KINDS[kind][0]}"
+    with safe_open(str(src), framework="pt") as f:
+        A, B = f.get_tensor(f"{stem}.lora_A.weight").clone(), f.get_tensor(f"{stem}.lora_B.weight").clone()  # bf16
+    seconds, *_ = peft_path(A, B, scale)
+    print(f"  PEFT path, {kind:>4} {tuple(B.shape[:1] + A.shape[1:])}: {seconds:.1f} s, load {os.getloadavg()[0]:.1f}",
+          flush=True)
+    if accuracy:
         refs = {}
-        dW64 = (B.double() @ A.double()) * scale  # exact update of the stored bf16 factors
-        refs["float64"] = torch.linalg.svd(dW64, full_matrices=False)
-        refs["float32"] = torch.linalg.svd(((B.float() @ A.float()) * scale), full_matrices=False)
+        refs["float64"] = dense_svd((B.double() @ A.double()) * scale)  # exact update of the stored bf16 factors
+        refs["float32"] = dense_svd((B.float() @ A.float()) * scale)
         spec = factored_svd(A, B, scale)  # float64
         for k in TARGETS:
             a_k, b_k = truncate(spec, k, scale)  # keep-scale: s' = s
@@ -213,8 +226,7 @@ def sample_modules(src: Path, out: Path, samples: list[str], accuracy: set[str])
                 errors[(kind, f"lsq bf16 on disk vs dense {name}", k)] = rel(lsq16, ref)
             errors[(kind, "dense float32 vs dense float64", k)] = rel(
                 dense_truncated(*refs["float32"], k), dense_truncated(*refs["float64"], k))
-        print(f"  accuracy, {kind:>4}: done", flush=True)
-    return seconds, errors
+    return seconds
 
 
 def mib(n: float) -> str:
@@ -243,15 +255,19 @@ def main(argv: list[str] | None = None) -> int:
         size = src_file.stat().st_size
         n_modules = layers * len(KINDS)
         print(f"adapter: {n_modules} modules, r={RANK}, bf16, {mib(size)}", flush=True)
-        wall, rss, walls = time_lsq(work / "src", work, repeats, [])
-        print(f"lsq squeeze: {', '.join(f'{w:.2f}' for w in walls)} s; peak RSS {mib(rss)}", flush=True)
-        wall_np, rss_np, walls_np = time_lsq(work / "src", work, repeats, ["--no-plot"])
-        print(f"lsq squeeze --no-plot: {', '.join(f'{w:.2f}' for w in walls_np)} s; peak RSS {mib(rss_np)}", flush=True)
-        wall_1t, rss_1t, walls_1t = time_lsq(work / "src", work, repeats, ["--no-plot"], {"OMP_NUM_THREADS": "1"})
-        print(f"OMP_NUM_THREADS=1 lsq squeeze --no-plot: {', '.join(f'{w:.2f}' for w in walls_1t)} s", flush=True)
+        # lsq rounds are spread between the PEFT samples, so both sides see the same load from other work
+        runs: dict[str, list[tuple[float, int]]] = {}
+        lsq_round(work / "src", work, runs)
+        n = len(args.samples)
+        after = [min(n, max(1, round(j * n / (repeats - 1)))) - 1 for j in range(1, repeats)]  # sample indices
+        seconds, errors = {}, {}
+        for i, kind in enumerate(args.samples):
+            seconds[kind] = sample_module(src_file, work / "out", kind, kind in accuracy, errors)
+            for _ in range(after.count(i)):
+                lsq_round(work / "src", work, runs)
         imports = import_times()
+        base_rss = run_timed([sys.executable, "-c", "import lsq.api"])[1] or 0
         stages = stage_profile(work / "src", work)
-        seconds, errors = sample_modules(src_file, work / f"out{repeats - 1}", args.samples, accuracy)
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -261,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     per_kind = {k: seconds.get(k, by_shape.get(KINDS[k][1:])) for k in KINDS}
     missing = [k for k, s in per_kind.items() if s is None]
     peft_s = layers * sum(s for s in per_kind.values() if s is not None)
+    wall, wall_np, wall_1t = (statistics.median(w for w, _ in runs[v]) for v in VARIANTS)
+    fastest = {v: min(w for w, _ in runs[v]) for v in VARIANTS}
+    rss, rss_np = (max(r for _, r in runs[v]) for v in list(VARIANTS)[:2])
     speedup, speedup_np = peft_s / wall, peft_s / wall_np
     err_maths = max((e for (_, what, _), e in errors.items() if what.startswith("lsq float64")), default=float("nan"))
     err_maths64 = max((e for (_, w, _), e in errors.items() if w == "lsq float64 maths vs dense float64"), default=float("nan"))
@@ -283,13 +302,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{', '.join(map(str, TARGETS))}\n")
     print("| metric | value | target | result |\n|---|---:|---:|---|")
     print(f"| adapter file (bf16 safetensors) | {mib(size)} | | |")
-    print(f"| lsq wall time, median of {repeats} (with plot) | {wall:.2f} s | | |")
-    print(f"| lsq wall time, median of {repeats}, --no-plot | {wall_np:.2f} s | | |")
-    print(f"| lsq wall time, median of {repeats}, --no-plot, OMP_NUM_THREADS=1 (information) | {wall_1t:.2f} s | | |")
+    for v, w in zip(VARIANTS, (wall, wall_np, wall_1t)):
+        print(f"| lsq wall time, median of {repeats}, {v} | {w:.2f} s (fastest {fastest[v]:.2f} s) | | |")
     print(f"| lsq peak RSS (with plot) | {mib(rss)} | | |")
     print(f"| peak RSS / adapter file | {rss / size:.2f}x | < {MEMORY_TARGET:g}x | {verdict(rss / size < MEMORY_TARGET)} |")
     print(f"| peak RSS / adapter file, --no-plot | {rss_np / size:.2f}x | < {MEMORY_TARGET:g}x | "
           f"{verdict(rss_np / size < MEMORY_TARGET)} |")
+    print(f"| (peak RSS - RSS of `import lsq.api`, {mib(base_rss)}) / adapter file, with plot | "
+          f"{(rss - base_rss) / size:.2f}x | | |")
     print(f"| PEFT path estimate, one rank ({', '.join(f'{k} {s:.1f} s' for k, s in seconds.items())} "
           f"x {layers} layers by shape) | {peft_s:,.0f} s ({peft_s / 60:.1f} min) | | |")
     print(f"| PEFT path estimate, ranks {' '.join(map(str, TARGETS))} (one call per rank) | "

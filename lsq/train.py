@@ -123,10 +123,10 @@ def _cont_ranks(cfg: TrainConfig) -> dict[str, int]:
 def _check_checkpoint_config(folder: Path, cfg: TrainConfig, resuming: bool) -> None:
     """Resume only the same run: checkpoints of another config (lr, steps, data...) are refused."""
     digest = hashlib.sha256(json.dumps(cfg.model_dump(mode="json", exclude={"resume"}), sort_keys=True).encode()).hexdigest()
-    stamp = folder / "lsq_config.sha256"
+    stamp = folder.parent / "checkpoints.config.sha256"  # beside, not in, the Trainer's folder
     if resuming and stamp.is_file() and stamp.read_text().strip() != digest:
         raise LsqError(f"{folder}: checkpoints of a different config; pass resume=false or another output_dir")
-    folder.mkdir(parents=True, exist_ok=True)
+    stamp.parent.mkdir(parents=True, exist_ok=True)
     stamp.write_text(digest + "\n")
 
 

@@ -198,6 +198,17 @@ def test_resume_after_an_interruption(method, tiny_bert, cls_csv, tmp_path):
         torch.testing.assert_close(resumed[key], straight[key], rtol=1e-4, atol=1e-6)
 
 
+def test_resume_refuses_checkpoints_of_another_config(tiny_bert, cls_csv, tmp_path):
+    out = tmp_path / "run"
+    raw = cls_config(tiny_bert, cls_csv, out, train__steps=4, train__save_steps=2)
+    with pytest.raises(Killed):
+        train(TrainConfig.model_validate(raw), log=killer([], at=3))
+    changed = {**raw, "train": {**raw["train"], "lr": raw["train"]["lr"] * 2}}
+    with pytest.raises(LsqError, match="checkpoints of a different config"):
+        train(TrainConfig.model_validate(changed))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2"]  # nothing lost
+
+
 def test_no_resume_starts_over(tiny_bert, cls_csv, tmp_path):
     out = tmp_path / "run"
     raw = cls_config(tiny_bert, cls_csv, out, train__steps=4, train__save_steps=2)
