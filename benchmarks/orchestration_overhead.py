@@ -1,0 +1,62 @@
+"""Orchestration overhead of the pipeline: wall time minus the lsq compute inside its tasks.
+
+    python -m benchmarks.orchestration_overhead [CONFIG] [key=value ...]   # default configs/demo.yaml
+
+Runs the Prefect flow in this process (temporary Prefect server start-up included) with a fresh
+output folder and MLflow store, and times every lsq call the tasks make (data preparation,
+training, squeezing, evaluation) by wrapping them. Overhead = wall - compute: Prefect (server,
+task state, result persistence), MLflow logging and registration, artifacts. Target: <= 10%.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import tempfile
+import time
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    config = args[0] if args and "=" not in args[0] else "configs/demo.yaml"
+    overrides = args[1:] if args and "=" not in args[0] else args
+    work = tempfile.mkdtemp(prefix="lsq-orch-")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work}/mlflow.db"
+    os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", f"{work}/prefect-results")
+    start = time.perf_counter()
+    import flows.squeeze_pipeline as pipeline
+    import tasks.monitoring as monitoring
+    import tasks.registry as registry
+    import tasks.steps as steps
+
+    compute = {"seconds": 0.0, "calls": 0}
+
+    def timed(fn):
+        @functools.wraps(fn)
+        def wrapper(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                compute["seconds"] += time.perf_counter() - t
+                compute["calls"] += 1
+        return wrapper
+
+    for module in (steps, registry, monitoring):
+        for name in ("train", "squeeze_adapter", "evaluate_adapter", "load_data"):
+            if hasattr(module, name):
+                setattr(module, name, timed(getattr(module, name)))
+    result = pipeline.run(config, [*overrides, f"output_dir={work}/runs"])
+    wall = time.perf_counter() - start
+    overhead = wall - compute["seconds"]
+    command = " ".join(["python -m benchmarks.orchestration_overhead", *sys.argv[1:]])
+    print(f"\n`{command}`  ({len(result['variants'])} adapters registered; winner {result['decision']['winner']})\n")
+    print("| wall (s) | lsq compute in tasks (s) | overhead (s) | overhead share |")
+    print("|---|---|---|---|")
+    print(f"| {wall:.1f} | {compute['seconds']:.1f} ({compute['calls']} calls) | {overhead:.1f} | {overhead / wall:.1%} |")
+    print(f"\ntarget <= 10%: {'PASS' if overhead / wall <= 0.10 else 'FAIL'}")
+
+
+if __name__ == "__main__":
+    main()
