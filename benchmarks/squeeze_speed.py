@@ -2,6 +2,7 @@
 
     python -m benchmarks.squeeze_speed            # full: 32 layers, 224 modules, ~5-8 min on 2 cores
     python -m benchmarks.squeeze_speed --quick    # 4 layers, one lsq run, accuracy on q/k only
+    python -m benchmarks.squeeze_speed --wait-quiet 120   # on a shared machine: time only when idle
 
 What it does, in one run (a benchmark, not a test: it prints, it asserts nothing):
 
@@ -86,6 +87,44 @@ def write_llama_adapter(folder: Path, layers: int, seed: int = 0) -> Path:
     return folder / "adapter_model.safetensors"
 
 
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds the whole machine has been busy (Linux ``/proc/stat``), or None elsewhere."""
+    try:
+        with open("/proc/stat") as fh:
+            user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fh.readline().split()[1:8])
+    except (OSError, ValueError):
+        return None
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+class Others:
+    """CPUs that other processes kept busy during a block: machine busy time minus this process's and its
+    waited-for children's (so processes that start and end inside the block are counted too)."""
+
+    def __init__(self, wait_quiet: float = 0.0):
+        self.wait_quiet = wait_quiet  # seconds to wait, at most, for the others to go quiet first
+
+    def __enter__(self) -> Others:
+        deadline = time.monotonic() + self.wait_quiet
+        while time.monotonic() < deadline and _busy_cpu_seconds() is not None:
+            with Others() as probe:
+                time.sleep(2)
+            if probe.cpus < 0.1:
+                break
+        self.busy0, self.own0, self.t0 = _busy_cpu_seconds(), sum(os.times()[:4]), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall = time.perf_counter() - self.t0
+        busy = _busy_cpu_seconds()
+        own = sum(os.times()[:4]) - self.own0
+        self.cpus = float("nan") if busy is None else max(0.0, busy - self.busy0 - own) / max(self.wall, 1e-9)
+
+
+WAIT_QUIET = 0.0  # set by --wait-quiet
+OTHERS: dict[str, list[float]] = {"lsq": [], "peft": []}  # CPUs used by other processes per measurement
+
+
 def run_timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int | None]:
     """(wall seconds, peak RSS in bytes or None) of one command; raises if it fails."""
     time_bin = shutil.which("time") or ("/usr/bin/time" if Path("/usr/bin/time").exists() else None)
@@ -113,12 +152,14 @@ def lsq_round(src: Path, work: Path, runs: dict[str, list[tuple[float, int]]]) -
     """One ``lsq squeeze`` run of every variant (fresh OUT each); the first output is kept in ``work/out``."""
     for label, (extra, env) in VARIANTS.items():
         out = work / "out" if not (work / "out").exists() else work / "out-tmp"
-        wall, rss = run_timed([LSQ, "squeeze", str(src), "--ranks", *map(str, TARGETS), "--out", str(out), *extra], env)
+        with Others(WAIT_QUIET) as others:
+            wall, rss = run_timed([LSQ, "squeeze", str(src), "--ranks", *map(str, TARGETS), "--out", str(out), *extra], env)
         runs.setdefault(label, []).append((wall, rss or 0))
+        OTHERS["lsq"].append(others.cpus)
         if out.name == "out-tmp":
             shutil.rmtree(out)
-        print(f"  lsq squeeze ({label}): {wall:.2f} s, peak RSS {mib(rss or 0)}, load {os.getloadavg()[0]:.1f}",
-              flush=True)
+        print(f"  lsq squeeze ({label}): {wall:.2f} s, peak RSS {mib(rss or 0)}; other processes kept "
+              f"{others.cpus:.2f} CPUs busy meanwhile", flush=True)
 
 
 def import_times() -> dict[str, float]:
@@ -204,9 +245,11 @@ def sample_module(src: Path, out: Path, kind: str, accuracy: bool, errors: dict)
     stem = f"base_model.model.model.layers.0.{KINDS[kind][0]}"
     with safe_open(str(src), framework="pt") as f:
         A, B = f.get_tensor(f"{stem}.lora_A.weight").clone(), f.get_tensor(f"{stem}.lora_B.weight").clone()  # bf16
-    seconds, *_ = peft_path(A, B, scale)
-    print(f"  PEFT path, {kind:>4} {tuple(B.shape[:1] + A.shape[1:])}: {seconds:.1f} s, load {os.getloadavg()[0]:.1f}",
-          flush=True)
+    with Others(WAIT_QUIET) as others:
+        seconds, *_ = peft_path(A, B, scale)
+    OTHERS["peft"].append(others.cpus)
+    print(f"  PEFT path, {kind:>4} {tuple(B.shape[:1] + A.shape[1:])}: {seconds:.1f} s; other processes kept "
+          f"{others.cpus:.2f} CPUs busy meanwhile", flush=True)
     if accuracy:
         refs = {}
         refs["float64"] = dense_svd((B.double() @ A.double()) * scale)  # exact update of the stored bf16 factors
@@ -241,7 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", nargs="+", choices=list(KINDS), default=["q", "k", "o", "gate", "down"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", type=Path, help="build the adapter and outputs here and keep them")
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                   help="before each timing, wait up to S seconds for other processes to leave the CPUs idle")
     args = p.parse_args(argv)
+    global WAIT_QUIET
+    WAIT_QUIET = args.wait_quiet
     layers = args.layers or (4 if args.quick else 32)
     repeats = args.repeats or (1 if args.quick else 3)
     accuracy = {"q", "k"} if args.quick else set(args.samples)
@@ -326,6 +373,13 @@ def main(argv: list[str] | None = None) -> int:
           f"{verdict(err_maths <= ERROR_TARGET)} |")
     print(f"| max rel. error, bf16 factors on disk (storage rounding, any bf16 writer) | {err_disk:.1e} | "
           "reported | |")
+    lsq_busy, peft_busy = (max(OTHERS[k], default=float("nan")) for k in ("lsq", "peft"))
+    print(f"| CPUs kept busy by other processes, worst lsq run / worst PEFT sample | {lsq_busy:.2f} / "
+          f"{peft_busy:.2f} | < 0.1 | {verdict(max(lsq_busy, peft_busy) < 0.1)} |")
+    if max(lsq_busy, peft_busy) >= 0.1:
+        print(f"\nWARNING: other processes shared the {os.cpu_count()} CPUs during the timings; with OpenMP threads "
+              "spinning, both sides slow down by factors of 2-10 and unevenly: the times and the speed-up are not "
+              "representative (rerun on an idle machine, or with --wait-quiet 120).")
     if missing:
         print(f"\nnot sampled (left out of the PEFT estimate): {', '.join(missing)}")
     print(f"\ncommand: {command}   (lsq: {LSQ} squeeze SRC --ranks {' '.join(map(str, TARGETS))} --out OUT)")
