@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lsq.data import DataConfig
@@ -27,6 +26,7 @@ from lsq.train_config import (
     OptimSettings,
     TrainConfig,
     apply_overrides,
+    read_yaml_mapping,
     validation_message,
 )
 
@@ -150,15 +150,7 @@ def load_pipeline_config(source: str | Path | dict[str, Any] | None = None, over
     elif source is None:
         raw = {}
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise LsqError(f"{path}: config file not found")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise LsqError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(raw, dict):
-            raise LsqError(f"{path}: expected a mapping at the top level")
+        raw = read_yaml_mapping(source)
     try:
         return PipelineConfig.model_validate(apply_overrides(raw, list(overrides)))
     except ValidationError as exc:
