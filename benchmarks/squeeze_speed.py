@@ -28,6 +28,7 @@ What it does, in one run (a benchmark, not a test: it prints, it asserts nothing
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -125,20 +126,57 @@ WAIT_QUIET = 0.0  # set by --wait-quiet
 OTHERS: dict[str, list[float]] = {"lsq": [], "peft": []}  # CPUs used by other processes per measurement
 
 
+@functools.cache
+def _gnu_time() -> str | None:
+    """Path of a GNU ``time`` that understands ``-v``, or None."""
+    path = shutil.which("time") or "/usr/bin/time"
+    if not Path(path).exists():
+        return None
+    probe = subprocess.run([path, "-v", "true"], capture_output=True, text=True)
+    return path if "Maximum resident set size" in probe.stderr else None
+
+
 def run_timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int | None]:
-    """(wall seconds, peak RSS in bytes or None) of one command; raises if it fails."""
-    time_bin = shutil.which("time") or ("/usr/bin/time" if Path("/usr/bin/time").exists() else None)
-    full = [time_bin, "-v", *cmd] if time_bin else cmd
-    t0 = time.perf_counter()
-    proc = subprocess.run(full, capture_output=True, text=True, env={**os.environ, **(env or {})})
-    wall = time.perf_counter() - t0
+    """(wall seconds, peak RSS in bytes) of one command; raises if it fails.
+
+    Peak RSS from GNU ``time -v``; without it, from polling the process with psutil every 20 ms; without
+    psutil, ``getrusage(RUSAGE_CHILDREN).ru_maxrss`` (the largest of all children so far: an upper bound).
+    """
+    env = {**os.environ, **(env or {})}
+    time_bin = _gnu_time()
+    with tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([time_bin, "-v", *cmd] if time_bin else cmd, stdout=subprocess.DEVNULL, stderr=err,
+                                env=env, text=True)
+        peak = 0
+        if time_bin is None:
+            try:
+                import psutil
+
+                child = psutil.Process(proc.pid)
+                while proc.poll() is None:
+                    try:
+                        peak = max(peak, child.memory_info().rss)
+                    except psutil.Error:
+                        pass
+                    time.sleep(0.02)
+            except ImportError:
+                pass
+        proc.wait()
+        wall = time.perf_counter() - t0
+        err.seek(0)
+        stderr = err.read()
     if proc.returncode != 0:
-        raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    rss = None
+        raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}):\n{stderr[-3000:]}")
     if time_bin:
-        m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-        rss = int(m.group(1)) * 1024 if m else None
-    return wall, rss
+        m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr)
+        return wall, int(m.group(1)) * 1024 if m else None
+    if not peak:
+        import resource
+
+        scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, kB on Linux
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale
+    return wall, peak
 
 
 VARIANTS = {  # label: (extra CLI flags, extra environment)
