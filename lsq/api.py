@@ -25,9 +25,10 @@ from lsq.adapter import (
 )
 from lsq.config import SqueezeConfig
 from lsq.errors import LsqError
-from lsq.linalg import factored_svd
+from lsq.linalg import NonFiniteFactor, factored_svd
 from lsq.policies import SERVING_RANKS, energy_rank
-from lsq.report import adapter_report, plot_spectra
+from lsq.plotting import PlotProcess
+from lsq.report import adapter_report, plot_spectra, spectra_lists
 from lsq.squeeze import Progress, load_factors, squeeze_state_dict
 
 REPORT_NAME = "squeeze_report.json"
@@ -42,6 +43,8 @@ def squeeze_adapter(
     *,
     force: bool = False,
     plot: bool = True,
+    plotter: PlotProcess | None = None,
+    workers: int = 1,
     progress: Progress = lambda it: it,
 ) -> dict[str, Path]:
     """Squeeze the PEFT adapter folder ``src`` into ``out/<name>`` for every target of ``config``.
@@ -49,19 +52,26 @@ def squeeze_adapter(
     Each ``out/<name>`` is a standard PEFT adapter folder (``PeftModel.from_pretrained`` loads it)
     with ``squeeze_report.json`` and ``spectrum.png`` beside the weights; other files of ``src``
     (model card, tokenizer) are copied. Returns ``{name: folder}``.
+
+    ``plotter`` (a started :class:`lsq.plotting.PlotProcess`) draws the plot in a child process while
+    the adapters are written; without it the plot is drawn here. ``workers`` > 1 decomposes modules in
+    that many threads (:func:`lsq.squeeze.squeeze_state_dict`).
     """
     src = Path(src)
     if Path(out).resolve() in (src.resolve(), *src.resolve().parents):  # --force would delete the source
         raise LsqError(f"{out}: output folder is or contains the source adapter {src}; choose another --out")
     atomic = AtomicFolder(out, force=force)  # refuses an existing folder before any work
     source_config, weights = read_adapter(src)
-    result = squeeze_state_dict(weights, source_config, config, progress=progress)
+    result = squeeze_state_dict(weights, source_config, config, progress=progress, workers=workers)
     settings = config.model_dump(mode="json", exclude={"ranks", "energy", "budget"})
     extras = [p for p in src.iterdir() if p.is_file() and p.name not in _ADAPTER_FILES]
     with atomic as tmp:
         if plot:
             marks = {a.name: next(iter(a.ranks.values())) for a in result.adapters if len(set(a.ranks.values())) == 1}
-            plot_spectra(result, tmp / PLOT_NAME, marks)
+            if plotter is not None:
+                plotter.submit(spectra_lists(result), tmp / PLOT_NAME, marks)  # drawn while we write
+            else:
+                plot_spectra(result, tmp / PLOT_NAME, marks)
         for adapter in result.adapters:
             folder = tmp / adapter.name
             write_adapter(folder, adapter.config, adapter.weights)
@@ -69,8 +79,14 @@ def squeeze_adapter(
             (folder / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
             for extra in extras:
                 shutil.copy2(extra, folder / extra.name)
-            if plot:
-                shutil.copy2(tmp / PLOT_NAME, folder / PLOT_NAME)
+        if plot:
+            if plotter is not None:
+                try:
+                    plotter.wait()
+                except RuntimeError as exc:
+                    raise LsqError(str(exc)) from None
+            for adapter in result.adapters:
+                shutil.copy2(tmp / PLOT_NAME, tmp / adapter.name / PLOT_NAME)
     return {a.name: Path(out) / a.name for a in result.adapters}
 
 
@@ -81,7 +97,10 @@ def inspect_adapter(src: str | os.PathLike, energies=(0.5, 0.8, 0.9, 0.95, 0.99)
     rows, total_params = [], 0
     for m in progress(modules):
         A, B = load_factors(weights, m)
-        S = factored_svd(A, B, m.scale, keep=0).S
+        try:
+            S = factored_svd(A, B, m.scale, keep=0).S
+        except NonFiniteFactor as exc:
+            raise LsqError(f"module {m.name}: {exc}") from None
         total_params += m.rank * (A.shape[1] + B.shape[0])
         rows.append({
             "module": m.name,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -109,9 +110,21 @@ def _run_squeeze(args: argparse.Namespace) -> int:
         return 0
     if not args.src or not args.out:
         raise LsqError("squeeze needs SRC and --out")
+    # the plot's child process imports matplotlib while this one imports torch and does the maths
+    from lsq.plotting import PlotProcess
+
+    with PlotProcess() if not args.no_plot else contextlib.nullcontext() as plotter:
+        return _squeeze(args, plotter)
+
+
+def _squeeze(args: argparse.Namespace, plotter) -> int:
     from pydantic import ValidationError
 
+    import torch
+
     from lsq.api import squeeze_adapter
+    from lsq.config import SqueezeConfig
+    from lsq.errors import LsqError
 
     try:
         config = SqueezeConfig(
@@ -122,8 +135,12 @@ def _run_squeeze(args: argparse.Namespace) -> int:
         )
     except ValidationError as exc:
         raise LsqError(_one_line(exc)) from None
+    # many small decompositions: one module per core beats two cores on each (CPU only; this process is ours)
+    workers = 1 if not config.device.startswith("cpu") else max(1, min(torch.get_num_threads(), len(os.sched_getaffinity(0))))
+    if workers > 1:
+        torch.set_num_threads(1)
     written = squeeze_adapter(args.src, args.out, config, force=args.force, plot=not args.no_plot,
-                              progress=_progress("squeeze"))
+                              plotter=plotter, workers=workers, progress=_progress("squeeze"))
     for name, folder in written.items():
         print(f"{name}\t{folder}")
     return 0

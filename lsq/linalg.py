@@ -18,13 +18,17 @@ One decomposition serves every target rank: :func:`truncate` keeps a prefix of t
 
 Dtype policy: inputs of any floating dtype (bf16, fp16, fp32, fp64) are upcast to ``compute_dtype``
 (float64 by default) for the maths; :func:`truncate` returns factors in the dtype it is asked for.
-Signs are made deterministic: the largest-magnitude entry of every left singular vector is positive.
+Signs are made deterministic: the entries of every left singular vector sum to a non-negative number
+(``1^T u_j >= 0``). The rule is applied in the small core space (``1^T Q`` costs one matrix-vector
+product), so no pass over the tall singular vectors is needed.
+
+Non-finite factors are caught on the way (:class:`NonFiniteFactor`): the column sums that the sign rule
+needs are non-finite exactly when a factor holds NaN or Inf (up to float64 overflow, rechecked).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -60,12 +64,31 @@ class Spectrum:
         return math.sqrt(float(sq[k:].sum()) / total) if total > 0 else 0.0
 
 
-def _flip_signs(U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
-    """Make the largest-|.| entry of each column of U positive (as scikit-learn's ``svd_flip``)."""
-    idx = U.abs().argmax(dim=0)
-    signs = torch.sign(U[idx, torch.arange(U.shape[1], device=U.device)])
+class NonFiniteFactor(ValueError):
+    """A LoRA factor holds NaN or Inf; ``factor`` is ``"A"`` or ``"B"``."""
+
+    def __init__(self, factor: str):
+        super().__init__(f"lora_{factor} holds NaN or Inf values")
+        self.factor = factor
+
+
+def _column_sums(X: Tensor, factor: str) -> Tensor:
+    """``X^T 1`` for ``X: (d, r)``, shape ``(r,)``; raises :class:`NonFiniteFactor` if ``X`` is not finite.
+
+    NaN and Inf propagate into the sums; a non-finite sum of finite entries (float64 overflow) is
+    told apart by the elementwise check, which runs only then.
+    """
+    sums = X.mT @ torch.ones(X.shape[0], dtype=X.dtype, device=X.device)
+    if not bool(torch.isfinite(sums).all()) and not bool(torch.isfinite(X).all()):
+        raise NonFiniteFactor(factor)
+    return sums
+
+
+def _sign_rule(u_sums: Tensor) -> Tensor:
+    """Signs ``(p,)`` that make every left singular vector's entry sum non-negative, given those sums."""
+    signs = torch.sign(u_sums)
     signs[signs == 0] = 1
-    return U * signs, Vh * signs[:, None]
+    return signs
 
 
 def _check_factors(A: Tensor, B: Tensor) -> None:
@@ -81,25 +104,45 @@ GRAM_COND_LIMIT = 1e6
 GRAM_COND_LIMIT_FLOAT32 = 1e3
 
 
-def _orth_factor(X: Tensor, gram_ok: bool) -> tuple[Callable[[Tensor], Tensor], Tensor]:
+class _Basis:
+    """``Q`` of ``X = Q R``, kept implicit where it is ``X @ r_inv`` (the Gram route)."""
+
+    def __init__(self, X: Tensor, r_inv: Tensor | None = None, Q: Tensor | None = None):
+        self.X, self.r_inv, self.Q = X, r_inv, Q
+
+    def times(self, M: Tensor) -> Tensor:
+        """``Q @ M``, shape ``(d, k)``, contiguous."""
+        return self.Q @ M if self.Q is not None else self.X @ (self.r_inv @ M)
+
+    def times_t(self, M: Tensor) -> Tensor:
+        """``(Q @ M)^T``, shape ``(k, d)``, computed as ``M^T Q^T`` so that it comes out contiguous."""
+        if self.Q is not None:
+            return M.mT @ self.Q.mT
+        return (self.r_inv @ M).mT @ self.X.mT
+
+
+def _orth_factor(X: Tensor, gram_ok: bool, factor: str) -> tuple[_Basis, Tensor, Tensor]:
     """``X = Q @ R`` with ``Q: (d, p)`` orthonormal columns and ``R: (p, r)``, for ``X: (d, r)``.
 
-    Returns ``(q_times, R)`` where ``q_times(M) = Q @ M``, so that ``Q`` is never formed when a
-    cheaper product exists. Fast path (``gram_ok``): eigendecomposition of the ``r x r`` Gram matrix
-    ``X^T X = W L W^T``, ``R = L^{1/2} W^T``, ``Q = X W L^{-1/2}`` (GEMMs only, several times faster
-    than Householder QR on tall factors). It is taken only when ``cond(X^T X) <= GRAM_COND_LIMIT``
-    (``GRAM_COND_LIMIT_FLOAT32`` below float64); otherwise, or for a rank-deficient factor, Householder QR
-    (``torch.linalg.qr``) is used.
+    Returns ``(Q, R, q_sums)``: ``Q`` as a :class:`_Basis` (never formed when a cheaper product exists)
+    and ``q_sums = Q^T 1``, the column sums of ``Q`` that the sign rule needs. Raises
+    :class:`NonFiniteFactor` (naming ``factor``) when ``X`` holds NaN or Inf.
+
+    Fast path (``gram_ok``): eigendecomposition of the ``r x r`` Gram matrix ``X^T X = W L W^T``,
+    ``R = L^{1/2} W^T``, ``Q = X W L^{-1/2}`` (GEMMs only, several times faster than Householder QR on
+    tall factors). It is taken only when ``cond(X^T X) <= GRAM_COND_LIMIT`` (``GRAM_COND_LIMIT_FLOAT32``
+    below float64); otherwise, or for a rank-deficient factor, Householder QR (``torch.linalg.qr``).
     """
+    sums = _column_sums(X, factor)  # (r,) = X^T 1
     if gram_ok and X.shape[0] >= X.shape[1]:
         evals, W = torch.linalg.eigh(X.mT @ X)  # ascending, (r,), (r, r)
         limit = GRAM_COND_LIMIT if X.dtype == torch.float64 else GRAM_COND_LIMIT_FLOAT32
         if evals[0] > 0 and evals[-1] <= limit * evals[0]:
             root = evals.sqrt()
-            r_inv = W / root  # (r, r): Q = X @ r_inv
-            return (lambda M: X @ (r_inv @ M)), root[:, None] * W.mT
+            r_inv = W / root  # (r, r): Q = X @ r_inv, so Q^T 1 = r_inv^T X^T 1
+            return _Basis(X, r_inv=r_inv), root[:, None] * W.mT, sums @ r_inv
     Q, R = torch.linalg.qr(X)
-    return (lambda M: Q @ M), R
+    return _Basis(X, Q=Q), R, Q.sum(0)
 
 
 def factored_svd(
@@ -129,13 +172,14 @@ def factored_svd(
     _check_factors(A, B)
     A = A.to(compute_dtype)
     B = B.to(compute_dtype)
-    qb_times, Rb = _orth_factor(B, gram)  # Qb: (d_out, p_b), Rb: (p_b, r)
-    qa_times, Ra = _orth_factor(A.mT, gram)  # Qa: (d_in, p_a), Ra: (p_a, r)
+    Qb, Rb, qb_sums = _orth_factor(B, gram, "B")  # Qb: (d_out, p_b), Rb: (p_b, r)
+    Qa, Ra, _ = _orth_factor(A.mT, gram, "A")  # Qa: (d_in, p_a), Ra: (p_a, r)
     core = (Rb @ Ra.mT) * scale  # (p_b, p_a)
     Uc, S, Vhc = torch.linalg.svd(core, full_matrices=False)
     p = S.shape[0] if keep is None else min(keep, S.shape[0])
-    # signs are fixed on the final vectors: those of Qb's columns differ between the Gram and QR routes
-    U, Vh = _flip_signs(qb_times(Uc[:, :p]), qa_times(Vhc[:p].mT).mT)
+    # 1^T U = (Qb^T 1)^T Uc: the sign rule in core space, the same whichever route built Qb
+    signs = _sign_rule(qb_sums @ Uc[:, :p])
+    U, Vh = Qb.times(Uc[:, :p] * signs), Qa.times_t(Vhc[:p].mT * signs)  # (d_out, p), (p, d_in)
     return Spectrum(U=U, S=S, Vh=Vh)
 
 
@@ -170,6 +214,7 @@ def randomized_factored_svd(
         raise ValueError(f"rank must be >= 1, got {rank}")
     A = A.to(compute_dtype)
     B = B.to(compute_dtype)
+    _column_sums(A.mT, "A"), _column_sums(B, "B")  # NaN/Inf check
     r, d_in = A.shape
     l = min(rank + oversample, r, d_in, B.shape[0])
     gen = torch.Generator(device=A.device).manual_seed(seed)
@@ -180,7 +225,8 @@ def randomized_factored_svd(
         Q, _ = torch.linalg.qr(B @ (A @ Z))  # (d_out, l)
     small = ((Q.mT @ B) @ A) * scale  # (l, d_in)
     Us, S, Vh = torch.linalg.svd(small, full_matrices=False)
-    U, Vh = _flip_signs(Q @ Us, Vh)
+    signs = _sign_rule(Q.sum(0) @ Us)
+    U, Vh = Q @ (Us * signs), Vh * signs[:, None]
     return Spectrum(U=U, S=S, Vh=Vh)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import threading
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,6 +10,8 @@ from typing import Any
 
 import torch
 
+from lsq.plotting import PLOT_LOCK  # noqa: F401  (re-exported: tasks.tracking shares it)
+from lsq.plotting import plot_spectra as _plot
 from lsq.squeeze import SqueezedAdapter, SqueezeResult
 
 
@@ -65,38 +66,11 @@ def adapter_report(result: SqueezeResult, adapter: SqueezedAdapter, source: str,
     }
 
 
-# Matplotlib's text layout (pyparsing-based) is not thread-safe; every lsq plot takes this lock, so
-# squeezes running in worker threads (Prefect's task runner) and the tracking code can share it.
-PLOT_LOCK = threading.Lock()
+def spectra_lists(result: SqueezeResult) -> list[list[float]]:
+    """Every module's singular values as plain floats (what :mod:`lsq.plotting` draws)."""
+    return [S.double().tolist() for S in result.singular_values.values()]
 
 
 def plot_spectra(result: SqueezeResult, path: Path, marks: Mapping[str, int] | None = None) -> None:
-    """PNG: normalised singular values per module (left) and cumulative energy (right), with the
-    uniform target ranks marked. Matplotlib is imported here only (object API, no pyplot state)."""
-    with PLOT_LOCK:
-        _plot_spectra(result, path, marks or {})
-
-
-def _plot_spectra(result: SqueezeResult, path: Path, marks: Mapping[str, int]) -> None:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(11, 4.2))
-    ax_s, ax_e = fig.subplots(1, 2)
-    alpha = max(0.08, min(0.8, 8 / max(len(result.singular_values), 1)))
-    for S in result.singular_values.values():
-        S = S.double()
-        if float(S[0]) <= 0:
-            continue
-        ks = range(1, len(S) + 1)
-        ax_s.semilogy(ks, (S / S[0]).clamp_min(1e-12).tolist(), color="tab:blue", alpha=alpha, lw=1)
-        ax_e.plot(ks, (torch.cumsum(S**2, 0) / (S**2).sum()).tolist(), color="tab:blue", alpha=alpha, lw=1)
-    for label, k in marks.items():
-        for ax in (ax_s, ax_e):
-            ax.axvline(k, color="tab:red", ls="--", lw=1)
-        ax_e.annotate(label, (k, 0.02), color="tab:red", rotation=90, fontsize=8, ha="right")
-    ax_s.set(xlabel="k", ylabel="sigma_k / sigma_1", title=f"Singular values ({len(result.singular_values)} modules)")
-    ax_e.set(xlabel="rank k", ylabel="retained energy", title="Cumulative energy", ylim=(0, 1.02))
-    for ax in (ax_s, ax_e):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    """The spectrum plot of a squeeze, drawn in this process (see :mod:`lsq.plotting`)."""
+    _plot(spectra_lists(result), path, marks)

@@ -9,9 +9,9 @@ carried over unchanged. Reading and writing folders is :mod:`lsq.adapter`'s job,
 
 from __future__ import annotations
 
-import math
-from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,7 @@ from torch import Tensor
 from lsq.adapter import LoraModule, find_modules, scale_of
 from lsq.config import SqueezeConfig
 from lsq.errors import LsqError
-from lsq.linalg import Spectrum, factored_svd, randomized_factored_svd, truncate
+from lsq.linalg import NonFiniteFactor, Spectrum, factored_svd, randomized_factored_svd, truncate
 from lsq.policies import Target, resolve_ranks
 
 Progress = Callable[[Iterable[Any]], Iterable[Any]]
@@ -66,7 +66,11 @@ def load_factors(weights: Mapping[str, Tensor], module: LoraModule) -> tuple[Ten
     Conv factors ``A: (r, C_in, *kernel)``, ``B: (C_out, r, 1, ...)`` are flattened (the update of a
     conv LoRA is ``B.flatten(1) @ A.flatten(1)`` reshaped to the kernel).
     """
-    A, B = weights[module.key_a], weights[module.key_b]
+    return as_matrices(weights[module.key_a], weights[module.key_b], module)
+
+
+def as_matrices(A: Tensor, B: Tensor, module: LoraModule) -> tuple[Tensor, Tensor]:
+    """:func:`load_factors` on tensors already read."""
     if A.ndim < 2 or B.ndim < 2 or any(s != 1 for s in B.shape[2:]):
         raise LsqError(f"module {module.name}: unsupported factor shapes A {tuple(A.shape)}, B {tuple(B.shape)}")
     if not (A.is_floating_point() and B.is_floating_point()):
@@ -76,34 +80,25 @@ def load_factors(weights: Mapping[str, Tensor], module: LoraModule) -> tuple[Ten
             f"module {module.name}: factor shapes A {tuple(A.shape)}, B {tuple(B.shape)} disagree with "
             f"rank {module.rank} from adapter_config.json"
         )
-    A2, B2 = A.reshape(A.shape[0], -1), B.reshape(B.shape[0], B.shape[1])
-    for label, t in (("lora_A", A2), ("lora_B", B2)):
-        if not _all_finite(t):
-            raise LsqError(f"module {module.name}: {label} holds NaN or Inf values")
-    return A2, B2
+    return A.reshape(A.shape[0], -1), B.reshape(B.shape[0], B.shape[1])
 
 
-def _all_finite(t: Tensor) -> bool:
-    """``torch.isfinite(t).all()``, through one float64 sum first (about 3x cheaper on bf16 factors).
+def decompose(A: Tensor, B: Tensor, module: LoraModule, config: SqueezeConfig, keep: int, *, exact: bool = False) -> Spectrum:
+    """One module's spectrum under ``config`` (``exact`` forces :func:`factored_svd`, e.g. for policies).
 
-    NaN and Inf propagate through a sum, so a finite sum proves every entry finite; a sum of finite
-    bf16/fp16/fp32 values cannot overflow in float64, and any other non-finite sum (huge float64
-    entries) falls back to the exact elementwise check.
+    The factors' NaN/Inf check happens inside the decomposition (:class:`lsq.linalg.NonFiniteFactor`)
+    and comes out as an :class:`LsqError` naming the module.
     """
-    if t.dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
-        if math.isfinite(float(t.sum(dtype=torch.float64))):
-            return True
-    return bool(torch.isfinite(t).all())
-
-
-def _decompose(A: Tensor, B: Tensor, module: LoraModule, config: SqueezeConfig, keep: int) -> Spectrum:
     A, B = A.to(config.device), B.to(config.device)
-    if config.method == "rsvd":
-        return randomized_factored_svd(
-            A, B, module.scale, max(keep, 1), oversample=config.oversample, power_iters=config.power_iters,
-            seed=config.seed, compute_dtype=config.torch_compute_dtype,
-        )
-    return factored_svd(A, B, module.scale, keep=keep, compute_dtype=config.torch_compute_dtype)
+    try:
+        if config.method == "rsvd" and not exact:
+            return randomized_factored_svd(
+                A, B, module.scale, max(keep, 1), oversample=config.oversample, power_iters=config.power_iters,
+                seed=config.seed, compute_dtype=config.torch_compute_dtype,
+            )
+        return factored_svd(A, B, module.scale, keep=keep, compute_dtype=config.torch_compute_dtype)
+    except NonFiniteFactor as exc:
+        raise LsqError(f"module {module.name}: {exc}") from None
 
 
 def _spectra(weights: Mapping[str, Tensor], modules: list[LoraModule], config: SqueezeConfig, progress: Progress):
@@ -111,9 +106,27 @@ def _spectra(weights: Mapping[str, Tensor], modules: list[LoraModule], config: S
     spectra, widths = {}, {}
     for m in progress(modules):
         A, B = load_factors(weights, m)
-        spectra[m.name] = factored_svd(A.to(config.device), B.to(config.device), m.scale, keep=0).S.double().cpu()
+        spectra[m.name] = decompose(A, B, m, config, 0, exact=True).S.double().cpu()
         widths[m.name] = A.shape[1] + B.shape[0]
     return spectra, widths
+
+
+def _ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -> Iterator[Any]:
+    """``map(fn, items)`` in order, on ``workers`` threads with at most ``2 * workers`` items in flight."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="lsq-squeeze")
+    pending: deque[Future] = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _pattern_clash(names: Iterable[str]) -> bool:
@@ -164,6 +177,7 @@ def squeeze_state_dict(
     source_config: Mapping[str, Any],
     config: SqueezeConfig,
     progress: Progress = lambda it: it,
+    workers: int = 1,
 ) -> SqueezeResult:
     """Squeeze a PEFT LoRA state dict to every target of ``config``.
 
@@ -172,6 +186,9 @@ def squeeze_state_dict(
         source_config: the adapter's ``adapter_config.json`` as a dict.
         config: targets, alpha policy, method and dtypes.
         progress: wraps the iteration over modules (e.g. ``tqdm``); identity by default.
+        workers: modules decomposed at once in threads (reads stay in the calling thread, at most
+            ``2 * workers`` modules in flight). Many small decompositions scale better across threads
+            than inside each: the CLI sets torch to one thread and uses one worker per core.
 
     Returns:
         :class:`SqueezeResult`. For each output and module, ``s' B' A'`` equals the best rank-k
@@ -197,19 +214,36 @@ def squeeze_state_dict(
     outputs = [dict(passthrough) for _ in plans]
     alphas: list[dict[str, float]] = [{} for _ in plans]
     singular_values, all_widths = {}, {}
-    for m in progress(modules):
-        A, B = load_factors(weights, m)
-        a_shape, b_shape, dtype_a, dtype_b = weights[m.key_a].shape, weights[m.key_b].shape, A.dtype, B.dtype
-        keep = max(ranks[m.name] for _, ranks in plans)
-        spec = _decompose(A, B, m, config, keep)
-        singular_values[m.name] = spec.S.double().cpu()
-        all_widths[m.name] = A.shape[1] + B.shape[0]
+
+    def one(item: tuple[LoraModule, Tensor, Tensor]):
+        m, raw_a, raw_b = item
+        A, B = as_matrices(raw_a, raw_b, m)
+        out_a, out_b = config.torch_out_dtype(A.dtype), config.torch_out_dtype(B.dtype)
+        spec = decompose(A, B, m, config, max(ranks[m.name] for _, ranks in plans))
+        # outputs that share a target scale share factors: truncate once at their largest rank, cast
+        # once, and take prefixes (s' B'_k A'_k is then the rank-k truncation for every k of the group)
+        by_scale: dict[float, list[int]] = {}
+        module_alphas = []
         for i, (_, ranks) in enumerate(plans):
             k = ranks[m.name]
-            alphas[i][m.name] = alpha = target_alpha(config, m, k)
-            new_A, new_B = truncate(spec, k, scale_of(alpha, k, m.use_rslora))
-            outputs[i][m.key_a] = new_A.reshape((k, *a_shape[1:])).to("cpu", config.torch_out_dtype(dtype_a))
-            outputs[i][m.key_b] = new_B.reshape((b_shape[0], k, *b_shape[2:])).to("cpu", config.torch_out_dtype(dtype_b))
+            module_alphas.append(alpha := target_alpha(config, m, k))
+            by_scale.setdefault(scale_of(alpha, k, m.use_rslora), []).append(i)
+        factors = {}
+        for new_scale, group in by_scale.items():
+            new_A, new_B = truncate(spec, max(plans[i][1][m.name] for i in group), new_scale)
+            new_A, new_B = new_A.to("cpu", out_a), new_B.to("cpu", out_b)
+            for i in group:
+                k = plans[i][1][m.name]
+                factors[i] = (new_A[:k].reshape((k, *raw_a.shape[1:])),
+                              new_B[:, :k].contiguous().reshape((raw_b.shape[0], k, *raw_b.shape[2:])))
+        return m, spec.S.double().cpu(), A.shape[1] + B.shape[0], module_alphas, factors
+
+    read = ((m, weights[m.key_a], weights[m.key_b]) for m in progress(modules))  # reads stay in this thread
+    for m, S, width, module_alphas, factors in _ordered_map(one, read, workers):
+        singular_values[m.name], all_widths[m.name] = S, width
+        for i, (new_a, new_b) in factors.items():
+            alphas[i][m.name] = module_alphas[i]
+            outputs[i][m.key_a], outputs[i][m.key_b] = new_a, new_b
     adapters = [
         SqueezedAdapter(name, t, squeezed_config(source_config, ranks, alphas[i]), outputs[i], ranks, alphas[i])
         for i, ((t, ranks), name) in enumerate(zip(plans, names))
