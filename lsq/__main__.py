@@ -1,5 +1,3 @@
-import sys
+from lsq.cli import run
 
-from lsq.cli import main
-
-sys.exit(main())
+run()

@@ -8,6 +8,7 @@ while the child draws. This module imports neither torch nor the rest of lsq, so
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 # Matplotlib's text layout (pyparsing-based) is not thread-safe; every lsq plot takes this lock, so
 # squeezes running in worker threads (Prefect's task runner) and the tracking code can share it.
 PLOT_LOCK = threading.Lock()
+DPI = 100
 
 
 def plot_spectra(spectra: Sequence[Sequence[float]], path: str | Path, marks: Mapping[str, int] | None = None) -> None:
@@ -72,7 +74,7 @@ def _draw(fig, ax_s, ax_e, spectra: Sequence[Sequence[float]], path: Path, marks
         for ax in (ax_s, ax_e):
             ax.axvline(k, color="tab:red", ls="--", lw=1)
         ax_e.annotate(label, (k, 0.02), color="tab:red", rotation=90, fontsize=8, ha="right")
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=DPI)
 
 
 class PlotProcess:
@@ -121,12 +123,10 @@ class PlotProcess:
 
 
 def _main() -> int:
-    # matplotlib imported, the axes laid out and the fonts loaded (a first draw) before the data
-    # arrives: that is the point of the child
+    # matplotlib imported, the axes laid out, fonts and the PNG writer loaded (a first save) before
+    # the data arrives: that is the point of the child
     figure = _figure()
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(figure[0]).draw()
+    figure[0].savefig(io.BytesIO(), format="png", dpi=DPI)
     data = sys.stdin.read()
     if not data:  # the parent gave up (an error): nothing to draw
         return 0

@@ -42,7 +42,7 @@ def adapter_report(result: SqueezeResult, adapter: SqueezedAdapter, source: str,
             "alpha": adapter.alphas[m.name],
             "retained_energy": energy,
             "relative_error": error,
-            "singular_values": [float(x) for x in S],
+            "singular_values": S.double().tolist(),
         }
         sq = float((S.double() ** 2).sum())
         total_sq += sq

@@ -176,6 +176,34 @@ def log_variant_run(uri: str, experiment_id: str, parent_run_id: str, variant: V
     return run_id
 
 
+STUDY_PARAMS = ("task", "method", "rank", "seed", "lr", "steps")
+
+
+def log_study_record(uri: str, experiment_id: str, parent_run_id: str, record: Mapping[str, Any]) -> str:
+    """One child run per study record (lsq/study.py): its settings as params, its numbers as metrics.
+
+    Run name and tag ``lsq.study_key`` are the record's key; logging the same record under the same
+    parent again returns the run that exists (a resumed study logs each job once).
+    """
+    client = client_for(uri)
+    key = record["key"]
+    found = client.search_runs(
+        [experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' AND tags.`lsq.study_key` = '{_quote(key)}'",
+        max_results=1,
+    )
+    if found:
+        return found[0].info.run_id
+    tags = {"mlflow.parentRunId": parent_run_id, "lsq.study_key": key, "lsq.method": str(record["method"]),
+            "lsq.rank": str(record["rank"]), "lsq.task": str(record["task"])}
+    run_id = client.create_run(experiment_id, run_name=key, tags=tags).info.run_id
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now, 0) for k, v in record.items()
+               if k not in STUDY_PARAMS and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    client.log_batch(run_id, metrics=metrics, params=_params({k: record[k] for k in STUDY_PARAMS if k in record}))
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
 def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     """End ``run_id`` (the parent run) as FINISHED, FAILED or KILLED."""
     if status not in RUN_STATUSES:

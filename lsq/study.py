@@ -1,0 +1,380 @@
+"""The study behind lsq's claim: train high and squeeze vs training at the small rank directly.
+
+On each built-in task, for each target rank k (1, 2, 4, 8 from a source rank of 64), with equal step
+budgets ``T``:
+
+=========  ====================================================================================
+direct     LoRA trained at rank k for T steps (today's practice).
+post       Post-Squeeze: LoRA at the source rank for T steps, squeezed to k (no recovery).
+cont       Cont-Squeeze: source for ``T - R`` steps, squeezed to k, ``R`` recovery steps at k.
+in         In-Squeeze: one run of T steps, the rank halved in stages from the source rank to k.
+adalora    PEFT's AdaLoRA from the source rank to an average of k, T steps.
+=========  ====================================================================================
+
+Learning rates are chosen per task and method on the *validation* split, at one rank and seed
+(``select_rank``, ``select_seed``), from ``lrs``; post and cont choose the learning rate of their source
+run by the validation accuracy of their own rank-``select_rank`` adapter. The chosen rate then serves
+every rank and seed; test numbers are never looked at before that. Every finished job is a line in
+``records.jsonl`` (appended as it finishes), so an interrupted study resumes where it stopped.
+
+This module is the engine; ``benchmarks/study.py`` is the command and ``flows/study.py`` the Prefect
+flow that logs every record to MLflow. Pure lsq: no prefect, no mlflow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lsq.data import DataConfig
+from lsq.errors import LsqError
+from lsq.models import ModelConfig
+from lsq.train_config import apply_overrides, validation_message
+
+TASKS = ("movie", "amazon", "nyt", "tweets")
+METHODS = ("direct", "post", "cont", "in", "adalora")
+RECORDS_NAME = "records.jsonl"
+
+Method = Literal["direct", "post", "cont", "in", "adalora"]
+
+
+class StudyConfig(BaseModel):
+    """Sizes of one study. ``PRESETS`` holds the full (about an hour on 2 cores) and quick ones."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tasks: tuple[str, ...] = Field(TASKS, description="Built-in tasks (builtin:NAME).")
+    methods: tuple[Method, ...] = Field(METHODS, description="Methods compared.")
+    ranks: tuple[int, ...] = Field((1, 2, 4, 8), description="Target ranks.")
+    source_rank: int = Field(64, ge=2, description="Rank of the source (post, cont) and of the start of in/adalora.")
+    seeds: tuple[int, ...] = Field((0, 1, 2), description="Training seeds (initialisation, data order).")
+    steps: int = Field(60, ge=4, description="Step budget T of every method.")
+    recover_steps: int = Field(15, ge=1, description="Cont-Squeeze recovery steps R, inside the budget.")
+    batch_size: int = Field(16, ge=1)
+    lrs: tuple[float, ...] = Field((1e-3, 3e-3), description="Learning rates tried on validation, per task and method.")
+    select_rank: int = Field(4, ge=1, description="Rank at which learning rates are chosen.")
+    select_seed: int = Field(0, description="Seed at which learning rates are chosen.")
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    max_train: int | None = Field(4000, ge=1, description="Cap on training rows per task.")
+    max_eval: int = Field(300, ge=10, description="Cap on validation and on test rows per task.")
+    max_length: int = Field(40, ge=4, description="Tokens per example.")
+    model: str = Field("builtin:minilm", description="Base model (classification head added per task).")
+
+    @model_validator(mode="after")
+    def _check(self) -> StudyConfig:
+        bad = [k for k in self.ranks if not 1 <= k < self.source_rank]
+        if bad:
+            raise ValueError(f"ranks: {bad} not in 1..{self.source_rank - 1}")
+        if self.select_rank not in self.ranks:
+            raise ValueError(f"select_rank: {self.select_rank} is not one of ranks {list(self.ranks)}")
+        if self.select_seed not in self.seeds:
+            raise ValueError(f"select_seed: {self.select_seed} is not one of seeds {list(self.seeds)}")
+        if self.recover_steps >= self.steps:
+            raise ValueError(f"recover_steps: {self.recover_steps} must be below steps {self.steps}")
+        if not self.lrs:
+            raise ValueError("lrs: give at least one learning rate")
+        return self
+
+    def data(self, task: str) -> DataConfig:
+        return DataConfig(source=f"builtin:{task}", max_train=self.max_train, max_eval=self.max_eval,
+                          max_length=self.max_length)
+
+
+PRESETS: dict[str, StudyConfig] = {
+    # every task, rank and method, 3 seeds, 2 learning rates on validation: about an hour on 2 cores
+    "full": StudyConfig(),
+    # one task, two ranks, two seeds, one learning rate, short budget: a few minutes
+    "quick": StudyConfig(tasks=("movie",), ranks=(1, 4), seeds=(0, 1), steps=16, recover_steps=4, lrs=(2e-3,),
+                         max_eval=100, max_train=1000),
+}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One trained (or squeezed) adapter of the study, evaluated on validation and test.
+
+    ``method`` is one of :data:`METHODS` or ``source`` (T steps at the source rank, feeding post) or
+    ``source-cont`` (``T - R`` steps, feeding cont); sources have ``rank`` = the source rank.
+    """
+
+    task: str
+    seed: int
+    method: str
+    rank: int
+    lr: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.task}/s{self.seed}/{self.method}-r{self.rank}/lr{self.lr:g}"
+
+
+class Study:
+    """Runs jobs once each (results kept in ``records.jsonl``), chooses learning rates, aggregates."""
+
+    def __init__(self, config: StudyConfig, root: str | os.PathLike, log: Callable[[str], None] = print,
+                 on_record: Callable[[dict[str, Any]], None] | None = None):
+        self.config = config
+        self.root = Path(root)
+        self.log = log
+        self.on_record = on_record
+        self.records: dict[str, dict[str, Any]] = {}
+        self._data: dict[str, Any] = {}
+        path = self.root / RECORDS_NAME
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a kill: that job runs again
+                    continue
+                self.records[rec["key"]] = rec
+        self.root.mkdir(parents=True, exist_ok=True)
+        stamp = self.root / "study_config.json"
+        wanted = config.model_dump(mode="json")
+        if stamp.is_file() and self.records:
+            kept = json.loads(stamp.read_text())
+            changed = sorted(k for k in set(kept) | set(wanted) if k not in ("tasks", "methods", "ranks", "seeds", "lrs")
+                             and kept.get(k) != wanted.get(k))
+            if changed:
+                raise LsqError(f"{self.root}: records of a study with other settings ({', '.join(changed)}); "
+                               "pick another --out or delete it")
+        stamp.write_text(json.dumps(wanted, indent=1) + "\n")
+
+    # ------------------------------------------------------------------ jobs
+    def folder(self, job: Job) -> Path:
+        return self.root / job.task / f"seed{job.seed}" / f"{job.method}-r{job.rank}-lr{job.lr:g}"
+
+    def data(self, task: str):
+        from lsq.data import load_data
+
+        if task not in self._data:
+            self._data = {task: load_data(self.config.data(task))}  # one task in memory at a time
+        return self._data[task]
+
+    def run(self, job: Job) -> dict[str, Any]:
+        """The record of ``job``, computing it (and what it depends on) unless it is already there."""
+        if job.key in self.records:
+            return self.records[job.key]
+        started = time.perf_counter()
+        rec = run_job(job, self)
+        rec.update(key=job.key, wall_seconds=round(time.perf_counter() - started, 2), **asdict(job))
+        with open(self.root / RECORDS_NAME, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.records[job.key] = rec
+        self.log(f"{job.key}: val {rec['val_accuracy']:.3f} test {rec['test_accuracy']:.3f} "
+                 f"({rec['wall_seconds']:.0f} s)")
+        if self.on_record:
+            self.on_record(rec)
+        return rec
+
+    def choose_lr(self, task: str, method: str) -> float:
+        """The learning rate of ``method`` on ``task``: best validation accuracy at the selection rank
+        and seed (ties go to the smaller rate)."""
+        c = self.config
+        if len(c.lrs) == 1:
+            return c.lrs[0]
+        scores = {lr: self.run(Job(task, c.select_seed, method, c.select_rank, lr))["val_accuracy"] for lr in c.lrs}
+        return max(sorted(scores), key=lambda lr: scores[lr])
+
+    def run_all(self) -> list[dict[str, Any]]:
+        """Every (task, method, seed, rank) with its chosen learning rate; returns their records."""
+        c = self.config
+        chosen = []
+        for task in c.tasks:
+            for method in c.methods:
+                lr = self.choose_lr(task, method)
+                for seed in c.seeds:
+                    for rank in c.ranks:
+                        rec = self.run(Job(task, seed, method, rank, lr))
+                        chosen.append({**rec, "chosen": True})
+                    if method in ("post",):  # the source itself, for reference
+                        chosen.append({**self.run(Job(task, seed, "source", c.source_rank, lr)), "chosen": True})
+        return chosen
+
+
+def _train_config(study: Study, job: Job, method: str, rank: int, steps: int, out: Path, adapter: str | None = None):
+    from lsq.train_config import TrainConfig
+
+    c = study.config
+    train = {"steps": steps, "batch_size": c.batch_size, "lr": job.lr, "seed": job.seed,
+             "warmup_steps": int(c.warmup_fraction * steps), "save_steps": steps + 1, "logging_steps": max(steps, 1)}
+    raw: dict[str, Any] = {
+        "method": method, "rank": rank, "source_rank": c.source_rank, "model": {"name": c.model},
+        "data": c.data(job.task).model_dump(), "train": train, "output_dir": str(out), "resume": False,
+    }
+    if method == "cont":
+        raw["cont"] = {"adapter": adapter, "steps": steps, "lr": job.lr, "warmup_steps": int(c.warmup_fraction * steps)}
+    return TrainConfig.model_validate(raw)
+
+
+def _evaluate(study: Study, adapter: Path, job: Job) -> dict[str, Any]:
+    from lsq.evaluate import evaluate_adapter
+
+    c = study.config
+    model = ModelConfig(name=c.model)
+    data = study.data(job.task)
+    val = evaluate_adapter(adapter, model, c.data(job.task), split="validation", data=data)
+    test = evaluate_adapter(adapter, model, c.data(job.task), split="test", data=data)
+    return {"val_accuracy": val["accuracy"], "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"],
+            "lora_params": test["lora_params"], "trainable_params": test["trainable_params"],
+            "adapter_bytes": test["adapter_bytes"], "test_examples": test["examples"]}
+
+
+def run_job(job: Job, study: Study) -> dict[str, Any]:
+    """Train/squeeze one job's adapter (after its source, for post and cont) and evaluate it."""
+    from lsq.api import squeeze_adapter
+    from lsq.config import SqueezeConfig
+    from lsq.train import train
+
+    c = study.config
+    out = study.folder(job)
+    if job.method in ("direct", "in", "adalora", "source", "source-cont"):
+        method = {"source-cont": "source"}.get(job.method, job.method)
+        steps = c.steps - c.recover_steps if job.method == "source-cont" else c.steps
+        rank = c.source_rank if method == "source" else job.rank
+        result = train(_train_config(study, job, method, rank, steps, out))
+        return {**_evaluate(study, result.adapter_dir, job), "steps": steps, "train_seconds": result.train_seconds}
+    if job.method in ("post", "cont"):
+        source_job = Job(job.task, job.seed, "source" if job.method == "post" else "source-cont", c.source_rank, job.lr)
+        source = study.run(source_job)
+        squeezed = study.folder(source_job) / "squeezed"
+        if not (squeezed / f"r{job.rank}").is_dir():
+            squeeze_adapter(study.folder(source_job) / "adapter", squeezed, SqueezeConfig(ranks=c.ranks), force=True,
+                            plot=False)
+        report = json.loads((squeezed / f"r{job.rank}" / "squeeze_report.json").read_text())["totals"]
+        extra = {"retained_energy": report["retained_energy"], "relative_error": report["relative_error"]}
+        if job.method == "post":
+            return {**_evaluate(study, squeezed / f"r{job.rank}", job), **extra, "steps": source["steps"],
+                    "train_seconds": source["train_seconds"]}
+        result = train(_train_config(study, job, "cont", job.rank, c.recover_steps, out, str(squeezed / f"r{job.rank}")))
+        return {**_evaluate(study, result.adapter_dir, job), **extra, "steps": source["steps"] + c.recover_steps,
+                "train_seconds": source["train_seconds"] + result.train_seconds}
+    raise LsqError(f"unknown study method {job.method!r}")
+
+
+# ---------------------------------------------------------------------- aggregation and reporting
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (0 for a single value)."""
+    m = statistics.fmean(values)
+    return m, (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0)
+
+
+def summarize(records: Iterable[Mapping[str, Any]], metric: str = "test_accuracy") -> dict[tuple[str, str, int], dict[str, Any]]:
+    """``{(task, method, rank): {mean, se, n, lr, lora_params}}`` over seeds, plus task ``"mean"`` rows
+    (per seed, the mean over tasks; then mean and standard error over seeds)."""
+    groups: dict[tuple[str, str, int], list[Mapping[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["task"], r["method"], r["rank"]), []).append(r)
+    out = {}
+    for key, rows in groups.items():
+        m, se = mean_se([r[metric] for r in rows])
+        out[key] = {"mean": m, "se": se, "n": len(rows), "lr": rows[0]["lr"], "lora_params": rows[0]["lora_params"]}
+    tasks = sorted({k[0] for k in groups})
+    for method, rank in sorted({(k[1], k[2]) for k in groups}):
+        per_seed: dict[int, list[float]] = {}
+        for task in tasks:
+            for r in groups.get((task, method, rank), []):
+                per_seed.setdefault(r["seed"], []).append(r[metric])
+        complete = [statistics.fmean(v) for v in per_seed.values() if len(v) == len(tasks)]
+        if complete:
+            m, se = mean_se(complete)
+            params = statistics.fmean(out[(t, method, rank)]["lora_params"] for t in tasks if (t, method, rank) in out)
+            out[("mean", method, rank)] = {"mean": m, "se": se, "n": len(complete), "lr": None, "lora_params": params}
+    return out
+
+
+def markdown_table(summary: Mapping[tuple[str, str, int], Mapping[str, Any]], methods: Sequence[str],
+                   ranks: Sequence[int], scale: float = 100.0) -> str:
+    """Rows: task x rank; columns: methods; cells ``mean ± se`` (accuracy in %), the best mean in bold."""
+    tasks = [t for t in dict.fromkeys(k[0] for k in summary) if t != "mean"] + ["mean"]
+    lines = ["| task | rank | " + " | ".join(methods) + " |", "|---|---:|" + "---:|" * len(methods)]
+    for task in tasks:
+        for rank in ranks:
+            cells = {m: summary.get((task, m, rank)) for m in methods}
+            if not any(cells.values()):
+                continue
+            best = max((v["mean"] for v in cells.values() if v), default=None)
+            row = []
+            for m in methods:
+                v = cells[m]
+                if v is None:
+                    row.append("")
+                    continue
+                text = f"{v['mean'] * scale:.1f} ± {v['se'] * scale:.1f}"
+                row.append(f"**{text}**" if v["mean"] == best else text)
+            lines.append(f"| {task} | {rank} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot_summary(summary: Mapping[tuple[str, str, int], Mapping[str, Any]], methods: Sequence[str], path: str | Path,
+                 source: Mapping[str, Any] | None = None) -> None:
+    """Mean test accuracy over tasks (± standard error over seeds) against LoRA parameters, per method."""
+    from matplotlib.figure import Figure
+
+    from lsq.plotting import PLOT_LOCK
+
+    # x: the size of a plain rank-k LoRA (what every method but AdaLoRA writes; AdaLoRA's files keep
+    # source-rank shapes with masked singular values, so its rank-k point is its budget, not its file)
+    size = {k: v["lora_params"] for (t, m, k), v in summary.items() if t == "mean" and m != "adalora"}
+    with PLOT_LOCK:
+        fig = Figure(figsize=(7, 4.5))
+        ax = fig.subplots()
+        for method in methods:
+            pts = sorted((size.get(k, v["lora_params"]), v["mean"] * 100, v["se"] * 100)
+                         for (t, m, k), v in summary.items() if t == "mean" and m == method)
+            if pts:
+                xs, ys, es = zip(*pts)
+                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
+        if source:
+            ax.axhline(source["mean"] * 100, color="grey", ls=":", label=f"source r{source['rank']}")
+        ax.set(xscale="log", xlabel="LoRA parameters (log)", ylabel="test accuracy, mean over tasks (%)",
+               title="Accuracy against adapter size")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+
+
+def load_study_config(preset: str, overrides: list[str]) -> StudyConfig:
+    if preset not in PRESETS:
+        raise LsqError(f"--preset: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+    try:
+        return StudyConfig.model_validate(apply_overrides(PRESETS[preset].model_dump(), overrides))
+    except ValidationError as exc:
+        raise LsqError(validation_message(exc)) from None
+
+
+def report(study: Study, records: list[dict[str, Any]], command: str, seconds: float) -> str:
+    """The markdown the study prints and writes: table, source reference, chosen learning rates."""
+    c = study.config
+    reported = [r for r in records if r["method"] in c.methods]
+    summary = summarize(reported)
+    sources = summarize([r for r in records if r["method"] == "source"])
+    lrs = {(r["task"], r["method"]): r["lr"] for r in reported}
+    lines = [
+        f"Test accuracy (%), mean ± standard error over {len(c.seeds)} seeds; bold: best method per row. "
+        f"Budget {c.steps} steps of batch {c.batch_size} for every method (cont: {c.steps - c.recover_steps} at "
+        f"rank {c.source_rank} + {c.recover_steps} recovery steps; post: {c.steps} at rank {c.source_rank}, then squeezed).",
+        "",
+        markdown_table(summary, c.methods, c.ranks),
+        "",
+        "Source adapters (rank {}, {} steps, the post learning rate): ".format(c.source_rank, c.steps)
+        + ", ".join(f"{t} {v['mean'] * 100:.1f} ± {v['se'] * 100:.1f}" for (t, _, _), v in sorted(sources.items())),
+        "",
+        "Learning rates chosen on validation (rank {}, seed {}): ".format(c.select_rank, c.select_seed)
+        + "; ".join(f"{t}: " + ", ".join(f"{m} {lrs[(t, m)]:g}" for m in c.methods if (t, m) in lrs) for t in c.tasks),
+        "",
+        f"Command: `{command}`; wall time {seconds / 60:.1f} min on {os.cpu_count()} CPUs "
+        f"({len(study.records)} jobs in {study.root}/records.jsonl).",
+    ]
+    return "\n".join(lines)
