@@ -74,23 +74,39 @@ def evaluate_adapter(
 
     ``data`` (a loaded DatasetDict) saves re-reading the dataset when scoring many adapters.
     """
+    return evaluate_splits(adapter_dir, model_cfg, data_cfg, (split,), batch_size, data)[split]
+
+
+def evaluate_splits(
+    adapter_dir: str | os.PathLike,
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+    splits: tuple[str, ...] = ("validation", "test"),
+    batch_size: int = 64,
+    data=None,
+) -> dict[str, dict[str, Any]]:
+    """:func:`evaluate_adapter` on several splits with one load of the model: ``{split: metrics}``."""
     if not Path(adapter_dir).is_dir():
         raise LsqError(f"{adapter_dir}: adapter folder not found")
     size = adapter_size(adapter_dir)  # refuses a folder without weights before any model is loaded
     data = data if data is not None else load_data(data_cfg)
-    if split not in data or len(data[split]) == 0:
-        raise LsqError(f"split {split!r} is missing or empty")
+    for split in splits:
+        if split not in data or len(data[split]) == 0:
+            raise LsqError(f"split {split!r} is missing or empty")
     tokenizer = load_tokenizer(model_cfg)
     is_cls = model_cfg.task == "classification"
     model = load_adapter_model(adapter_dir, model_cfg, num_labels_of(data) if is_cls else None)
     device = device_of(model_cfg)
     collator = PadCollator(tokenizer.pad_token_id)
+    out = {}
     with torch.inference_mode():
-        if is_cls:
-            tokens = tokenize_classification(data[split], tokenizer, data_cfg.max_length)
-            metrics = classification_metrics(model, tokens, collator, batch_size, device)
-        else:
-            tokens = tokenize_causal_lm(data[split], tokenizer, data_cfg.max_length)
-            metrics = causal_lm_metrics(model, tokens, collator, batch_size, device, raw=data[split],
-                                        tokenizer=tokenizer, max_length=data_cfg.max_length)
-    return {**metrics, **size, "split": split, "examples": len(data[split])}
+        for split in splits:
+            if is_cls:
+                tokens = tokenize_classification(data[split], tokenizer, data_cfg.max_length)
+                metrics = classification_metrics(model, tokens, collator, batch_size, device)
+            else:
+                tokens = tokenize_causal_lm(data[split], tokenizer, data_cfg.max_length)
+                metrics = causal_lm_metrics(model, tokens, collator, batch_size, device, raw=data[split],
+                                            tokenizer=tokenizer, max_length=data_cfg.max_length)
+            out[split] = {**metrics, **size, "split": split, "examples": len(data[split])}
+    return out

@@ -58,7 +58,7 @@ class StudyConfig(BaseModel):
     source_rank: int = Field(64, ge=2, description="Rank of the source (post, cont) and of the start of in/adalora.")
     seeds: tuple[int, ...] = Field((0, 1, 2), description="Training seeds (initialisation, data order).")
     steps: int = Field(60, ge=4, description="Step budget T of every method.")
-    recover_steps: int = Field(15, ge=1, description="Cont-Squeeze recovery steps R, inside the budget.")
+    recover_steps: int = Field(12, ge=1, description="Cont-Squeeze recovery steps R, inside the budget.")
     batch_size: int = Field(16, ge=1)
     lrs: tuple[float, ...] = Field((1e-3, 3e-3), description="Learning rates tried on validation, per task and method.")
     select_rank: int = Field(4, ge=1, description="Rank at which learning rates are chosen.")
@@ -68,6 +68,7 @@ class StudyConfig(BaseModel):
     max_eval: int = Field(300, ge=10, description="Cap on validation and on test rows per task.")
     max_length: int = Field(40, ge=4, description="Tokens per example.")
     model: str = Field("builtin:minilm", description="Base model (classification head added per task).")
+    sources: dict[str, str] = Field(default_factory=dict, description="Data source per task name; default builtin:NAME.")
 
     @model_validator(mode="after")
     def _check(self) -> StudyConfig:
@@ -85,7 +86,7 @@ class StudyConfig(BaseModel):
         return self
 
     def data(self, task: str) -> DataConfig:
-        return DataConfig(source=f"builtin:{task}", max_train=self.max_train, max_eval=self.max_eval,
+        return DataConfig(source=self.sources.get(task, f"builtin:{task}"), max_train=self.max_train, max_eval=self.max_eval,
                           max_length=self.max_length)
 
 
@@ -141,7 +142,7 @@ class Study:
         wanted = config.model_dump(mode="json")
         if stamp.is_file() and self.records:
             kept = json.loads(stamp.read_text())
-            changed = sorted(k for k in set(kept) | set(wanted) if k not in ("tasks", "methods", "ranks", "seeds", "lrs")
+            changed = sorted(k for k in set(kept) | set(wanted) if k not in ("tasks", "methods", "ranks", "seeds", "lrs", "sources")
                              and kept.get(k) != wanted.get(k))
             if changed:
                 raise LsqError(f"{self.root}: records of a study with other settings ({', '.join(changed)}); "
@@ -163,6 +164,9 @@ class Study:
         """The record of ``job``, computing it (and what it depends on) unless it is already there."""
         if job.key in self.records:
             return self.records[job.key]
+        source = source_of(job, self.config)
+        if source is not None:
+            self.run(source)  # first, so that this job's wall time is its own
         started = time.perf_counter()
         rec = run_job(job, self)
         rec.update(key=job.key, wall_seconds=round(time.perf_counter() - started, 2), **asdict(job))
@@ -172,7 +176,7 @@ class Study:
             os.fsync(fh.fileno())
         self.records[job.key] = rec
         self.log(f"{job.key}: val {rec['val_accuracy']:.3f} test {rec['test_accuracy']:.3f} "
-                 f"({rec['wall_seconds']:.0f} s)")
+                 f"({rec['wall_seconds']:.0f} s){' DIVERGED' if rec.get('diverged') else ''}")
         if self.on_record:
             self.on_record(rec)
         return rec
@@ -184,7 +188,8 @@ class Study:
         if len(c.lrs) == 1:
             return c.lrs[0]
         scores = {lr: self.run(Job(task, c.select_seed, method, c.select_rank, lr))["val_accuracy"] for lr in c.lrs}
-        return max(sorted(scores), key=lambda lr: scores[lr])
+        finite = {lr: v for lr, v in scores.items() if math.isfinite(v)} or scores  # a diverged run never wins
+        return max(sorted(finite), key=lambda lr: finite[lr])
 
     def run_all(self) -> list[dict[str, Any]]:
         """Every (task, method, seed, rank) with its chosen learning rate; returns their records."""
@@ -217,14 +222,20 @@ def _train_config(study: Study, job: Job, method: str, rank: int, steps: int, ou
     return TrainConfig.model_validate(raw)
 
 
+def source_of(job: Job, config: StudyConfig) -> Job | None:
+    """The source job a post or cont job squeezes (``None`` for the others)."""
+    if job.method not in ("post", "cont"):
+        return None
+    return Job(job.task, job.seed, "source" if job.method == "post" else "source-cont", config.source_rank, job.lr)
+
+
 def _evaluate(study: Study, adapter: Path, job: Job) -> dict[str, Any]:
-    from lsq.evaluate import evaluate_adapter
+    from lsq.evaluate import evaluate_splits
 
     c = study.config
-    model = ModelConfig(name=c.model)
-    data = study.data(job.task)
-    val = evaluate_adapter(adapter, model, c.data(job.task), split="validation", data=data)
-    test = evaluate_adapter(adapter, model, c.data(job.task), split="test", data=data)
+    scores = evaluate_splits(adapter, ModelConfig(name=c.model), c.data(job.task), ("validation", "test"),
+                             data=study.data(job.task))
+    val, test = scores["validation"], scores["test"]
     return {"val_accuracy": val["accuracy"], "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"],
             "lora_params": test["lora_params"], "trainable_params": test["trainable_params"],
             "adapter_bytes": test["adapter_bytes"], "test_examples": test["examples"]}
@@ -242,11 +253,18 @@ def run_job(job: Job, study: Study) -> dict[str, Any]:
         method = {"source-cont": "source"}.get(job.method, job.method)
         steps = c.steps - c.recover_steps if job.method == "source-cont" else c.steps
         rank = c.source_rank if method == "source" else job.rank
-        result = train(_train_config(study, job, method, rank, steps, out))
+        try:
+            result = train(_train_config(study, job, method, rank, steps, out))
+        except LsqError as exc:
+            if "diverged" not in str(exc):
+                raise
+            return _diverged(steps)
         return {**_evaluate(study, result.adapter_dir, job), "steps": steps, "train_seconds": result.train_seconds}
     if job.method in ("post", "cont"):
-        source_job = Job(job.task, job.seed, "source" if job.method == "post" else "source-cont", c.source_rank, job.lr)
+        source_job = source_of(job, c)
         source = study.run(source_job)
+        if source.get("diverged"):
+            return _diverged(source["steps"] + (c.recover_steps if job.method == "cont" else 0))
         squeezed = study.folder(source_job) / "squeezed"
         if not (squeezed / f"r{job.rank}").is_dir():
             squeeze_adapter(study.folder(source_job) / "adapter", squeezed, SqueezeConfig(ranks=c.ranks), force=True,
@@ -256,10 +274,22 @@ def run_job(job: Job, study: Study) -> dict[str, Any]:
         if job.method == "post":
             return {**_evaluate(study, squeezed / f"r{job.rank}", job), **extra, "steps": source["steps"],
                     "train_seconds": source["train_seconds"]}
-        result = train(_train_config(study, job, "cont", job.rank, c.recover_steps, out, str(squeezed / f"r{job.rank}")))
+        try:
+            result = train(_train_config(study, job, "cont", job.rank, c.recover_steps, out, str(squeezed / f"r{job.rank}")))
+        except LsqError as exc:
+            if "diverged" not in str(exc):
+                raise
+            return _diverged(source["steps"] + c.recover_steps)
         return {**_evaluate(study, result.adapter_dir, job), **extra, "steps": source["steps"] + c.recover_steps,
                 "train_seconds": source["train_seconds"] + result.train_seconds}
     raise LsqError(f"unknown study method {job.method!r}")
+
+
+def _diverged(steps: int) -> dict[str, Any]:
+    """The record of a run whose loss went non-finite: kept (it is a result), never chosen, NaN scores."""
+    nan = float("nan")
+    return {"diverged": True, "val_accuracy": nan, "test_accuracy": nan, "test_macro_f1": nan, "lora_params": 0,
+            "trainable_params": 0, "adapter_bytes": 0, "test_examples": 0, "steps": steps, "train_seconds": nan}
 
 
 # ---------------------------------------------------------------------- aggregation and reporting

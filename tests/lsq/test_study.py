@@ -1,0 +1,141 @@
+"""The study engine (lsq/study.py): learning rates from validation only, resumable records, equal
+budgets, and the aggregation checked against an independent computation; one real tiny study."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import pytest
+
+import lsq.study as study_mod
+from lsq.errors import LsqError
+from lsq.study import Job, Study, StudyConfig, load_study_config, markdown_table, mean_se, summarize
+from tests.lsq.tiny import built_once, save_tiny_bert, write_classification_csv
+
+
+def small(**changes) -> StudyConfig:
+    raw = dict(tasks=("movie",), methods=("direct", "post", "cont"), ranks=(1, 4), seeds=(0, 1), steps=8,
+               recover_steps=2, lrs=(1e-3, 3e-3), select_rank=4, select_seed=0)
+    raw.update(changes)
+    return StudyConfig(**raw)
+
+
+def fake_runner(calls: list[Job]):
+    """Validation prefers lr 1e-3, test prefers 3e-3: a study that peeks at test would choose 3e-3."""
+
+    def run(job: Job, study: Study) -> dict:
+        calls.append(job)
+        good = job.lr == 1e-3
+        base = 0.6 + 0.01 * job.rank + 0.001 * job.seed
+        return {"val_accuracy": base + (0.1 if good else 0.0), "test_accuracy": base + (0.0 if good else 0.1),
+                "test_macro_f1": base, "lora_params": 100 * job.rank, "trainable_params": 100 * job.rank + 10,
+                "adapter_bytes": 400 * job.rank, "test_examples": 50,
+                "steps": study.config.steps, "train_seconds": 1.0}
+
+    return run
+
+
+def test_learning_rates_come_from_validation_and_every_cell_uses_them(tmp_path, monkeypatch):
+    calls: list[Job] = []
+    monkeypatch.setattr(study_mod, "run_job", fake_runner(calls))
+    cfg = small()
+    records = Study(cfg, tmp_path, log=lambda _: None).run_all()
+
+    chosen = [r for r in records if r["method"] in cfg.methods]
+    assert {r["lr"] for r in chosen} == {1e-3}  # the test split would have said 3e-3
+    cells = {(r["method"], r["rank"], r["seed"]) for r in chosen}
+    assert cells == {(m, k, s) for m in cfg.methods for k in cfg.ranks for s in cfg.seeds}
+    # the grid ran once per method at the selection rank and seed, for every rate
+    tried = {(j.method, j.lr) for j in calls if j.rank == cfg.select_rank and j.seed == cfg.select_seed}
+    assert {(m, lr) for m in cfg.methods for lr in cfg.lrs} <= tried
+    # post and cont squeeze sources of their own budgets, each trained once per seed and rate
+    sources = [j for j in calls if j.method.startswith("source")]
+    assert len(sources) == len({(j.method, j.seed, j.lr) for j in sources})
+    assert all(j.rank == cfg.source_rank for j in sources)
+
+
+def test_records_resume_without_rerunning(tmp_path, monkeypatch):
+    calls: list[Job] = []
+    monkeypatch.setattr(study_mod, "run_job", fake_runner(calls))
+    Study(small(), tmp_path, log=lambda _: None).run_all()
+    n = len(calls)
+    lines = (tmp_path / "records.jsonl").read_text().splitlines()
+    assert len(lines) == n and len({json.loads(x)["key"] for x in lines}) == n
+    (tmp_path / "records.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])  # killed mid-write
+
+    again = Study(small(), tmp_path, log=lambda _: None).run_all()
+
+    assert len(calls) == n + 1  # only the cut record ran again
+    assert len(again) == len(Study(small(), tmp_path, log=lambda _: None).run_all())
+    with pytest.raises(LsqError, match="other settings.*steps"):
+        Study(small(steps=9), tmp_path, log=lambda _: None)
+
+
+def test_a_diverged_rate_is_never_chosen(tmp_path, monkeypatch):
+    calls: list[Job] = []
+    inner = fake_runner(calls)
+
+    def run(job, study):
+        rec = inner(job, study)
+        if job.lr == 1e-3:  # the rate validation would prefer blows up
+            rec.update(study_mod._diverged(rec["steps"]))
+        return rec
+
+    monkeypatch.setattr(study_mod, "run_job", run)
+    s = Study(small(methods=("direct",)), tmp_path, log=lambda _: None)
+    assert s.choose_lr("movie", "direct") == 3e-3
+
+
+def test_summary_and_table_against_a_hand_computation():
+    recs = []
+    for task, shift in (("a", 0.0), ("b", 0.2)):
+        for seed, acc in enumerate((0.5, 0.6, 0.9)):
+            recs.append({"task": task, "method": "direct", "rank": 2, "seed": seed, "lr": 1e-3,
+                         "test_accuracy": acc + shift, "lora_params": 10})
+            recs.append({"task": task, "method": "cont", "rank": 2, "seed": seed, "lr": 2e-3,
+                         "test_accuracy": 0.7 + shift, "lora_params": 10})
+    out = summarize(recs)
+    m, se = out[("a", "direct", 2)]["mean"], out[("a", "direct", 2)]["se"]
+    assert m == pytest.approx((0.5 + 0.6 + 0.9) / 3)
+    assert se == pytest.approx(statistics.stdev([0.5, 0.6, 0.9]) / math.sqrt(3))
+    # the task mean: per seed the mean over tasks, then over seeds
+    per_seed = [(0.5 + 0.7) / 2, (0.6 + 0.8) / 2, (0.9 + 1.1) / 2]
+    assert out[("mean", "direct", 2)]["mean"] == pytest.approx(statistics.fmean(per_seed))
+    assert out[("mean", "direct", 2)]["se"] == pytest.approx(statistics.stdev(per_seed) / math.sqrt(3))
+    assert out[("mean", "cont", 2)]["se"] == pytest.approx(0.0)
+    table = markdown_table(out, ["direct", "cont"], [2])
+    assert "| a | 2 | 66.7 ± 12.0 | **70.0 ± 0.0** |" in table
+    assert "| mean | 2 |" in table.splitlines()[-1]
+    assert mean_se([3.0]) == (3.0, 0.0)
+
+
+def test_bad_study_settings_are_refused_in_one_line():
+    with pytest.raises(LsqError, match="select_rank: 3 is not one of ranks"):
+        load_study_config("quick", ["select_rank=3"])
+    with pytest.raises(LsqError, match="recover_steps"):
+        load_study_config("quick", ["recover_steps=40"])
+    with pytest.raises(LsqError, match="unknown preset"):
+        load_study_config("huge", [])
+
+
+@pytest.mark.slow
+def test_a_real_tiny_study(tmp_path_factory, tmp_path):
+    """Every method really trains, squeezes and scores on a tiny BERT; budgets are equal."""
+    model = built_once(tmp_path_factory, "tiny-bert", save_tiny_bert)
+    data = write_classification_csv(tmp_path / "reviews.csv", n=120)
+    cfg = StudyConfig(tasks=("tiny",), sources={"tiny": str(data)}, model=str(model), ranks=(1, 2), seeds=(0,),
+                      source_rank=8, steps=6, recover_steps=2, lrs=(5e-3,), select_rank=2, batch_size=8,
+                      max_eval=20, max_length=16)
+    records = Study(cfg, tmp_path / "study", log=lambda _: None).run_all()
+
+    by = {(r["method"], r["rank"]): r for r in records}
+    assert set(by) == {(m, k) for m in cfg.methods for k in (1, 2)} | {("source", 8)}
+    for (method, k), r in by.items():
+        assert 0.0 <= r["test_accuracy"] <= 1.0 and r["test_examples"] > 0
+        assert r["steps"] == cfg.steps, (method, k)  # one budget for all (cont: 4 at rank 8 + 2 recovery)
+    for k in (1, 2):  # squeezed and direct adapters at rank k have the same LoRA size; AdaLoRA keeps rank-8 shapes
+        assert by[("post", k)]["lora_params"] == by[("cont", k)]["lora_params"] == by[("direct", k)]["lora_params"]
+        assert by[("post", k)]["retained_energy"] <= 1.0
+    assert by[("post", 1)]["lora_params"] * 2 == by[("post", 2)]["lora_params"]
