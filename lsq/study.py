@@ -11,10 +11,10 @@ in         In-Squeeze: one run of T steps, the rank halved in stages from the so
 adalora    PEFT's AdaLoRA from the source rank to an average of k, T steps.
 =========  ====================================================================================
 
-Learning rates are chosen per task and method on the *validation* split, at one rank and seed
-(``select_rank``, ``select_seed``), from ``lrs``; post and cont choose the learning rate of their source
-run by the validation accuracy of their own rank-``select_rank`` adapter. The chosen rate then serves
-every rank and seed; test numbers are never looked at before that. Every finished job is a line in
+Learning rates are chosen per method on the *validation* split of one task, at one rank and seed
+(``select_task``, ``select_rank``, ``select_seed``), from ``lrs``; post and cont choose the learning
+rate of their source run by the validation accuracy of their own rank-``select_rank`` adapter. The
+chosen rate then serves every task, rank and seed; test numbers are never looked at before that. Every finished job is a line in
 ``records.jsonl`` (appended as it finishes), so an interrupted study resumes where it stopped.
 
 This module is the engine; ``benchmarks/study.py`` is the command and ``flows/study.py`` the Prefect
@@ -57,15 +57,16 @@ class StudyConfig(BaseModel):
     ranks: tuple[int, ...] = Field((1, 2, 4, 8), description="Target ranks.")
     source_rank: int = Field(64, ge=2, description="Rank of the source (post, cont) and of the start of in/adalora.")
     seeds: tuple[int, ...] = Field((0, 1, 2), description="Training seeds (initialisation, data order).")
-    steps: int = Field(60, ge=4, description="Step budget T of every method.")
-    recover_steps: int = Field(12, ge=1, description="Cont-Squeeze recovery steps R, inside the budget.")
+    steps: int = Field(50, ge=4, description="Step budget T of every method.")
+    recover_steps: int = Field(10, ge=1, description="Cont-Squeeze recovery steps R, inside the budget.")
     batch_size: int = Field(16, ge=1)
     lrs: tuple[float, ...] = Field((1e-3, 3e-3), description="Learning rates tried on validation, per task and method.")
     select_rank: int = Field(4, ge=1, description="Rank at which learning rates are chosen.")
     select_seed: int = Field(0, description="Seed at which learning rates are chosen.")
+    select_task: str | None = Field(None, description="Task whose validation split chooses the rates; default the first.")
     warmup_fraction: float = Field(0.1, ge=0, lt=1)
-    max_train: int | None = Field(4000, ge=1, description="Cap on training rows per task.")
-    max_eval: int = Field(300, ge=10, description="Cap on validation and on test rows per task.")
+    max_train: int | None = Field(1000, ge=1, description="Cap on training rows per task.")
+    max_eval: int = Field(250, ge=10, description="Cap on validation and on test rows per task.")
     max_length: int = Field(40, ge=4, description="Tokens per example.")
     model: str = Field("builtin:minilm", description="Base model (classification head added per task).")
     sources: dict[str, str] = Field(default_factory=dict, description="Data source per task name; default builtin:NAME.")
@@ -79,6 +80,8 @@ class StudyConfig(BaseModel):
             raise ValueError(f"select_rank: {self.select_rank} is not one of ranks {list(self.ranks)}")
         if self.select_seed not in self.seeds:
             raise ValueError(f"select_seed: {self.select_seed} is not one of seeds {list(self.seeds)}")
+        if self.select_task is not None and self.select_task not in self.tasks:
+            raise ValueError(f"select_task: {self.select_task!r} is not one of tasks {list(self.tasks)}")
         if self.recover_steps >= self.steps:
             raise ValueError(f"recover_steps: {self.recover_steps} must be below steps {self.steps}")
         if not self.lrs:
@@ -181,12 +184,13 @@ class Study:
             self.on_record(rec)
         return rec
 
-    def choose_lr(self, task: str, method: str) -> float:
-        """The learning rate of ``method`` on ``task``: best validation accuracy at the selection rank
-        and seed (ties go to the smaller rate)."""
+    def choose_lr(self, method: str) -> float:
+        """The learning rate of ``method``: best validation accuracy on the selection task, rank and
+        seed (ties go to the smaller rate); it then serves every task, rank and seed."""
         c = self.config
         if len(c.lrs) == 1:
             return c.lrs[0]
+        task = c.select_task or c.tasks[0]
         scores = {lr: self.run(Job(task, c.select_seed, method, c.select_rank, lr))["val_accuracy"] for lr in c.lrs}
         finite = {lr: v for lr, v in scores.items() if math.isfinite(v)} or scores  # a diverged run never wins
         return max(sorted(finite), key=lambda lr: finite[lr])
@@ -195,9 +199,10 @@ class Study:
         """Every (task, method, seed, rank) with its chosen learning rate; returns their records."""
         c = self.config
         chosen = []
+        lrs = {method: self.choose_lr(method) for method in c.methods}
         for task in c.tasks:
             for method in c.methods:
-                lr = self.choose_lr(task, method)
+                lr = lrs[method]
                 for seed in c.seeds:
                     for rank in c.ranks:
                         rec = self.run(Job(task, seed, method, rank, lr))
@@ -254,7 +259,7 @@ def run_job(job: Job, study: Study) -> dict[str, Any]:
         steps = c.steps - c.recover_steps if job.method == "source-cont" else c.steps
         rank = c.source_rank if method == "source" else job.rank
         try:
-            result = train(_train_config(study, job, method, rank, steps, out))
+            result = train(_train_config(study, job, method, rank, steps, out), data=study.data(job.task))
         except LsqError as exc:
             if "diverged" not in str(exc):
                 raise
@@ -275,7 +280,8 @@ def run_job(job: Job, study: Study) -> dict[str, Any]:
             return {**_evaluate(study, squeezed / f"r{job.rank}", job), **extra, "steps": source["steps"],
                     "train_seconds": source["train_seconds"]}
         try:
-            result = train(_train_config(study, job, "cont", job.rank, c.recover_steps, out, str(squeezed / f"r{job.rank}")))
+            result = train(_train_config(study, job, "cont", job.rank, c.recover_steps, out, str(squeezed / f"r{job.rank}")),
+                           data=study.data(job.task))
         except LsqError as exc:
             if "diverged" not in str(exc):
                 raise

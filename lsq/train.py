@@ -130,12 +130,16 @@ def _check_checkpoint_config(folder: Path, cfg: TrainConfig, resuming: bool) -> 
     stamp.write_text(digest + "\n")
 
 
-def train(cfg: TrainConfig, log: Log | None = None) -> TrainResult:
-    """Run one training recipe and save its adapter to ``{output_dir}/adapter``."""
+def train(cfg: TrainConfig, log: Log | None = None, data=None) -> TrainResult:
+    """Run one training recipe and save its adapter to ``{output_dir}/adapter``.
+
+    ``data`` (the DatasetDict of ``load_data(cfg.data)``) saves re-reading and re-splitting the data
+    when one process trains many adapters on it.
+    """
     out = Path(cfg.output_dir)
     set_seed(cfg.train.seed)
     cont_ranks = _cont_ranks(cfg) if cfg.method == "cont" else {}
-    data = load_data(cfg.data)
+    data = data if data is not None else load_data(cfg.data)
     tokenizer = load_tokenizer(cfg.model)
     is_cls = cfg.model.task == "classification"
     base = load_base_model(cfg.model, num_labels_of(data) if is_cls else None)

@@ -16,7 +16,7 @@ from tests.lsq.tiny import built_once, save_tiny_bert, write_classification_csv
 
 
 def small(**changes) -> StudyConfig:
-    raw = dict(tasks=("movie",), methods=("direct", "post", "cont"), ranks=(1, 4), seeds=(0, 1), steps=8,
+    raw = dict(tasks=("movie", "nyt"), methods=("direct", "post", "cont"), ranks=(1, 4), seeds=(0, 1), steps=8,
                recover_steps=2, lrs=(1e-3, 3e-3), select_rank=4, select_seed=0)
     raw.update(changes)
     return StudyConfig(**raw)
@@ -45,14 +45,15 @@ def test_learning_rates_come_from_validation_and_every_cell_uses_them(tmp_path, 
 
     chosen = [r for r in records if r["method"] in cfg.methods]
     assert {r["lr"] for r in chosen} == {1e-3}  # the test split would have said 3e-3
-    cells = {(r["method"], r["rank"], r["seed"]) for r in chosen}
-    assert cells == {(m, k, s) for m in cfg.methods for k in cfg.ranks for s in cfg.seeds}
+    cells = {(r["task"], r["method"], r["rank"], r["seed"]) for r in chosen}
+    assert cells == {(t, m, k, s) for t in cfg.tasks for m in cfg.methods for k in cfg.ranks for s in cfg.seeds}
     # the grid ran once per method at the selection rank and seed, for every rate
-    tried = {(j.method, j.lr) for j in calls if j.rank == cfg.select_rank and j.seed == cfg.select_seed}
-    assert {(m, lr) for m in cfg.methods for lr in cfg.lrs} <= tried
+    tried = {(j.task, j.method, j.lr) for j in calls if j.rank == cfg.select_rank and j.seed == cfg.select_seed}
+    assert {("movie", m, lr) for m in cfg.methods for lr in cfg.lrs} <= tried  # chosen on the first task
+    assert not any(t == "nyt" and lr == 3e-3 for t, _, lr in tried)  # and only there
     # post and cont squeeze sources of their own budgets, each trained once per seed and rate
     sources = [j for j in calls if j.method.startswith("source")]
-    assert len(sources) == len({(j.method, j.seed, j.lr) for j in sources})
+    assert len(sources) == len({(j.task, j.method, j.seed, j.lr) for j in sources})
     assert all(j.rank == cfg.source_rank for j in sources)
 
 
@@ -85,7 +86,7 @@ def test_a_diverged_rate_is_never_chosen(tmp_path, monkeypatch):
 
     monkeypatch.setattr(study_mod, "run_job", run)
     s = Study(small(methods=("direct",)), tmp_path, log=lambda _: None)
-    assert s.choose_lr("movie", "direct") == 3e-3
+    assert s.choose_lr("direct") == 3e-3
 
 
 def test_summary_and_table_against_a_hand_computation():
