@@ -22,11 +22,16 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from lsq.pipeline_config import Orchestration, PipelineConfig, load_pipeline_config
-from lsq.variants import Variant
-from tasks import tracking
-from tasks.registry import champion_score, log_and_register, promote, report, start_run
-from tasks.steps import code_version, evaluate_variant, prepare_data, squeeze_source, train_adapter
+from flows.server import boot_temporary_server
+
+if __name__ == "__main__":  # before the heavy imports below: that is the point
+    _BOOT = boot_temporary_server()
+
+from lsq.pipeline_config import Orchestration, PipelineConfig, load_pipeline_config  # noqa: E402
+from lsq.variants import Variant  # noqa: E402
+from tasks import tracking  # noqa: E402
+from tasks.registry import champion_score, log_and_register, promote, report, start_run  # noqa: E402
+from tasks.steps import code_version, evaluate_variant, prepare_data, squeeze_source, train_adapter  # noqa: E402
 
 
 # log_prints stays off: prints inside tasks would go to the logger, and dill (datasets' hashing of
@@ -95,6 +100,8 @@ def run(config: str | dict[str, Any] | None = None, overrides: list[str] | None 
 
 
 if __name__ == "__main__":
+    if _BOOT is not None:
+        _BOOT.join()  # the flow run below then finds the server up (SubprocessASGIServer is one per process)
     args = sys.argv[1:]
     config = args[0] if args and "=" not in args[0] else None
     result = run(config, args[1:] if config else args)
