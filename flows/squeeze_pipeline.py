@@ -30,8 +30,22 @@ if __name__ == "__main__":  # before the heavy imports below: that is the point
 from lsq.pipeline_config import Orchestration, PipelineConfig, load_pipeline_config  # noqa: E402
 from lsq.variants import Variant  # noqa: E402
 from tasks import tracking  # noqa: E402
-from tasks.registry import champion_score, log_and_register, promote, report, start_run  # noqa: E402
-from tasks.steps import code_version, evaluate_variant, prepare_data, squeeze_source, train_adapter  # noqa: E402
+from tasks import registry, steps  # noqa: E402
+from tasks.registry import log_and_register, promote, report, start_run  # noqa: E402
+from tasks.steps import COMPUTE_TAG, code_version, prepare_data  # noqa: E402
+
+
+def limited(*compute_tasks):
+    """The compute tasks as this run should submit them: with the ``lsq-compute`` tag on a real
+    Prefect server, where ``deployments.setup`` limits it to one run per device across every flow
+    run; without it on the temporary per-process server, which has no limit to honour and no other
+    flow runs to share a device with, while each tagged run still pays a slot request and a lease
+    (about 0.7 s here, 13 s of a demo)."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return compute_tasks
+    return tuple(t.with_options(tags={tag for tag in t.tags if tag != COMPUTE_TAG}) for t in compute_tasks)
 
 
 # log_prints stays off: prints inside tasks would go to the logger, and dill (datasets' hashing of
@@ -42,6 +56,9 @@ def squeeze_pipeline(config: str | dict[str, Any] | None = None, overrides: list
     log = get_run_logger()
     code = code_version()
     uri = tracking.default_tracking_uri(cfg.tracking)
+
+    train_adapter, squeeze_source, evaluate_variant, champion_score = limited(
+        steps.train_adapter, steps.squeeze_source, steps.evaluate_variant, registry.champion_score)
 
     fingerprint = prepare_data(cfg.data, code)
     out = Path(cfg.output_dir) / f"{fingerprint}-{code[:8]}"

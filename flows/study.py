@@ -2,8 +2,8 @@
 
     python -m flows.study [--preset quick|full] [key=value ...]
 
-One task per (task, method) arm: it chooses the arm's learning rate on validation and trains every
-rank and seed (lsq/study.py holds the rules; ``benchmarks/study.py`` runs the same study without
+One Prefect task per method: it chooses the method's learning rate on the validation split of the
+first (or ``select_task``) task and trains every task, rank and seed (lsq/study.py holds the rules; ``benchmarks/study.py`` runs the same study without
 Prefect and MLflow). Each record is logged as it lands, under one parent run per study, so the MLflow
 UI compares methods, ranks and seeds (filter ``tags.lsq.method``, chart ``test_accuracy`` against
 ``lora_params``). The parent run gets the table (``study.md``) and the plot (``study.png``).
@@ -32,11 +32,10 @@ from tasks.steps import COMPUTE_TAG  # noqa: E402
 
 
 @task(tags=[COMPUTE_TAG], cache_policy=NO_CACHE)  # lsq.study keeps its own records and resumes from them
-def run_arm(config: StudyConfig, root: str, task_name: str, method: str, uri: str, experiment_id: str,
-            parent_run_id: str) -> list[dict]:
-    """One task x method: the learning rate chosen on validation, then every rank and seed."""
+def run_method(config: StudyConfig, root: str, method: str, uri: str, experiment_id: str, parent_run_id: str) -> list[dict]:
+    """One method: its learning rate chosen on validation, then every task, rank and seed."""
     log = get_run_logger()
-    study = Study(config.model_copy(update={"tasks": (task_name,), "methods": (method,)}), root, log=log.info,
+    study = Study(config.model_copy(update={"methods": (method,)}), root, log=log.info,
                   on_record=lambda rec: tracking.log_study_record(uri, experiment_id, parent_run_id, rec))
     for rec in study.records.values():  # resumed records not logged yet (a re-run under a new parent)
         tracking.log_study_record(uri, experiment_id, parent_run_id, rec)
@@ -56,9 +55,8 @@ def study_flow(preset: str = "quick", overrides: list[str] | None = None, out: s
     status = "FAILED"
     try:
         records = []
-        for task_name in config.tasks:
-            for method in config.methods:
-                records += run_arm(config, root, task_name, method, uri, experiment_id, parent)
+        for method in config.methods:
+            records += run_method(config, root, method, uri, experiment_id, parent)
         study = Study(config, root, log=lambda _: None)
         text = report(study, records, f"python -m flows.study --preset {preset}", 0.0)
         summary = summarize([r for r in records if r["method"] in config.methods])

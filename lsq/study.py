@@ -359,14 +359,13 @@ def plot_summary(summary: Mapping[tuple[str, str, int], Mapping[str, Any]], meth
 
     from lsq.plotting import PLOT_LOCK
 
-    # x: the size of a plain rank-k LoRA (what every method but AdaLoRA writes; AdaLoRA's files keep
-    # source-rank shapes with masked singular values, so its rank-k point is its budget, not its file)
-    size = {k: v["lora_params"] for (t, m, k), v in summary.items() if t == "mean" and m != "adalora"}
+    # x: the LoRA parameters in each method's own adapter file, mean over tasks (AdaLoRA saves the
+    # ranks its budget kept, module by module, so its size is close to but not exactly rank k's)
     with PLOT_LOCK:
         fig = Figure(figsize=(7, 4.5))
         ax = fig.subplots()
         for method in methods:
-            pts = sorted((size.get(k, v["lora_params"]), v["mean"] * 100, v["se"] * 100)
+            pts = sorted((v["lora_params"], v["mean"] * 100, v["se"] * 100)
                          for (t, m, k), v in summary.items() if t == "mean" and m == method)
             if pts:
                 xs, ys, es = zip(*pts)

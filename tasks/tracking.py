@@ -15,6 +15,7 @@ writes retry on transient database errors ("database is locked").
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import logging
 import os
@@ -219,16 +220,24 @@ def register_variant(uri: str, model_name: str, run_id: str, variant: Variant, m
     Version tags: ``lsq.method``, ``lsq.rank``, ``lsq.source_rank``, ``lsq.run_id`` and ``extra_tags``.
     ``label_names`` (classification) name the predicted classes; without them they are ``"0".."n-1"``,
     n read from the adapter's saved head. Idempotent per run: an existing version of ``run_id`` is
-    returned (its tags re-applied). A failure after the version exists deletes it again.
+    returned (its tags re-applied). The same adapter (tag ``lsq.adapter_sha256``, a digest of its
+    files) scored on the same data (``lsq.dataset_fingerprint`` in ``extra_tags``) is not registered
+    twice: a re-run of a cached pipeline gets the version it registered before, tagged
+    ``lsq.last_run_id``. A failure after the version exists deletes it again.
     """
     client = client_for(uri)
     tags = {"lsq.method": variant.method, "lsq.rank": str(variant.rank),
             "lsq.source_rank": str(variant.source_rank), "lsq.run_id": run_id,
+            "lsq.adapter_sha256": adapter_digest(variant.adapter_dir),
             **{k: _tag(v) for k, v in (extra_tags or {}).items()}}
     existing = _retry(_version_of_run, client, model_name, run_id)
     if existing is not None:
         _set_version_tags(client, model_name, existing, tags)
         return existing
+    same = _retry(_version_of_adapter, client, model_name, tags["lsq.adapter_sha256"], tags.get("lsq.dataset_fingerprint"))
+    if same is not None:
+        _retry(client.set_model_version_tag, model_name, same, "lsq.last_run_id", run_id)
+        return same
     info = log_pyfunc(uri, run_id, variant, model_cfg, label_names)
     _retry(_ensure_registered_model, client, model_name)
     created = _retry(_create_version, client, model_name, run_id, info.model_uri, info.model_id)
@@ -374,6 +383,26 @@ def _transient(exc: BaseException | None) -> bool:
 
 def _version_of_run(client: mlflow.MlflowClient, model_name: str, run_id: str) -> str | None:
     found = client.search_model_versions(f"name = '{_quote(model_name)}' AND run_id = '{run_id}'")
+    return str(min(int(v.version) for v in found)) if found else None
+
+
+def adapter_digest(folder: str | os.PathLike) -> str:
+    """sha256 over an adapter folder's config and weights: equal for the same adapter, bit for bit."""
+    digest = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        path = Path(folder) / name
+        if path.is_file():
+            with path.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def _version_of_adapter(client: mlflow.MlflowClient, model_name: str, digest: str, data: str | None) -> str | None:
+    query = f"name = '{_quote(model_name)}' AND tags.`lsq.adapter_sha256` = '{digest}'"
+    if data is not None:
+        query += f" AND tags.`lsq.dataset_fingerprint` = '{_quote(data)}'"
+    found = client.search_model_versions(query)
     return str(min(int(v.version) for v in found)) if found else None
 
 

@@ -104,6 +104,11 @@ def test_pipeline_end_to_end_then_cached_rerun(tiny_config, tiny_csv):
     second = state.result()
     assert {r["label"]: r["metrics"]["train_seconds"] for r in second["variants"]} == \
            {r["label"]: r["metrics"]["train_seconds"] for r in result["variants"]}
+    # the same adapters on the same data are the same registered versions, not copies
+    assert {r["label"]: r["version"] for r in second["variants"]} == {r["label"]: r["version"] for r in result["variants"]}
+    again = versions(cfg)
+    assert len(again) == len(VARIANTS)
+    assert all(v.tags.get("lsq.last_run_id") in {r["run_id"] for r in second["variants"]} for v in again)
 
     # a deleted adapter folder is rebuilt, never served from the cache
     [source_adapter] = [p.parent for p in adapters if p.parent.parent.name == "source"]
@@ -224,3 +229,21 @@ def test_two_pipelines_at_once_leave_the_registry_intact(tiny_model, tiny_csv, t
         assert runs[v.run_id].data.tags["mlflow.parentRunId"] in parents
     champion = client_of(cfg).get_model_version_by_alias("lsq-tiny", "champion")
     assert champion.version in {v.version for v in registered}
+
+
+def test_compute_tag_only_where_a_server_can_limit_it():
+    """On a real Prefect server the compute tasks carry lsq-compute (deployments.setup limits it per
+    device); on the temporary per-process server, which holds no limit, they do not pay for one."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.squeeze_pipeline import limited
+    from tasks.steps import COMPUTE_TAG, evaluate_variant, train_adapter
+
+    assert COMPUTE_TAG in train_adapter.tags and COMPUTE_TAG in evaluate_variant.tags
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
+        assert all(COMPUTE_TAG in t.tags for t in limited(train_adapter, evaluate_variant))
+    with temporary_settings({PREFECT_API_URL: None}):
+        stripped = limited(train_adapter, evaluate_variant)
+    assert all(COMPUTE_TAG not in t.tags for t in stripped)
+    assert [t.name for t in stripped] == [train_adapter.name, evaluate_variant.name]
+    assert stripped[0].retries == train_adapter.retries and stripped[0].cache_policy == train_adapter.cache_policy
