@@ -141,12 +141,16 @@ def _squeeze(args: argparse.Namespace, plotter) -> int:
         )
     except ValidationError as exc:
         raise LsqError(_one_line(exc)) from None
-    # many small decompositions: one module per core beats two cores on each (CPU only; this process is ours)
-    workers = 1 if not config.device.startswith("cpu") else max(1, min(torch.get_num_threads(), len(os.sched_getaffinity(0))))
-    if workers > 1:
-        torch.set_num_threads(1)
-    written = squeeze_adapter(args.src, args.out, config, force=args.force, plot=not args.no_plot,
-                              plotter=plotter, workers=workers, progress=_progress("squeeze"))
+    # many small decompositions: one module per core beats two cores on each (CPU only)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = torch.get_num_threads()
+    workers = 1 if not config.device.startswith("cpu") else max(1, min(threads, cores))
+    torch.set_num_threads(1 if workers > 1 else threads)
+    try:
+        written = squeeze_adapter(args.src, args.out, config, force=args.force, plot=not args.no_plot,
+                                  plotter=plotter, workers=workers, progress=_progress("squeeze"))
+    finally:
+        torch.set_num_threads(threads)  # main() may run inside a longer process (tests, notebooks)
     for name, folder in written.items():
         print(f"{name}\t{folder}")
     return 0

@@ -154,3 +154,12 @@ def test_squeeze_in_a_real_process(src, tmp_path):
     updates, _ = written_updates(out / "r5")
     for n, dW in source_updates(src).items():
         assert rel_err(updates[n], best_rank_k(dW, 5)) < 1e-5
+
+
+def test_squeeze_in_process_leaves_torch_threads_as_they_were(tmp_path):
+    """The CLI decomposes modules on one thread per worker; called in-process it must give the
+    caller its torch thread count back."""
+    src = make_adapter(tmp_path / "src")
+    before = torch.get_num_threads()
+    assert main(["squeeze", str(src), "--ranks", "2", "--out", str(tmp_path / "out"), "--no-plot"]) == 0
+    assert torch.get_num_threads() == before
