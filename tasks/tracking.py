@@ -234,7 +234,8 @@ def register_variant(uri: str, model_name: str, run_id: str, variant: Variant, m
     if existing is not None:
         _set_version_tags(client, model_name, existing, tags)
         return existing
-    same = _retry(_version_of_adapter, client, model_name, tags["lsq.adapter_sha256"], tags.get("lsq.dataset_fingerprint"))
+    data = tags.get("lsq.dataset_fingerprint")  # without it, "the same scores" cannot be told: register anew
+    same = None if data is None else _retry(_version_of_adapter, client, model_name, tags["lsq.adapter_sha256"], data)
     if same is not None:
         _retry(client.set_model_version_tag, model_name, same, "lsq.last_run_id", run_id)
         return same
@@ -398,10 +399,9 @@ def adapter_digest(folder: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _version_of_adapter(client: mlflow.MlflowClient, model_name: str, digest: str, data: str | None) -> str | None:
-    query = f"name = '{_quote(model_name)}' AND tags.`lsq.adapter_sha256` = '{digest}'"
-    if data is not None:
-        query += f" AND tags.`lsq.dataset_fingerprint` = '{_quote(data)}'"
+def _version_of_adapter(client: mlflow.MlflowClient, model_name: str, digest: str, data: str) -> str | None:
+    query = (f"name = '{_quote(model_name)}' AND tags.`lsq.adapter_sha256` = '{digest}' "
+             f"AND tags.`lsq.dataset_fingerprint` = '{_quote(data)}'")
     found = client.search_model_versions(query)
     return str(min(int(v.version) for v in found)) if found else None
 

@@ -167,7 +167,7 @@ def test_failing_training_retries_then_fails_the_flow(tiny_config, monkeypatch, 
         raise error
 
     monkeypatch.setattr(steps, "train", broken_train)
-    monkeypatch.setattr(pipeline_module, "train_adapter", steps.train_adapter.with_options(retry_delay_seconds=0))
+    monkeypatch.setattr(steps, "train_adapter", steps.train_adapter.with_options(retry_delay_seconds=0))
     state = squeeze_pipeline(tiny_config, return_state=True)
     assert state.is_failed() and str(error) in state.message
     assert calls == ["source"] * attempts

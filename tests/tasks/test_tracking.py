@@ -182,6 +182,7 @@ def test_register_alias_champion_and_predict_in_new_process(mlflow_uri, variants
     mv = client.get_model_version(MODEL, version)
     assert mv.run_id == run_id and mv.source.startswith("models:/m-")
     assert mv.tags == {"lsq.method": "post", "lsq.rank": "4", "lsq.source_rank": "16", "lsq.run_id": run_id,
+                       "lsq.adapter_sha256": tracking.adapter_digest(v.adapter_dir),
                        "lsq.dataset_fingerprint": "abc123", "test_accuracy": "0.75"}
     logged = client.get_logged_model(mv.source.removeprefix("models:/"))
     assert logged.source_run_id == run_id and logged.status == LoggedModelStatus.READY
@@ -256,7 +257,7 @@ def test_failure_after_version_creation_leaves_no_version(mlflow_uri, variants, 
 
     monkeypatch.setattr(mlflow.MlflowClient, "set_model_version_tag", locked_once)
     version = tracking.register_variant(mlflow_uri, MODEL, run_id, v, ModelConfig(name=str(base_dir)), {}, LABELS)
-    assert calls["n"] == 5  # 4 tags + one retry
+    assert calls["n"] == 6  # 5 tags + one retry
     versions = client.search_model_versions(f"name = '{MODEL}'")
     assert [str(mv.version) for mv in versions] == [version]
     assert client.get_model_version(MODEL, version).tags["lsq.rank"] == "2"
@@ -347,7 +348,8 @@ def test_concurrent_pipelines_register_into_one_model(mlflow_uri, variants, base
         assert mv.tags["lsq.run_id"] == mv.run_id
         assert (mv.tags["lsq.rank"], mv.tags["lsq.pipeline"]) == runs[mv.run_id]
         assert client.get_run(mv.run_id).data.params["rank"] == mv.tags["lsq.rank"]
-        assert mv.tags.keys() == {"lsq.method", "lsq.rank", "lsq.source_rank", "lsq.run_id", "lsq.pipeline"}
+        assert mv.tags.keys() == {"lsq.method", "lsq.rank", "lsq.source_rank", "lsq.run_id", "lsq.pipeline",
+                                  "lsq.adapter_sha256"}
 
 
 def test_causal_lm_pyfunc_answers_greedily(mlflow_uri, tmp_path_factory):
@@ -415,3 +417,22 @@ def test_variant_run_metrics_names(variants):
                                                    "bad": None, "retained_energy": 0.5})
     assert m == {"test_accuracy": 1.0, "test_loss": 0.5, "adapter_bytes": 9.0, "retained_energy": 0.5,
                  "relative_error": 0.1, "train_seconds": 1.5}
+
+
+def test_the_same_adapter_on_the_same_data_is_one_version(mlflow_uri, variants, base_dir):
+    """A cached re-run logs new runs but registers nothing new; other data, or no fingerprint, does."""
+    client = tracking.client_for(mlflow_uri)
+    v = variants[1]
+    model = ModelConfig(name=str(base_dir))
+    _, first_run = _child(mlflow_uri, v)
+    _, second_run = _child(mlflow_uri, v)
+    _, third_run = _child(mlflow_uri, v)
+    first = tracking.register_variant(mlflow_uri, MODEL, first_run, v, model, {"lsq.dataset_fingerprint": "d1"}, LABELS)
+    again = tracking.register_variant(mlflow_uri, MODEL, second_run, v, model, {"lsq.dataset_fingerprint": "d1"}, LABELS)
+    assert again == first
+    assert client.get_model_version(MODEL, first).tags["lsq.last_run_id"] == second_run
+    other = tracking.register_variant(mlflow_uri, MODEL, third_run, v, model, {"lsq.dataset_fingerprint": "d2"}, LABELS)
+    assert other != first
+    assert len(client.search_model_versions(f"name = '{MODEL}'")) == 2
+    assert tracking.adapter_digest(v.adapter_dir) == tracking.adapter_digest(v.adapter_dir)
+    assert tracking.adapter_digest(v.adapter_dir) != tracking.adapter_digest(variants[0].adapter_dir)
