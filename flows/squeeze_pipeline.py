@@ -28,7 +28,6 @@ if __name__ == "__main__":  # before the heavy imports below: that is the point
     _BOOT = boot_temporary_server()
 
 from lsq.pipeline_config import Orchestration, PipelineConfig, load_pipeline_config  # noqa: E402
-from lsq.variants import Variant  # noqa: E402
 from tasks import tracking  # noqa: E402
 from tasks import registry, steps  # noqa: E402
 from tasks.registry import log_and_register, promote, report, start_run  # noqa: E402

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 import uuid
 from pathlib import Path
 from typing import Any
