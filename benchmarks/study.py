@@ -16,7 +16,6 @@ table (mean ± standard error over seeds), ``OUT/study.png`` (accuracy against a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import shutil
@@ -29,7 +28,7 @@ for _k, _v in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "
     os.environ.setdefault(_k, _v)
 
 from lsq.errors import LsqError  # noqa: E402
-from lsq.study import PRESETS, Study, load_study_config, plot_summary, report, summarize  # noqa: E402
+from lsq.study import PRESETS, Study, load_study_config, write_report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,15 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lsq study: error: {exc}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - started
-    text = report(study, records, command, seconds)
-    summary = summarize([r for r in records if r["method"] in config.methods])
-    plot_summary(summary, config.methods, out / "study.png",
-                 source=next((dict(v, rank=config.source_rank) for (t, m, _), v in summarize(
-                     [r for r in records if r["method"] == "source"]).items() if t == "mean"), None))
-    (out / "study.md").write_text(text + "\n")
-    (out / "summary.json").write_text(json.dumps(
-        {"config": config.model_dump(mode="json"), "seconds": seconds, "command": command,
-         "summary": [{"task": t, "method": m, "rank": k, **v} for (t, m, k), v in summary.items()]}, indent=1) + "\n")
+    text = write_report(study, records, out, command, seconds)
     print("\n" + text + f"\n\nplot: {out / 'study.png'}")
     if args.docs:
         args.docs.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 for _k, _v in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "1"), ("HF_HUB_OFFLINE", "1")):
@@ -26,7 +27,7 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from lsq.pipeline_config import Tracking  # noqa: E402
-from lsq.study import Study, StudyConfig, load_study_config, plot_summary, report, summarize  # noqa: E402
+from lsq.study import Study, StudyConfig, load_study_config, write_report  # noqa: E402
 from tasks import tracking  # noqa: E402
 from tasks.steps import COMPUTE_TAG  # noqa: E402
 
@@ -37,8 +38,6 @@ def run_method(config: StudyConfig, root: str, method: str, uri: str, experiment
     log = get_run_logger()
     study = Study(config.model_copy(update={"methods": (method,)}), root, log=log.info,
                   on_record=lambda rec: tracking.log_study_record(uri, experiment_id, parent_run_id, rec))
-    for rec in study.records.values():  # resumed records not logged yet (a re-run under a new parent)
-        tracking.log_study_record(uri, experiment_id, parent_run_id, rec)
     return study.run_all()
 
 
@@ -53,18 +52,19 @@ def study_flow(preset: str = "quick", overrides: list[str] | None = None, out: s
     parent = tracking.start_pipeline_run(uri, experiment, f"study-{preset}", config.model_dump(mode="json"),
                                          {"lsq.kind": "study", "lsq.preset": preset})
     status = "FAILED"
+    started = time.perf_counter()
     try:
+        # records of an earlier (resumed) study, logged once under this parent; new ones as they land
+        for rec in Study(config, root, log=lambda _: None).records.values():
+            tracking.log_study_record(uri, experiment_id, parent, rec)
         records = []
         for method in config.methods:
             records += run_method(config, root, method, uri, experiment_id, parent)
         study = Study(config, root, log=lambda _: None)
-        text = report(study, records, f"python -m flows.study --preset {preset}", 0.0)
-        summary = summarize([r for r in records if r["method"] in config.methods])
-        client = tracking.client_for(uri)
         with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "study.md").write_text(text + "\n")
-            plot_summary(summary, config.methods, Path(tmp) / "study.png")
-            client.log_artifacts(parent, tmp)
+            text = write_report(study, records, tmp, f"python -m flows.study --preset {preset}",
+                                time.perf_counter() - started)
+            tracking.client_for(uri).log_artifacts(parent, tmp)
         create_markdown_artifact(text, key="lsq-study", description=f"lsq study ({preset})")
         status = "FINISHED"
         return text

@@ -61,7 +61,8 @@ def tokenize_causal_lm(dataset, tokenizer, max_length: int):
             out["labels"].append(labels)
         return out
 
-    return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="tokenize")
+    return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="tokenize",
+                       new_fingerprint=_map_fingerprint(dataset, tokenizer, max_length, "sft"))
 
 
 class PadCollator:

@@ -413,3 +413,21 @@ def report(study: Study, records: list[dict[str, Any]], command: str, seconds: f
         f"({len(study.records)} jobs in {study.root}/records.jsonl).",
     ]
     return "\n".join(lines)
+
+
+def write_report(study: Study, records: list[dict[str, Any]], folder: str | os.PathLike, command: str,
+                 seconds: float) -> str:
+    """``study.md`` (:func:`report`), ``study.png`` (:func:`plot_summary`, with the sources' mean as a
+    reference line) and ``summary.json`` in ``folder``; returns the markdown."""
+    c = study.config
+    folder = Path(folder)
+    summary = summarize([r for r in records if r["method"] in c.methods])
+    sources = summarize([r for r in records if r["method"] == "source"])
+    source = next((dict(v, rank=c.source_rank) for (t, _, _), v in sources.items() if t == "mean"), None)
+    text = report(study, records, command, seconds)
+    plot_summary(summary, c.methods, folder / "study.png", source=source)
+    (folder / "study.md").write_text(text + "\n")
+    (folder / "summary.json").write_text(json.dumps(
+        {"config": c.model_dump(mode="json"), "seconds": seconds, "command": command,
+         "summary": [{"task": t, "method": m, "rank": k, **v} for (t, m, k), v in summary.items()]}, indent=1) + "\n")
+    return text
