@@ -167,7 +167,9 @@ def test_event_triggers_retraining_on_real_servers(tiny_model, tiny_csv, tmp_pat
         assert deployment["parameters"] == {"config": str(config.resolve())}
         wait_for("the retrain automation", lambda: [a for a in http("POST", f"{api}/automations/filter", {})[1]
                                                     if a["name"] == "retrain lsq-tiny"], 60, procs, watched)
-        assert http("GET", f"{api}/deployments/name/lsq-monitor/lsq-tiny-daily")[0] == 200
+        # serve applies the deployments one after another: the daily monitor comes after the retrain trigger
+        wait_for("the served daily monitor",
+                 lambda: http("GET", f"{api}/deployments/name/lsq-monitor/lsq-tiny-daily")[0] == 200, 60, procs, watched)
 
         # the event a monitor would send
         emitted = run([sys.executable, "-c", EMIT, "lsq.dataset.updated", "lsq.dataset.lsq-tiny",
