@@ -11,10 +11,13 @@ in         In-Squeeze: one run of T steps, the rank halved in stages from the so
 adalora    PEFT's AdaLoRA from the source rank to an average of k, T steps.
 =========  ====================================================================================
 
-Learning rates are chosen per method on the *validation* split of one task, at one rank and seed
-(``select_task``, ``select_rank``, ``select_seed``), from ``lrs``; post and cont choose the learning
-rate of their source run by the validation accuracy of their own rank-``select_rank`` adapter. The
-chosen rate then serves every task, rank and seed; test numbers are never looked at before that. Every finished job is a line in
+Learning rates are chosen on the *validation* split of one task and seed (``select_task``,
+``select_seed``), per method and per target rank as the paper does (or at one ``select_rank`` for
+all ranks), from the method's grid (``lrs``, or its own in ``method_lrs``: AdaLoRA's singular
+values start at zero and want larger rates). Post and cont choose the learning rate of their source
+run by the validation accuracy of their own rank-k adapter; the reference source row chooses by its
+own. The chosen rate then serves every task and seed; test numbers are never looked at before that.
+A choice at the edge of its grid is flagged in the report. Every finished job is a line in
 ``records.jsonl`` (appended as it finishes), so an interrupted study resumes where it stopped.
 
 This module is the engine; ``benchmarks/study.py`` is the command and ``flows/study.py`` the Prefect
@@ -60,8 +63,11 @@ class StudyConfig(BaseModel):
     steps: int = Field(50, ge=4, description="Step budget T of every method.")
     recover_steps: int = Field(10, ge=1, description="Cont-Squeeze recovery steps R, inside the budget.")
     batch_size: int = Field(16, ge=1)
-    lrs: tuple[float, ...] = Field((1e-3, 3e-3), description="Learning rates tried on validation, per task and method.")
-    select_rank: int = Field(4, ge=1, description="Rank at which learning rates are chosen.")
+    lrs: tuple[float, ...] = Field((1e-3, 3e-3, 1e-2), description="Learning rates tried on validation, per method.")
+    method_lrs: dict[Method, tuple[float, ...]] = Field(
+        default_factory=lambda: {"adalora": (1e-2, 3e-2, 1e-1)}, description="A method's own grid instead of lrs.")
+    select_rank: int | None = Field(
+        None, ge=1, description="Rank at which learning rates are chosen for every rank; None: chosen at each rank.")
     select_seed: int = Field(0, description="Seed at which learning rates are chosen.")
     select_task: str | None = Field(None, description="Task whose validation split chooses the rates; default the first.")
     warmup_fraction: float = Field(0.1, ge=0, lt=1)
@@ -76,7 +82,7 @@ class StudyConfig(BaseModel):
         bad = [k for k in self.ranks if not 1 <= k < self.source_rank]
         if bad:
             raise ValueError(f"ranks: {bad} not in 1..{self.source_rank - 1}")
-        if self.select_rank not in self.ranks:
+        if self.select_rank is not None and self.select_rank not in self.ranks:
             raise ValueError(f"select_rank: {self.select_rank} is not one of ranks {list(self.ranks)}")
         if self.select_seed not in self.seeds:
             raise ValueError(f"select_seed: {self.select_seed} is not one of seeds {list(self.seeds)}")
@@ -84,9 +90,13 @@ class StudyConfig(BaseModel):
             raise ValueError(f"select_task: {self.select_task!r} is not one of tasks {list(self.tasks)}")
         if self.recover_steps >= self.steps:
             raise ValueError(f"recover_steps: {self.recover_steps} must be below steps {self.steps}")
-        if not self.lrs:
-            raise ValueError("lrs: give at least one learning rate")
+        if not self.lrs or not all(self.method_lrs.values()):
+            raise ValueError("lrs: give at least one learning rate (also in each method_lrs grid)")
         return self
+
+    def grid(self, method: str) -> tuple[float, ...]:
+        """The learning rates ``method`` is tuned over (sources: their squeezed method's grid)."""
+        return self.method_lrs.get({"source": "post", "source-cont": "cont"}.get(method, method), self.lrs)
 
     def data(self, task: str) -> DataConfig:
         return DataConfig(source=self.sources.get(task, f"builtin:{task}"), max_train=self.max_train, max_eval=self.max_eval,
@@ -94,11 +104,11 @@ class StudyConfig(BaseModel):
 
 
 PRESETS: dict[str, StudyConfig] = {
-    # every task, rank and method, 3 seeds, 2 learning rates on validation: about an hour on 2 cores
+    # every task, rank and method, 3 seeds, 3 learning rates per method and rank on validation
     "full": StudyConfig(),
-    # one task, two ranks, two seeds, one learning rate, short budget: a few minutes
+    # one task, two ranks, two seeds, one learning rate per method, short budget: a few minutes
     "quick": StudyConfig(tasks=("movie",), ranks=(1, 4), seeds=(0, 1), steps=16, recover_steps=4, lrs=(2e-3,),
-                         max_eval=100, max_train=1000),
+                         method_lrs={"adalora": (2e-2,)}, max_eval=100, max_train=1000),
 }
 
 
@@ -145,8 +155,8 @@ class Study:
         wanted = config.model_dump(mode="json")
         if stamp.is_file() and self.records:
             kept = json.loads(stamp.read_text())
-            changed = sorted(k for k in set(kept) | set(wanted) if k not in ("tasks", "methods", "ranks", "seeds", "lrs", "sources")
-                             and kept.get(k) != wanted.get(k))
+            which_jobs = ("tasks", "methods", "ranks", "seeds", "lrs", "method_lrs", "select_rank", "sources")
+            changed = sorted(k for k in set(kept) | set(wanted) if k not in which_jobs and kept.get(k) != wanted.get(k))
             if changed:
                 raise LsqError(f"{self.root}: records of a study with other settings ({', '.join(changed)}); "
                                "pick another --out or delete it")
@@ -184,31 +194,43 @@ class Study:
             self.on_record(rec)
         return rec
 
-    def choose_lr(self, method: str) -> float:
-        """The learning rate of ``method``: best validation accuracy on the selection task, rank and
-        seed (ties go to the smaller rate); it then serves every task, rank and seed."""
+    def choose_lr(self, method: str, rank: int | None = None) -> float:
+        """The learning rate of ``method`` at target ``rank``: best validation accuracy on the selection
+        task and seed, at ``rank`` (or ``select_rank`` when set); ties go to the smaller rate. It then
+        serves every task and seed."""
         c = self.config
-        if len(c.lrs) == 1:
-            return c.lrs[0]
+        grid = c.grid(method)
+        if len(grid) == 1:
+            return grid[0]
         task = c.select_task or c.tasks[0]
-        scores = {lr: self.run(Job(task, c.select_seed, method, c.select_rank, lr))["val_accuracy"] for lr in c.lrs}
+        at = c.source_rank if method == "source" else c.select_rank or rank
+        if at is None:
+            raise LsqError(f"choose_lr({method!r}): give the rank (select_rank is per rank)")
+        scores = {lr: self.run(Job(task, c.select_seed, method, at, lr))["val_accuracy"] for lr in grid}
         finite = {lr: v for lr, v in scores.items() if math.isfinite(v)} or scores  # a diverged run never wins
         return max(sorted(finite), key=lambda lr: finite[lr])
+
+    def chosen_lrs(self) -> dict[tuple[str, int], float]:
+        """``{(method, rank): rate}`` for every method and rank, plus ``("source", source_rank)`` when
+        post runs (the reference row, chosen on its own validation accuracy)."""
+        c = self.config
+        lrs = {(m, k): self.choose_lr(m, k) for m in c.methods for k in c.ranks}
+        if "post" in c.methods:
+            lrs[("source", c.source_rank)] = self.choose_lr("source")
+        return lrs
 
     def run_all(self) -> list[dict[str, Any]]:
         """Every (task, method, seed, rank) with its chosen learning rate; returns their records."""
         c = self.config
         chosen = []
-        lrs = {method: self.choose_lr(method) for method in c.methods}
+        lrs = self.chosen_lrs()
         for task in c.tasks:
-            for method in c.methods:
-                lr = lrs[method]
+            for method in (*c.methods, "source"):
                 for seed in c.seeds:
-                    for rank in c.ranks:
-                        rec = self.run(Job(task, seed, method, rank, lr))
-                        chosen.append({**rec, "chosen": True})
-                    if method in ("post",):  # the source itself, for reference
-                        chosen.append({**self.run(Job(task, seed, "source", c.source_rank, lr)), "chosen": True})
+                    for rank in ([c.source_rank] if method == "source" else c.ranks):
+                        if (method, rank) in lrs:
+                            rec = self.run(Job(task, seed, method, rank, lrs[(method, rank)]))
+                            chosen.append({**rec, "chosen": True})
         return chosen
 
 
@@ -395,7 +417,8 @@ def report(study: Study, records: list[dict[str, Any]], command: str, seconds: f
     reported = [r for r in records if r["method"] in c.methods]
     summary = summarize(reported)
     sources = summarize([r for r in records if r["method"] == "source"])
-    lrs = {(r["task"], r["method"]): r["lr"] for r in reported}
+    task = c.select_task or c.tasks[0]
+    where = f"{task}, seed {c.select_seed}" + (f", rank {c.select_rank}" if c.select_rank else ", at each rank")
     lines = [
         f"Test accuracy (%), mean ± standard error over {len(c.seeds)} seeds; bold: best method per row. "
         f"Budget {c.steps} steps of batch {c.batch_size} for every method (cont: {c.steps - c.recover_steps} at "
@@ -403,15 +426,38 @@ def report(study: Study, records: list[dict[str, Any]], command: str, seconds: f
         "",
         markdown_table(summary, c.methods, c.ranks),
         "",
-        "Source adapters (rank {}, {} steps, the post learning rate): ".format(c.source_rank, c.steps)
+        "Source adapters (rank {}, {} steps, rate chosen on their own validation accuracy): ".format(c.source_rank, c.steps)
         + ", ".join(f"{t} {v['mean'] * 100:.1f} ± {v['se'] * 100:.1f}" for (t, _, _), v in sorted(sources.items())),
         "",
-        "Learning rates chosen on validation (rank {}, seed {}): ".format(c.select_rank, c.select_seed)
-        + "; ".join(f"{t}: " + ", ".join(f"{m} {lrs[(t, m)]:g}" for m in c.methods if (t, m) in lrs) for t in c.tasks),
+        f"Learning rates chosen on validation ({where}):",
+        "",
+        lr_table(records, c),
         "",
         f"Command: `{command}`; wall time {seconds / 60:.1f} min on {os.cpu_count()} CPUs "
         f"({len(study.records)} jobs in {study.root}/records.jsonl).",
     ]
+    return "\n".join(lines)
+
+
+def lr_table(records: Iterable[Mapping[str, Any]], config: StudyConfig) -> str:
+    """Markdown: the chosen rate per method (rows) and rank (columns), with each method's grid; a
+    choice at the low or high end of a grid of three or more rates is marked (the grid may be too narrow)."""
+    chosen = {(r["method"], r["rank"]): r["lr"] for r in records if r.get("chosen", True)}
+    methods = [m for m in (*config.methods, "source") if any(k[0] == m for k in chosen)]
+    ranks = sorted({k for m, k in chosen})
+    lines = ["| method | grid | " + " | ".join(f"r{k}" for k in ranks) + " |", "|---|---|" + "---:|" * len(ranks)]
+    edges = 0
+    for m in methods:
+        grid = sorted(config.grid(m))
+        cells = []
+        for k in ranks:
+            lr = chosen.get((m, k))
+            edge = lr is not None and len(grid) >= 3 and lr in (grid[0], grid[-1])
+            edges += edge
+            cells.append("" if lr is None else f"{lr:g}" + (" (edge)" if edge else ""))
+        lines.append(f"| {m} | {', '.join(f'{x:g}' for x in grid)} | " + " | ".join(cells) + " |")
+    if edges:
+        lines += ["", f"{edges} choice(s) at the end of their grid: the best rate may lie outside it."]
     return "\n".join(lines)
 
 

@@ -57,6 +57,42 @@ def test_learning_rates_come_from_validation_and_every_cell_uses_them(tmp_path, 
     assert all(j.rank == cfg.source_rank for j in sources)
 
 
+def test_rates_are_chosen_per_rank_from_each_methods_own_grid(tmp_path, monkeypatch):
+    """Validation prefers the smallest rate at rank 1 and the largest at rank 4 (test the opposite):
+    each rank gets its own rate, AdaLoRA is tuned over its own grid, and the report flags edge choices."""
+    calls: list[Job] = []
+
+    def run(job: Job, study: Study) -> dict:
+        calls.append(job)
+        grid = sorted(study.config.grid(job.method))
+        want = grid[0] if job.rank == 1 else grid[-1]
+        val = 0.7 + (0.1 if job.lr == want else 0.0) + 0.001 * job.seed
+        return {"val_accuracy": val, "test_accuracy": 1.5 - val, "test_macro_f1": val, "lora_params": 10 * job.rank,
+                "trainable_params": 10, "adapter_bytes": 40, "test_examples": 50, "steps": study.config.steps,
+                "train_seconds": 1.0}
+
+    monkeypatch.setattr(study_mod, "run_job", run)
+    cfg = small(methods=("direct", "post", "adalora"), select_rank=None, lrs=(1e-3, 3e-3, 1e-2),
+                method_lrs={"adalora": (1e-2, 3e-2, 1e-1)})
+    study = Study(cfg, tmp_path, log=lambda _: None)
+    records = study.run_all()
+
+    lr = {(r["task"], r["method"], r["rank"]): r["lr"] for r in records}
+    for task in cfg.tasks:
+        assert lr[(task, "direct", 1)] == lr[(task, "post", 1)] == 1e-3
+        assert lr[(task, "direct", 4)] == lr[(task, "post", 4)] == 1e-2
+        assert (lr[(task, "adalora", 1)], lr[(task, "adalora", 4)]) == (1e-2, 1e-1)
+        assert lr[(task, "source", cfg.source_rank)] == 1e-2  # chosen on its own validation (rank 64 is not 1)
+    assert {j.lr for j in calls if j.method == "adalora"} == {1e-2, 3e-2, 1e-1}
+    assert not any(j.task == "nyt" and j.lr == 3e-3 for j in calls)  # nyt ran the chosen rates only
+    table = study_mod.lr_table(records, cfg)
+    assert "| direct | 0.001, 0.003, 0.01 | 0.001 (edge) | 0.01 (edge) |" in table
+    assert "| adalora | 0.01, 0.03, 0.1 | 0.01 (edge) | 0.1 (edge) |" in table
+    assert "choice(s) at the end of their grid" in table
+    middle = study_mod.lr_table([{"method": "direct", "rank": 1, "lr": 3e-3}], cfg)
+    assert "(edge)" not in middle and "| direct | 0.001, 0.003, 0.01 | 0.003 |" in middle
+
+
 def test_records_resume_without_rerunning(tmp_path, monkeypatch):
     calls: list[Job] = []
     monkeypatch.setattr(study_mod, "run_job", fake_runner(calls))
