@@ -5,9 +5,10 @@
     python -m benchmarks.study steps=100 seeds=[0,1,2,3]   # any StudyConfig field as key=value (YAML values)
     python -m flows.study --preset quick           # the same study as a Prefect flow, every run logged to MLflow
 
-What it does (lsq/study.py holds the engine and its rules): learning rates are chosen per task and
-method on the validation split at one rank and seed; every method then runs at every rank and seed
-with the same step budget; every adapter is scored on the test split. Records are appended to
+What it does (lsq/study.py holds the engine and its rules): learning rates are chosen per method
+and rank on the validation split of the first task at one seed, from each method's grid (``lrs``,
+``method_lrs``); every method then runs at every task, rank and seed with the same step budget;
+every adapter is scored on the test split. Records are appended to
 ``OUT/records.jsonl`` as they finish, so a killed study resumes; at the end it prints and writes the
 table (mean ± standard error over seeds), ``OUT/study.png`` (accuracy against adapter size) and
 ``OUT/summary.json``. ``--docs DIR`` also copies the table and plot there (docs/RESULTS.md uses them).

@@ -2,8 +2,8 @@
 
     python -m flows.study [--preset quick|full] [key=value ...]
 
-One Prefect task per method: it chooses the method's learning rate on the validation split of the
-first (or ``select_task``) task and trains every task, rank and seed (lsq/study.py holds the rules; ``benchmarks/study.py`` runs the same study without
+One Prefect task per method: it chooses the method's learning rate per rank on the validation split
+of the first (or ``select_task``) task and trains every task, rank and seed (lsq/study.py holds the rules; ``benchmarks/study.py`` runs the same study without
 Prefect and MLflow). Each record is logged as it lands, under one parent run per study, so the MLflow
 UI compares methods, ranks and seeds (filter ``tags.lsq.method``, chart ``test_accuracy`` against
 ``lora_params``). The parent run gets the table (``study.md``) and the plot (``study.png``).

@@ -65,7 +65,9 @@ class StudyConfig(BaseModel):
     batch_size: int = Field(16, ge=1)
     lrs: tuple[float, ...] = Field((1e-3, 3e-3, 1e-2), description="Learning rates tried on validation, per method.")
     method_lrs: dict[Method, tuple[float, ...]] = Field(
-        default_factory=lambda: {"adalora": (1e-2, 3e-2, 1e-1)}, description="A method's own grid instead of lrs.")
+        default_factory=lambda: {"post": (3e-4, 1e-3, 3e-3), "cont": (3e-4, 1e-3, 3e-3), "in": (3e-4, 1e-3, 3e-3),
+                                 "adalora": (1e-2, 3e-2, 1e-1)},
+        description="A method's own grid instead of lrs (rank-64 training collapses at rates rank-1 LoRA needs).")
     select_rank: int | None = Field(
         None, ge=1, description="Rank at which learning rates are chosen for every rank; None: chosen at each rank.")
     select_seed: int = Field(0, description="Seed at which learning rates are chosen.")
