@@ -7,7 +7,8 @@ budgets ``T``:
 direct     LoRA trained at rank k for T steps (today's practice).
 post       Post-Squeeze: LoRA at the source rank for T steps, squeezed to k (no recovery).
 cont       Cont-Squeeze: source for ``T - R`` steps, squeezed to k, ``R`` recovery steps at k.
-in         In-Squeeze: one run of T steps, the rank halved in stages from the source rank to k.
+in         In-Squeeze: one run of T steps, the rank halved in stages from the source rank to k
+           (equal stages, or ``in_first_fraction`` of T at the source rank first).
 adalora    PEFT's AdaLoRA from the source rank to an average of k, T steps.
 =========  ====================================================================================
 
@@ -62,6 +63,9 @@ class StudyConfig(BaseModel):
     seeds: tuple[int, ...] = Field((0, 1, 2), description="Training seeds (initialisation, data order).")
     steps: int = Field(50, ge=4, description="Step budget T of every method.")
     recover_steps: int = Field(10, ge=1, description="Cont-Squeeze recovery steps R, inside the budget.")
+    in_first_fraction: float | None = Field(
+        None, gt=0, lt=1, description="In-Squeeze: share of the budget at the source rank, the rest split evenly "
+                                      "over the later stages; None: all stages equal.")
     batch_size: int = Field(16, ge=1)
     lrs: tuple[float, ...] = Field((1e-3, 3e-3, 1e-2), description="Learning rates tried on validation, per method.")
     method_lrs: dict[Method, tuple[float, ...]] = Field(
@@ -248,7 +252,20 @@ def _train_config(study: Study, job: Job, method: str, rank: int, steps: int, ou
     }
     if method == "cont":
         raw["cont"] = {"adapter": adapter, "steps": steps, "lr": job.lr, "warmup_steps": int(c.warmup_fraction * steps)}
-    return TrainConfig.model_validate(raw)
+    cfg = TrainConfig.model_validate(raw)
+    if method == "in" and c.in_first_fraction is not None:
+        raw["insqueeze"] = {"stage_steps": front_loaded(steps, len(cfg.stage_ranks), c.in_first_fraction)}
+        cfg = TrainConfig.model_validate(raw)
+    return cfg
+
+
+def front_loaded(steps: int, stages: int, first: float) -> list[int]:
+    """``first`` of ``steps`` in the first stage, the rest split evenly (earlier stages get the
+    remainder), every stage at least one step."""
+    rest = stages - 1
+    head = min(max(round(first * steps), 1), steps - rest)
+    left = steps - head
+    return [head] + [left // rest + (1 if i < left % rest else 0) for i in range(rest)] if rest else [steps]
 
 
 def source_of(job: Job, config: StudyConfig) -> Job | None:

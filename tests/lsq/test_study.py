@@ -176,3 +176,18 @@ def test_a_real_tiny_study(tmp_path_factory, tmp_path):
         assert by[("post", k)]["lora_params"] == by[("cont", k)]["lora_params"] == by[("direct", k)]["lora_params"]
         assert by[("post", k)]["retained_energy"] <= 1.0
     assert by[("post", 1)]["lora_params"] * 2 == by[("post", 2)]["lora_params"]
+
+
+def test_in_squeeze_front_loaded_stages(tmp_path):
+    """in_first_fraction puts that share of the budget at the source rank; the rest is split evenly."""
+    assert study_mod.front_loaded(50, 7, 0.6) == [30, 4, 4, 3, 3, 3, 3]
+    assert study_mod.front_loaded(6, 4, 0.9) == [3, 1, 1, 1]  # every later stage keeps a step
+    assert study_mod.front_loaded(10, 1, 0.5) == [10]
+    for first in (None, 0.6):
+        study = Study(StudyConfig(in_first_fraction=first), tmp_path / str(first), log=lambda _: None)
+        for rank, stages in ((1, 7), (8, 4)):
+            cfg = study_mod._train_config(study, Job("movie", 0, "in", rank, 1e-3), "in", rank, 50, tmp_path / "x")
+            assert len(cfg.stage_ranks) == stages and sum(cfg.stage_steps) == 50
+            assert cfg.stage_steps[0] == (30 if first else 50 // stages + 1)
+    with pytest.raises(LsqError, match="in_first_fraction"):
+        load_study_config("quick", ["in_first_fraction=1.5"])
