@@ -29,7 +29,8 @@ for _k, _v in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "
     os.environ.setdefault(_k, _v)
 
 from lsq.errors import LsqError  # noqa: E402
-from lsq.study import PRESETS, Study, load_study_config, write_report  # noqa: E402
+from lsq.study import PRESETS, Study, load_study_config  # noqa: E402
+from lsq.study_report import write_report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,8 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from lsq.pipeline_config import Tracking  # noqa: E402
-from lsq.study import Study, StudyConfig, load_study_config, write_report  # noqa: E402
+from lsq.study import Study, StudyConfig, load_study_config  # noqa: E402
+from lsq.study_report import write_report  # noqa: E402
 from tasks import tracking  # noqa: E402
 from tasks.steps import COMPUTE_TAG  # noqa: E402
 

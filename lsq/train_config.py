@@ -139,12 +139,16 @@ class TrainConfig(BaseModel):
     def stage_steps(self) -> list[int]:
         if self.insqueeze.stage_steps:
             return list(self.insqueeze.stage_steps)
-        n, total = len(self.stage_ranks), self.train.steps
-        return [total // n + (1 if i < total % n else 0) for i in range(n)]
+        return split_evenly(self.train.steps, len(self.stage_ranks))
 
     @property
     def initial_rank(self) -> int:
         return self.rank if self.method in ("direct", "cont") else self.source_rank
+
+
+def split_evenly(total: int, parts: int) -> list[int]:
+    """``total`` in ``parts`` integers that differ by at most one, the larger ones first."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -11,7 +11,8 @@ import pytest
 
 import lsq.study as study_mod
 from lsq.errors import LsqError
-from lsq.study import Job, Study, StudyConfig, load_study_config, markdown_table, mean_se, summarize
+from lsq.study import Job, Study, StudyConfig, load_study_config
+from lsq.study_report import lr_table, markdown_table, mean_se, summarize
 from tests.lsq.tiny import built_once, save_tiny_bert, write_classification_csv
 
 
@@ -85,11 +86,11 @@ def test_rates_are_chosen_per_rank_from_each_methods_own_grid(tmp_path, monkeypa
         assert lr[(task, "source", cfg.source_rank)] == 1e-2  # chosen on its own validation (rank 64 is not 1)
     assert {j.lr for j in calls if j.method == "adalora"} == {1e-2, 3e-2, 1e-1}
     assert not any(j.task == "nyt" and j.lr == 3e-3 for j in calls)  # nyt ran the chosen rates only
-    table = study_mod.lr_table(records, cfg)
+    table = lr_table(records, cfg)
     assert "| direct | 0.001, 0.003, 0.01 | 0.001 (edge) | 0.01 (edge) |" in table
     assert "| adalora | 0.01, 0.03, 0.1 | 0.01 (edge) | 0.1 (edge) |" in table
     assert "choice(s) at the end of their grid" in table
-    middle = study_mod.lr_table([{"method": "direct", "rank": 1, "lr": 3e-3}], cfg)
+    middle = lr_table([{"method": "direct", "rank": 1, "lr": 3e-3}], cfg)
     assert "(edge)" not in middle and "| direct | 0.001, 0.003, 0.01 | 0.003 |" in middle
 
 
