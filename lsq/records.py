@@ -1,0 +1,152 @@
+"""The records that pass between pipeline steps: small, frozen, JSON-serialisable.
+
+A step returns one of these and the next step receives it; nothing else crosses a step boundary
+(no live models, no dicts whose keys the next step must know, no tuples read by index). Each record
+round-trips through JSON (``model_dump_json`` / ``model_validate_json``), which is how a finished
+step is kept on disk (:mod:`lsq.workdir`) and how Prefect sees it: a results folder holds data,
+never code.
+
+Metric names are decided here, once: an :class:`Evaluation` of split ``test`` logs ``test_accuracy``,
+of split ``validation`` ``val_accuracy``; sizes and squeeze numbers keep their own names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Method = Literal["source", "post", "cont", "in", "direct", "adalora"]
+_RECORD = ConfigDict(frozen=True, extra="forbid")
+
+SIZE_METRICS = ("trainable_params", "lora_params", "adapter_bytes")
+SPLIT_PREFIX = {"test": "test", "validation": "val", "train": "train"}
+
+
+class Variant(BaseModel):
+    """One adapter the pipeline made: where it is, its digest, and how it was made (never a live model)."""
+
+    model_config = _RECORD
+
+    method: Method
+    rank: int = Field(ge=1)
+    source_rank: int = Field(ge=1)
+    adapter_dir: str = Field(description="PEFT adapter folder")
+    adapter_sha256: str = Field("", description="digest of adapter_config.json + weights (lsq.workdir.adapter_digest)")
+    seed: int = 0
+    steps: int = Field(0, description="optimizer steps behind this adapter, the source's included")
+    lr: float | None = None
+    train_seconds: float = Field(0.0, description="training seconds of this step alone (0 for post)")
+    total_train_seconds: float = Field(0.0, description="training seconds behind this adapter, the source's included")
+    train_loss: float | None = None
+    retained_energy: float | None = Field(None, description="share of the source update kept (squeezed variants)")
+    relative_error: float | None = Field(None, description="relative Frobenius error of the squeeze")
+    report: str | None = Field(None, description="squeeze_report.json of a squeezed adapter")
+    plot: str | None = Field(None, description="spectrum.png of a squeezed adapter")
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}-r{self.rank}"
+
+
+class Squeezed(BaseModel):
+    """Post-Squeeze of one source: one variant per target rank, in the order of the ranks asked for."""
+
+    model_config = _RECORD
+
+    source: Variant
+    variants: tuple[Variant, ...]
+
+
+class Evaluation(BaseModel):
+    """Scores and size of one adapter on one split."""
+
+    model_config = _RECORD
+
+    label: str
+    split: Literal["train", "validation", "test"]
+    examples: int = Field(ge=0)
+    scores: dict[str, float] = Field(description="accuracy, macro_f1 (classification); eval_loss, ... (causal LM)")
+    trainable_params: int = Field(ge=0)
+    lora_params: int = Field(ge=0)
+    adapter_bytes: int = Field(ge=0)
+
+    @classmethod
+    def from_metrics(cls, label: str, metrics: Mapping[str, object]) -> Evaluation:
+        """From :func:`lsq.evaluate.evaluate_adapter`'s mapping (numbers beside ``split`` and ``examples``)."""
+        sizes = {k: int(metrics[k]) for k in SIZE_METRICS}
+        scores = {k: float(v) for k, v in metrics.items()
+                  if k not in (*SIZE_METRICS, "examples", "split") and isinstance(v, (int, float))
+                  and not isinstance(v, bool)}
+        return cls(label=label, split=metrics["split"], examples=int(metrics["examples"]), scores=scores, **sizes)
+
+    def metric(self, name: str) -> str:
+        """The logged name of score ``name`` on this split: ``test_accuracy``, ``val_macro_f1``, ..."""
+        return f"{SPLIT_PREFIX[self.split]}_{name}"
+
+    def logged(self) -> dict[str, float]:
+        """Every number of this evaluation under its logged name."""
+        out = {self.metric(k): v for k, v in self.scores.items()}
+        out.update(trainable_params=float(self.trainable_params), lora_params=float(self.lora_params),
+                   adapter_bytes=float(self.adapter_bytes))
+        return out
+
+
+def variant_metrics(variant: Variant, evaluation: Evaluation) -> dict[str, float]:
+    """The metrics of a variant's MLflow run: its evaluation, training seconds and squeeze numbers."""
+    out = evaluation.logged()
+    out.update(train_seconds=variant.train_seconds, total_train_seconds=variant.total_train_seconds)
+    if variant.retained_energy is not None:
+        out["retained_energy"] = variant.retained_energy
+    if variant.relative_error is not None:
+        out["relative_error"] = variant.relative_error
+    return out
+
+
+class Registered(BaseModel):
+    """A variant logged as an MLflow child run and registered as a model version."""
+
+    model_config = _RECORD
+
+    label: str
+    method: Method
+    rank: int
+    run_id: str
+    version: str
+    adapter_bytes: int
+    metric: float | None = Field(description="the promotion metric of this variant")
+    metrics: dict[str, float]
+
+
+class Champion(BaseModel):
+    """The version behind the champion alias and its promotion metric re-scored on this run's data."""
+
+    model_config = _RECORD
+
+    version: str | None = None
+    score: float | None = None
+
+
+class Decision(BaseModel):
+    """Which variant wins, the alias it gets, and why (stored as version tags and a Prefect artifact)."""
+
+    model_config = _RECORD
+
+    winner: str = Field(description="variant label")
+    alias: str = Field(description="champion or challenger")
+    reason: str
+    compared_to: str | None = Field(None, description="champion version the winner was compared with")
+
+
+class PipelineResult(BaseModel):
+    """What one pipeline run returns: where it logged, what it registered, what it promoted."""
+
+    model_config = _RECORD
+
+    parent_run_id: str
+    tracking_uri: str = Field(description="with any password removed")
+    experiment: str
+    registered_model: str
+    decision: Decision
+    variants: tuple[Registered, ...]

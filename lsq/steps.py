@@ -1,0 +1,136 @@
+"""The pipeline's steps as plain functions: frozen configs and records in, a record out.
+
+Each step works in its own folder under a root (:mod:`lsq.workdir`): named by a digest of
+everything that determines its output, claimed while it works, and left with a ``record.json``
+when done. Calling a step whose folder holds a verified record returns that record without doing
+the work again, which is how a re-run, a retry after a kill, and a second run of the same config
+reuse finished work; different inputs (another seed, other data, other code) get other folders.
+
+The Prefect tasks (``tasks/steps.py``) and the study (``lsq/study.py``) both call these: one engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from lsq.errors import LsqError
+from lsq.records import Evaluation, Squeezed, Variant
+from lsq.train_config import TrainConfig
+from lsq.workdir import adapter_digest, claimed, finished, publish, step_key
+
+Log = Callable[[Mapping[str, float], int], None]
+
+
+def code_version() -> str:
+    """Hash of the lsq package sources: part of every step key, so a code change re-runs the steps."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).resolve().parent.rglob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def trained_label(cfg: TrainConfig, parent: Variant | None = None) -> str:
+    rank = cfg.source_rank if cfg.method == "source" else parent.rank if parent else cfg.rank
+    return f"{cfg.method}-r{rank}"
+
+
+def train_folder(cfg: TrainConfig, data_fingerprint: str, code: str, parent: Variant | None = None) -> Path:
+    """``<cfg.output_dir>/<label>-<key>``; the key covers the whole config except where it goes,
+    the data, the code and (cont) the digest of the adapter it starts from, not that adapter's path."""
+    config = cfg.model_dump(mode="json", exclude={"output_dir", "resume"})
+    config["cont"].pop("adapter", None)
+    key = step_key({"step": "train", "config": config, "data": data_fingerprint, "code": code,
+                    "parent": parent.adapter_sha256 if parent else None})
+    return Path(cfg.output_dir) / f"{trained_label(cfg, parent)}-{key}"
+
+
+def train_step(cfg: TrainConfig, data_fingerprint: str, code: str, parent: Variant | None = None,
+               data=None, log: Log | None = None) -> Variant:
+    """Train one adapter (source, cont from ``parent``, in, direct, adalora), or reuse the finished one.
+
+    A killed run resumes from its last whole checkpoint in the same folder. ``data`` (the loaded
+    DatasetDict) saves re-reading it; it must be the data ``data_fingerprint`` describes.
+    """
+    from lsq.train import train
+
+    if cfg.method == "cont" and parent is None:
+        raise LsqError("cont step: needs the squeezed variant it recovers (parent)")
+    if parent is not None:
+        cfg = cfg.model_copy(update={"cont": cfg.cont.model_copy(update={"adapter": parent.adapter_dir})})
+    folder = train_folder(cfg, data_fingerprint, code, parent)
+    with claimed(folder):
+        done = finished(folder, Variant)
+        if done is not None:
+            return done
+        result = train(cfg.model_copy(update={"output_dir": str(folder)}), log=log, data=data)
+        if result.dataset_fingerprint != data_fingerprint:
+            raise LsqError(f"data.source: the data changed while {folder.name} trained "
+                           f"({data_fingerprint} -> {result.dataset_fingerprint}); run again")
+        before = parent.total_train_seconds if parent else 0.0
+        variant = Variant(
+            method=cfg.method, rank=result.rank, source_rank=cfg.source_rank, adapter_dir=str(result.adapter_dir),
+            adapter_sha256=adapter_digest(result.adapter_dir), seed=cfg.train.seed,
+            steps=result.steps + (parent.steps if parent else 0),
+            lr=cfg.cont.lr if cfg.method == "cont" else cfg.train.lr,
+            train_seconds=result.train_seconds, total_train_seconds=before + result.train_seconds,
+            train_loss=result.train_loss,
+            retained_energy=parent.retained_energy if parent else 1.0 if cfg.method == "source" else
+            (result.rank_events[-1]["mean_retained_energy"] if result.rank_events else None),
+            relative_error=parent.relative_error if parent else 0.0 if cfg.method == "source" else None,
+            report=parent.report if parent else None, plot=parent.plot if parent else None,
+        )
+        publish(folder, variant)
+        return variant
+
+
+def squeeze_step(source: Variant, ranks: tuple[int, ...], settings: Mapping[str, str], root: str | Path,
+                 code: str, plot: bool = True) -> Squeezed:
+    """Post-Squeeze: one decomposition of ``source``, one adapter per rank, in ``<root>/post-<key>``."""
+    from lsq.api import PLOT_NAME, REPORT_NAME, squeeze_adapter
+    from lsq.config import SqueezeConfig
+
+    key = step_key({"step": "squeeze", "source": source.adapter_sha256, "ranks": list(ranks),
+                    "settings": dict(settings), "code": code, "plot": plot})
+    folder = Path(root) / f"post-from-{source.label}-{key}"
+    with claimed(folder):
+        done = finished(folder, Squeezed)
+        if done is not None:
+            return done
+        config = SqueezeConfig(ranks=ranks, **settings)
+        folders = squeeze_adapter(source.adapter_dir, folder / "adapters", config, force=True, plot=plot)
+        variants = []
+        for k in ranks:
+            out = folders[f"r{k}"]
+            totals = json.loads((out / REPORT_NAME).read_text())["totals"]
+            variants.append(Variant(
+                method="post", rank=k, source_rank=source.rank, adapter_dir=str(out),
+                adapter_sha256=adapter_digest(out), seed=source.seed, steps=source.steps, lr=source.lr,
+                train_seconds=0.0, total_train_seconds=source.total_train_seconds,
+                retained_energy=totals["retained_energy"], relative_error=totals["relative_error"],
+                report=str(out / REPORT_NAME), plot=str(out / PLOT_NAME) if plot else None,
+            ))
+        squeezed = Squeezed(source=source, variants=tuple(variants))
+        publish(folder, squeezed)
+        return squeezed
+
+
+def evaluate_step(variant: Variant, model, data_cfg, split: str, batch_size: int, data_fingerprint: str,
+                  root: str | Path, code: str, data=None) -> Evaluation:
+    """Scores of ``variant`` on ``split``, kept in ``<root>/eval-<label>-<key>`` (same adapter, data, code)."""
+    from lsq.evaluate import evaluate_adapter
+
+    key = step_key({"step": "evaluate", "adapter": variant.adapter_sha256 or variant.adapter_dir,
+                    "model": model.model_dump(mode="json"), "data": data_cfg.model_dump(mode="json"),
+                    "fingerprint": data_fingerprint, "split": split, "batch": batch_size, "code": code})
+    folder = Path(root) / f"eval-{variant.label}-{key}"
+    with claimed(folder):
+        done = finished(folder, Evaluation)
+        if done is not None and done.label == variant.label:
+            return done
+        metrics = evaluate_adapter(variant.adapter_dir, model, data_cfg, split=split, batch_size=batch_size, data=data)
+        evaluation = Evaluation.from_metrics(variant.label, metrics)
+        publish(folder, evaluation)
+        return evaluation
