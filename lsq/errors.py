@@ -3,3 +3,7 @@
 
 class LsqError(ValueError):
     """Bad input or a refused operation. The message names the file, key or value at fault."""
+
+
+class TrainingDiverged(LsqError):
+    """Training ended with a non-finite loss: a result for a study, bad settings for a pipeline."""

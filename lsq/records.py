@@ -93,6 +93,14 @@ class Evaluation(BaseModel):
         return out
 
 
+class Evaluations(BaseModel):
+    """The evaluations of one adapter on several splits, as one evaluate step keeps them."""
+
+    model_config = _RECORD
+
+    evaluations: tuple[Evaluation, ...]
+
+
 def variant_metrics(variant: Variant, evaluation: Evaluation) -> dict[str, float]:
     """The metrics of a variant's MLflow run: its evaluation, training seconds and squeeze numbers."""
     out = evaluation.logged()

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from lsq.errors import LsqError
-from lsq.records import Evaluation, Squeezed, Variant
+from lsq.records import Evaluation, Evaluations, Squeezed, Variant
 from lsq.train_config import TrainConfig
 from lsq.workdir import adapter_digest, claimed, finished, publish, step_key
 
@@ -117,20 +117,20 @@ def squeeze_step(source: Variant, ranks: tuple[int, ...], settings: Mapping[str,
         return squeezed
 
 
-def evaluate_step(variant: Variant, model, data_cfg, split: str, batch_size: int, data_fingerprint: str,
-                  root: str | Path, code: str, data=None) -> Evaluation:
-    """Scores of ``variant`` on ``split``, kept in ``<root>/eval-<label>-<key>`` (same adapter, data, code)."""
-    from lsq.evaluate import evaluate_adapter
+def evaluate_step(variant: Variant, model, data_cfg, splits: tuple[str, ...], batch_size: int,
+                  data_fingerprint: str, root: str | Path, code: str, data=None) -> tuple[Evaluation, ...]:
+    """Scores of ``variant`` on each of ``splits`` (one model load), kept in ``<root>/eval-<label>-<key>``."""
+    from lsq.evaluate import evaluate_splits
 
     key = step_key({"step": "evaluate", "adapter": variant.adapter_sha256 or variant.adapter_dir,
                     "model": model.model_dump(mode="json"), "data": data_cfg.model_dump(mode="json"),
-                    "fingerprint": data_fingerprint, "split": split, "batch": batch_size, "code": code})
+                    "fingerprint": data_fingerprint, "splits": list(splits), "batch": batch_size, "code": code})
     folder = Path(root) / f"eval-{variant.label}-{key}"
     with claimed(folder):
-        done = finished(folder, Evaluation)
-        if done is not None and done.label == variant.label:
-            return done
-        metrics = evaluate_adapter(variant.adapter_dir, model, data_cfg, split=split, batch_size=batch_size, data=data)
-        evaluation = Evaluation.from_metrics(variant.label, metrics)
-        publish(folder, evaluation)
-        return evaluation
+        done = finished(folder, Evaluations)
+        if done is not None:
+            return done.evaluations
+        scores = evaluate_splits(variant.adapter_dir, model, data_cfg, tuple(splits), batch_size, data)
+        evaluations = tuple(Evaluation.from_metrics(variant.label, scores[s]) for s in splits)
+        publish(folder, Evaluations(evaluations=evaluations))
+        return evaluations

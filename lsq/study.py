@@ -18,8 +18,13 @@ all ranks), from the method's grid (``lrs``, or its own in ``method_lrs``: AdaLo
 values start at zero and want larger rates). Post and cont choose the learning rate of their source
 run by the validation accuracy of their own rank-k adapter; the reference source row chooses by its
 own. The chosen rate then serves every task and seed; test numbers are never looked at before that.
-A choice at the edge of its grid is flagged in the report. Every finished job is a line in
-``records.jsonl`` (appended as it finishes), so an interrupted study resumes where it stopped.
+A choice at the edge of its grid is flagged in the report.
+
+Every adapter is made by the pipeline's own steps (:mod:`lsq.steps`: train, squeeze, evaluate), each
+in a work folder named by its whole input under ``<root>/steps``: an interrupted study, run again,
+reuses every finished step and resumes the one that was cut off from its checkpoint. There is no
+second cache; ``records.jsonl`` is an output (one line per job, for people and the report), never
+read back.
 
 This module is the engine and ``lsq/study_report.py`` aggregates and reports. ``benchmarks/study.py``
 is the command and ``flows/study.py`` the Prefect flow that logs every record to MLflow. Pure lsq:
@@ -40,8 +45,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lsq.data import DataConfig
-from lsq.errors import LsqError
+from lsq.errors import LsqError, TrainingDiverged
 from lsq.models import ModelConfig
+from lsq.records import Variant
+from lsq.steps import code_version, evaluate_step, squeeze_step, train_step
 from lsq.train_config import apply_overrides, split_evenly, validation_message
 
 TASKS = ("movie", "amazon", "nyt", "tweets")
@@ -153,39 +160,31 @@ class Study:
         self.on_record = on_record
         self.records: dict[str, dict[str, Any]] = {}
         self._data: dict[str, Any] = {}
-        path = self.root / RECORDS_NAME
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by a kill: that job runs again
-                    continue
-                self.records[rec["key"]] = rec
+        self._fingerprints: dict[str, str] = {}
+        self.code = code_version()
         self.root.mkdir(parents=True, exist_ok=True)
-        stamp = self.root / "study_config.json"
-        wanted = config.model_dump(mode="json")
-        if stamp.is_file() and self.records:
-            kept = json.loads(stamp.read_text())
-            which_jobs = ("tasks", "methods", "ranks", "seeds", "lrs", "method_lrs", "select_rank", "sources")
-            changed = sorted(k for k in set(kept) | set(wanted) if k not in which_jobs and kept.get(k) != wanted.get(k))
-            if changed:
-                raise LsqError(f"{self.root}: records of a study with other settings ({', '.join(changed)}); "
-                               "pick another --out or delete it")
-        stamp.write_text(json.dumps(wanted, indent=1) + "\n")
+        (self.root / RECORDS_NAME).write_text("")  # this run's records; finished steps are reused, not these
 
     # ------------------------------------------------------------------ jobs
-    def folder(self, job: Job) -> Path:
-        return self.root / job.task / f"seed{job.seed}" / f"{job.method}-r{job.rank}-lr{job.lr:g}"
+    @property
+    def steps_root(self) -> Path:
+        """Where the steps work (shared by every job: the same step of two jobs is done once)."""
+        return self.root / "steps"
 
     def data(self, task: str):
-        from lsq.data import load_data
+        from lsq.data import fingerprint, load_data
 
         if task not in self._data:
             self._data = {task: load_data(self.config.data(task))}  # one task in memory at a time
+            self._fingerprints[task] = fingerprint(self._data[task])
         return self._data[task]
 
+    def fingerprint(self, task: str) -> str:
+        self.data(task)
+        return self._fingerprints[task]
+
     def run(self, job: Job) -> dict[str, Any]:
-        """The record of ``job``, computing it (and what it depends on) unless it is already there."""
+        """The record of ``job``: its steps run, or their finished results are reused (:mod:`lsq.steps`)."""
         if job.key in self.records:
             return self.records[job.key]
         source = source_of(job, self.config)
@@ -196,8 +195,6 @@ class Study:
         rec.update(key=job.key, wall_seconds=round(time.perf_counter() - started, 2), **asdict(job))
         with open(self.root / RECORDS_NAME, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
         self.records[job.key] = rec
         self.log(f"{job.key}: val {rec['val_accuracy']:.3f} test {rec['test_accuracy']:.3f} "
                  f"({rec['wall_seconds']:.0f} s){' DIVERGED' if rec.get('diverged') else ''}")
@@ -244,7 +241,8 @@ class Study:
         return chosen
 
 
-def _train_config(study: Study, job: Job, method: str, rank: int, steps: int, out: Path, adapter: str | None = None):
+def _train_config(study: Study, job: Job, method: str, rank: int, steps: int):
+    """The step config of one training of ``job`` (its folder: :func:`lsq.steps.train_folder`)."""
     from lsq.train_config import TrainConfig
 
     c = study.config
@@ -252,10 +250,11 @@ def _train_config(study: Study, job: Job, method: str, rank: int, steps: int, ou
              "warmup_steps": int(c.warmup_fraction * steps), "save_steps": steps + 1, "logging_steps": max(steps, 1)}
     raw: dict[str, Any] = {
         "method": method, "rank": rank, "source_rank": c.source_rank, "model": {"name": c.model},
-        "data": c.data(job.task).model_dump(), "train": train, "output_dir": str(out), "resume": False,
+        "data": c.data(job.task).model_dump(), "train": train, "output_dir": str(study.steps_root),
     }
     if method == "cont":
-        raw["cont"] = {"adapter": adapter, "steps": steps, "lr": job.lr, "warmup_steps": int(c.warmup_fraction * steps)}
+        raw["cont"] = {"adapter": "(the squeezed parent)", "steps": steps, "lr": job.lr,
+                       "warmup_steps": int(c.warmup_fraction * steps)}
     cfg = TrainConfig.model_validate(raw)
     if method == "in" and c.in_first_fraction is not None:
         raw["insqueeze"] = {"stage_steps": front_loaded(steps, len(cfg.stage_ranks), c.in_first_fraction)}
@@ -279,61 +278,43 @@ def source_of(job: Job, config: StudyConfig) -> Job | None:
     return Job(job.task, job.seed, "source" if job.method == "post" else "source-cont", config.source_rank, job.lr)
 
 
-def _evaluate(study: Study, adapter: Path, job: Job) -> dict[str, Any]:
-    from lsq.evaluate import evaluate_splits
+def _train(study: Study, job: Job, method: str, rank: int, steps: int, parent: Variant | None = None) -> Variant:
+    return train_step(_train_config(study, job, method, rank, steps), study.fingerprint(job.task), study.code,
+                      parent=parent, data=study.data(job.task))
 
+
+def _scores(study: Study, variant: Variant, job: Job) -> dict[str, Any]:
+    """Validation and test scores of ``variant`` (one model load, the evaluate step's own folder)."""
     c = study.config
-    scores = evaluate_splits(adapter, ModelConfig(name=c.model), c.data(job.task), ("validation", "test"),
-                             data=study.data(job.task))
-    val, test = scores["validation"], scores["test"]
-    return {"val_accuracy": val["accuracy"], "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"],
-            "lora_params": test["lora_params"], "trainable_params": test["trainable_params"],
-            "adapter_bytes": test["adapter_bytes"], "test_examples": test["examples"]}
+    val, test = evaluate_step(variant, ModelConfig(name=c.model), c.data(job.task), ("validation", "test"), 64,
+                              study.fingerprint(job.task), study.steps_root, study.code, data=study.data(job.task))
+    return {"val_accuracy": val.scores["accuracy"], "test_accuracy": test.scores["accuracy"],
+            "test_macro_f1": test.scores["macro_f1"], "lora_params": test.lora_params,
+            "trainable_params": test.trainable_params, "adapter_bytes": test.adapter_bytes,
+            "test_examples": test.examples, "steps": variant.steps, "train_seconds": variant.total_train_seconds}
 
 
 def run_job(job: Job, study: Study) -> dict[str, Any]:
-    """Train/squeeze one job's adapter (after its source, for post and cont) and evaluate it."""
-    from lsq.api import squeeze_adapter
-    from lsq.config import SqueezeConfig
-    from lsq.train import train
+    """The adapter of one job made by the pipeline's steps (after its source, for post and cont), scored.
 
+    A run whose loss went non-finite (:class:`TrainingDiverged`) is a result too: kept, never chosen.
+    """
     c = study.config
-    out = study.folder(job)
-    if job.method in ("direct", "in", "adalora", "source", "source-cont"):
-        method = {"source-cont": "source"}.get(job.method, job.method)
-        steps = c.steps - c.recover_steps if job.method == "source-cont" else c.steps
-        rank = c.source_rank if method == "source" else job.rank
-        try:
-            result = train(_train_config(study, job, method, rank, steps, out), data=study.data(job.task))
-        except LsqError as exc:
-            if "diverged" not in str(exc):
-                raise
-            return _diverged(steps)
-        return {**_evaluate(study, result.adapter_dir, job), "steps": steps, "train_seconds": result.train_seconds}
-    if job.method in ("post", "cont"):
-        source_job = source_of(job, c)
-        source = study.run(source_job)
-        if source.get("diverged"):
-            return _diverged(source["steps"] + (c.recover_steps if job.method == "cont" else 0))
-        squeezed = study.folder(source_job) / "squeezed"
-        if not (squeezed / f"r{job.rank}").is_dir():
-            squeeze_adapter(study.folder(source_job) / "adapter", squeezed, SqueezeConfig(ranks=c.ranks), force=True,
-                            plot=False)
-        report = json.loads((squeezed / f"r{job.rank}" / "squeeze_report.json").read_text())["totals"]
-        extra = {"retained_energy": report["retained_energy"], "relative_error": report["relative_error"]}
-        if job.method == "post":
-            return {**_evaluate(study, squeezed / f"r{job.rank}", job), **extra, "steps": source["steps"],
-                    "train_seconds": source["train_seconds"]}
-        try:
-            result = train(_train_config(study, job, "cont", job.rank, c.recover_steps, out, str(squeezed / f"r{job.rank}")),
-                           data=study.data(job.task))
-        except LsqError as exc:
-            if "diverged" not in str(exc):
-                raise
-            return _diverged(source["steps"] + c.recover_steps)
-        return {**_evaluate(study, result.adapter_dir, job), **extra, "steps": source["steps"] + c.recover_steps,
-                "train_seconds": source["train_seconds"] + result.train_seconds}
-    raise LsqError(f"unknown study method {job.method!r}")
+    recover = c.recover_steps if job.method in ("cont", "source-cont") else 0
+    try:
+        if job.method in ("direct", "in", "adalora"):
+            return _scores(study, _train(study, job, job.method, job.rank, c.steps), job)
+        source = _train(study, job, "source", c.source_rank, c.steps - recover)  # source, source-cont, post, cont
+        if job.method in ("source", "source-cont"):
+            return _scores(study, source, job)
+        squeezed = squeeze_step(source, c.ranks, {}, study.steps_root, study.code, plot=False)
+        variant = next(v for v in squeezed.variants if v.rank == job.rank)
+        if job.method == "cont":
+            variant = _train(study, job, "cont", job.rank, c.recover_steps, parent=variant)
+        return {**_scores(study, variant, job), "retained_energy": variant.retained_energy,
+                "relative_error": variant.relative_error}
+    except TrainingDiverged:
+        return _diverged(c.steps)
 
 
 def _diverged(steps: int) -> dict[str, Any]:
