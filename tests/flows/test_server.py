@@ -1,0 +1,61 @@
+"""The temporary Prefect server (flows/server.py) ends with the process that started it: stopped,
+timed out, or killed with SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from flows.server import TemporaryServer, is_temporary
+from lsq.errors import LsqError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def gone(pid: int, within: float = 15.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_server_that_does_not_start_in_time_is_stopped(monkeypatch):
+    server = TemporaryServer(timeout=0.2).start()
+    pid, home = server.process.pid, server.home
+    assert is_temporary(server.api_url)
+    with pytest.raises(LsqError, match="did not answer within 0.2 s"):
+        server.wait()
+    assert gone(pid) and not Path(home).exists() and not is_temporary(server.api_url)
+
+
+@pytest.mark.slow
+def test_the_server_answers_then_dies_with_its_killed_parent(tmp_path):
+    script = ("import sys, time\nfrom flows.server import TemporaryServer\n"
+              "s = TemporaryServer().start().wait()\nprint(s.process.pid, s.api_url, s.home, flush=True)\n"
+              "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        pid, url, home = parent.stdout.readline().split()
+        import urllib.request
+
+        with urllib.request.urlopen(f"{url}/health", timeout=10) as response:
+            assert response.status == 200
+        assert psutil.Process(int(pid)).ppid() == parent.pid
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=10)
+        assert gone(int(pid)), "the temporary server outlived its SIGKILLed parent"
+        assert Path(home).is_dir()  # nobody could clean up after a SIGKILL ...
+        TemporaryServer().stop()  # ... so the next server does
+        assert not Path(home).exists()
+    finally:
+        parent.kill()
+        parent.wait()
