@@ -8,8 +8,9 @@
 What it does (lsq/study.py holds the engine and its rules): learning rates are chosen per method
 and rank on the validation split of the first task at one seed, from each method's grid (``lrs``,
 ``method_lrs``); every method then runs at every task, rank and seed with the same step budget;
-every adapter is scored on the test split. Records are appended to
-``OUT/records.jsonl`` as they finish, so a killed study resumes; at the end it prints and writes the
+every adapter is scored on the test split. Every adapter is made by the pipeline's steps in
+``OUT/steps`` (lsq/steps.py), so a killed study, run again, resumes: finished steps are reused and
+the cut one resumes from its checkpoint. Records are logged to ``OUT/records.jsonl``; at the end it prints and writes the
 table (mean ± standard error over seeds), ``OUT/study.png`` (accuracy against adapter size) and
 ``OUT/summary.json``. ``--docs DIR`` also copies the table and plot there (docs/RESULTS.md uses them).
 """

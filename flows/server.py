@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -158,9 +159,19 @@ def prefect_api(server: TemporaryServer | None) -> Iterator[str | None]:
         server.stop()
 
 
+_TERMINATING = threading.Event()
+
+
+def terminating() -> bool:
+    """True once SIGTERM arrived (an exception seen after that is the termination, whatever its type:
+    Prefect's engine may wrap the SystemExit)."""
+    return _TERMINATING.is_set()
+
+
 def terminate_on_sigterm() -> None:
     """Turn SIGTERM (timeout, docker, kubernetes) into SystemExit(143) so ``finally`` blocks run."""
     def _raise(signum, frame):
+        _TERMINATING.set()
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, _raise)

@@ -4,98 +4,133 @@
 
 prepare data -> train the high-rank source -> squeeze it to every target rank -> recover each
 (Cont-Squeeze) -> In-Squeeze run -> baselines when asked -> evaluate every adapter -> register each
-in MLflow -> promote one -> report. Parameters are a config file path or a dict.
+in MLflow -> promote one -> report.
 
-Adapters go to ``<output_dir>/<data fingerprint>-<code version>/``: new data or new lsq code gets a
-fresh folder (training resumes from checkpoints in its folder, so a shared folder would "resume" a
-finished run on other data); the same data and code reuse it, and the cached tasks skip the work.
+Every step works in its own folder under ``output_dir``, named by a digest of its whole input
+(config with seed, data fingerprint, code version, the adapters it starts from): two runs of
+different settings never share a folder, and a re-run (or a second run of the same settings) reuses
+the finished steps (:mod:`lsq.steps`). Steps exchange frozen records (:mod:`lsq.records`), and
+Prefect persists no results.
 """
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
-from typing import Any
 
-from prefect import flow, get_run_logger
-from prefect.runtime import flow_run
-from prefect.task_runners import ThreadPoolTaskRunner
+if __name__ == "__main__" and not {"-h", "--help"} & set(sys.argv[1:]):
+    # Entry point only: the temporary Prefect server starts before the imports below (torch,
+    # transformers, mlflow: about 9 s on 2 cores) and boots on the other core meanwhile. Measured
+    # with benchmarks/orchestration_overhead.py: flow start 0.5 s this way, about 10 s after them.
+    from flows.server import start_unless_configured
 
-from flows.server import boot_temporary_server
+    _SERVER = start_unless_configured()
 
-if __name__ == "__main__":  # before the heavy imports below: that is the point
-    _BOOT = boot_temporary_server()
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import threading  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from typing import Any  # noqa: E402
 
+from prefect import flow, get_run_logger  # noqa: E402
+from prefect.exceptions import TerminationSignal  # noqa: E402
+from prefect.runtime import flow_run  # noqa: E402
+from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
+
+from flows.server import is_temporary, prefect_api, terminate_on_sigterm, terminating  # noqa: E402
+from lsq.errors import LsqError  # noqa: E402
 from lsq.pipeline_config import Orchestration, PipelineConfig, load_pipeline_config  # noqa: E402
-from tasks import tracking  # noqa: E402
-from tasks import registry, steps  # noqa: E402
+from lsq.records import PipelineResult  # noqa: E402
+from tasks import registry, steps, tracking  # noqa: E402
 from tasks.registry import log_and_register, promote, report, start_run  # noqa: E402
 from tasks.steps import COMPUTE_TAG, code_version, prepare_data  # noqa: E402
+
+HEARTBEAT_SECONDS = 60.0
 
 
 def limited(*compute_tasks):
     """The compute tasks as this run should submit them: with the ``lsq-compute`` tag on a real
     Prefect server, where ``deployments.setup`` limits it to one run per device across every flow
-    run; without it on the temporary per-process server, which has no limit to honour and no other
+    run; without it on a temporary per-process server, which has no limit to honour and no other
     flow runs to share a device with, while each tagged run still pays a slot request and a lease
     (about 1.8 s per task run on 2 cores: 32 s of the demo's 50 s of overhead)."""
     from prefect.settings import PREFECT_API_URL
 
-    if PREFECT_API_URL.value():
+    url = PREFECT_API_URL.value()
+    if url and not is_temporary(url):
         return compute_tasks
     return tuple(t.with_options(tags={tag for tag in t.tags if tag != COMPUTE_TAG}) for t in compute_tasks)
 
 
-# log_prints stays off: prints inside tasks would go to the logger, and dill (datasets' hashing of
-# map functions) captures `dis` output through print, which then floods the log with bytecode.
-@flow(name="lsq-squeeze-pipeline", log_prints=False, task_runner=ThreadPoolTaskRunner(max_workers=1))
-def squeeze_pipeline(config: str | dict[str, Any] | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    cfg: PipelineConfig = load_pipeline_config(config, overrides or [])  # a bad config stops here
+@contextmanager
+def heartbeat(uri: str, run_id: str, every: float = HEARTBEAT_SECONDS):
+    """Refresh the parent run's heartbeat while the body runs: a later run closes it when it stops beating."""
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(every):
+            try:
+                tracking.heartbeat(uri, run_id)
+            except Exception as exc:  # a missed beat is not a failed pipeline
+                logging.getLogger(__name__).warning("heartbeat of run %s failed: %s", run_id, exc)
+
+    thread = threading.Thread(target=beat, name="lsq-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+@flow(name="lsq-pipeline-run", log_prints=False, persist_result=False)
+def pipeline_run(cfg: PipelineConfig) -> PipelineResult:
+    """The story, on the task runner the config asks for (see :func:`squeeze_pipeline`)."""
     log = get_run_logger()
     code = code_version()
     uri = tracking.default_tracking_uri(cfg.tracking)
-
+    root = cfg.output_dir
     train_adapter, squeeze_source, evaluate_variant, champion_score = limited(
         steps.train_adapter, steps.squeeze_source, steps.evaluate_variant, registry.champion_score)
 
-    fingerprint = prepare_data(cfg.data, code)
-    out = Path(cfg.output_dir) / f"{fingerprint}-{code[:8]}"
-    cfg = cfg.model_copy(update={"output_dir": str(out)})
-    parent = start_run(uri, cfg, fingerprint, flow_run.get_name() or "local")
+    data = prepare_data(cfg.data)
+    parent = start_run(uri, cfg, data, flow_run.get_name() or "local")
+    status = "FAILED"
     try:
-        source = train_adapter(cfg.step_config("source", cfg.source_rank), code)
-        post = squeeze_source(source, cfg.target_ranks, cfg.squeeze, str(out / "post"), code)
-        futures = []
-        if cfg.recover.enabled:
-            futures += [train_adapter.submit(cfg.step_config("cont", v.rank, v.adapter_dir), code, v) for v in post]
-        if cfg.insqueeze.enabled:
-            futures.append(train_adapter.submit(cfg.step_config("in", cfg.insqueeze.rank), code))
-        for k in cfg.target_ranks:
-            if cfg.baselines.direct:
-                futures.append(train_adapter.submit(cfg.step_config("direct", k), code))
-            if cfg.baselines.adalora:
-                futures.append(train_adapter.submit(cfg.step_config("adalora", k), code))
-        variants = [source, *post, *(f.result() for f in futures)]
+        with heartbeat(uri, parent):
+            source = train_adapter(cfg.step_config("source", cfg.source_rank), data, code)
+            post = squeeze_source(source, cfg.target_ranks, cfg.squeeze, root, code).variants
+            futures = []
+            if cfg.recover.enabled:
+                futures += [train_adapter.submit(cfg.step_config("cont", v.rank, v.adapter_dir), data, code, v)
+                            for v in post]
+            if cfg.insqueeze.enabled:
+                futures.append(train_adapter.submit(cfg.step_config("in", cfg.insqueeze.rank), data, code))
+            for k in cfg.target_ranks:
+                if cfg.baselines.direct:
+                    futures.append(train_adapter.submit(cfg.step_config("direct", k), data, code))
+                if cfg.baselines.adalora:
+                    futures.append(train_adapter.submit(cfg.step_config("adalora", k), data, code))
+            variants = [source, *post, *(f.result() for f in futures)]
 
-        evaluations = [
-            evaluate_variant.submit(v, cfg.model, cfg.data, cfg.eval_split, cfg.train.eval_batch_size, code)
-            for v in variants
-        ]
-        evaluated = [e.result() for e in evaluations]  # every score first: a failure registers nothing
-        champion = champion_score(uri, cfg)
-        rows = [log_and_register(uri, cfg, parent, v, e, fingerprint) for v, e in zip(variants, evaluated)]
-        decision = promote(uri, cfg, rows, champion)
-        report(uri, cfg, parent, rows, decision)
-    except BaseException:
-        tracking.finish_run(uri, parent, "FAILED")
+            evaluations = [evaluate_variant.submit(v, cfg.model, cfg.data, cfg.eval_split,
+                                                   cfg.train.eval_batch_size, data, root, code) for v in variants]
+            evaluated = [e.result() for e in evaluations]  # every score first: a failure registers nothing
+            champion = champion_score(uri, cfg)
+            rows = [log_and_register(uri, cfg, parent, v, e, data) for v, e in zip(variants, evaluated)]
+            decision = promote(uri, cfg, rows, champion)
+            report(uri, cfg, parent, rows, decision)
+        status = "FINISHED"
+    except BaseException as exc:
+        # Prefect's engine turns SIGTERM into TerminationSignal while a flow runs; ours, outside it, into SystemExit
+        if terminating() or isinstance(exc, (KeyboardInterrupt, SystemExit, TerminationSignal)):
+            status = "KILLED"
         raise
-    tracking.finish_run(uri, parent, "FINISHED")
+    finally:
+        tracking.finish_run(uri, parent, status)
     log.info("%s -> %s: %s", decision.winner, decision.alias, decision.reason)
-    return {"parent_run_id": parent, "tracking_uri": uri, "experiment": cfg.tracking.experiment,
-            "registered_model": cfg.registered_model,
-            "decision": {"winner": decision.winner, "alias": decision.alias, "reason": decision.reason},
-            "variants": rows}
+    return PipelineResult(parent_run_id=parent, tracking_uri=tracking.redact_uri(uri),
+                          experiment=cfg.tracking.experiment, registered_model=cfg.registered_model,
+                          decision=decision, variants=tuple(rows))
 
 
 def task_runner(orchestration: Orchestration):
@@ -109,25 +144,50 @@ def task_runner(orchestration: Orchestration):
     return ThreadPoolTaskRunner(max_workers=orchestration.max_workers)
 
 
-def run(config: str | dict[str, Any] | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Run the pipeline with the task runner its config asks for (the decorator's default is threads)."""
+# log_prints stays off: prints inside tasks would go to the logger, and dill (datasets' hashing of
+# map functions) captures `dis` output through print, which then floods the log with bytecode.
+@flow(name="lsq-squeeze-pipeline", log_prints=False, persist_result=False)
+def squeeze_pipeline(config: str | dict[str, Any] | None = None, overrides: list[str] | None = None) -> PipelineResult:
+    """Validate the config (a bad one stops here, before any work), then run the story as a sub-flow on
+    the task runner of ``orchestration.*``: the same for ``make demo``, ``deployments.serve`` and
+    ``prefect deploy``, which all start this flow."""
     cfg = load_pipeline_config(config, overrides or [])
-    return squeeze_pipeline.with_options(task_runner=task_runner(cfg.orchestration))(config, overrides)
+    return pipeline_run.with_options(task_runner=task_runner(cfg.orchestration))(cfg)
 
 
-if __name__ == "__main__":
-    if _BOOT is not None:
-        _BOOT.join()  # the flow run below then finds the server up (SubprocessASGIServer is one per process)
-    args = sys.argv[1:]
-    config = args[0] if args and "=" not in args[0] else None
-    result = run(config, args[1:] if config else args)
-    uri, name, decision = result["tracking_uri"], result["registered_model"], result["decision"]
-    print(f"\nwinner: {decision['winner']} -> {name}@{decision['alias']}\n  {decision['reason']}")
-    print(f"MLflow: {uri} (experiment {result['experiment']!r}, registered model {name!r})")
-    if uri.startswith("sqlite:"):
-        print(f"  UI: mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000")
-    if os.environ.get("PREFECT_API_URL"):
-        print(f"Prefect UI: {os.environ['PREFECT_API_URL'].removesuffix('/api')}")
+def main(argv: list[str], server=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.squeeze_pipeline", description="Train high, squeeze, recover, register, promote.",
+        epilog="example: python -m flows.squeeze_pipeline configs/demo.yaml train.seed=1 target_ranks=[8,4]")
+    parser.add_argument("config", nargs="?", help="pipeline YAML (configs/demo.yaml); omitted: the defaults")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="settings that differ from the file")
+    args = parser.parse_args(argv)
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        config, overrides = None, [config, *overrides]
+    terminate_on_sigterm()
+    try:
+        load_pipeline_config(config, overrides)  # one line for a bad config, before any server waits
+        with prefect_api(server) as api_url:
+            result = squeeze_pipeline(config, overrides)
+    except LsqError as exc:
+        print(f"lsq: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if server is not None:
+            server.stop()
+    d = result.decision
+    print(f"\nwinner: {d.winner} -> {result.registered_model}@{d.alias}\n  {d.reason}")
+    print(f"MLflow: {result.tracking_uri} (experiment {result.experiment!r}, registered model {result.registered_model!r})")
+    if result.tracking_uri.startswith("sqlite:"):
+        print(f"  UI: mlflow ui --backend-store-uri {result.tracking_uri}   then open http://127.0.0.1:5000")
+    if server is None and api_url:
+        print(f"Prefect UI: {api_url.removesuffix('/api')}")
     else:
         print("Prefect: this run used a temporary server, gone with it. To keep flow runs and see them in the UI:\n"
               "  prefect server start --host 127.0.0.1   and   export PREFECT_API_URL=http://127.0.0.1:4200/api")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:], globals().get("_SERVER")))

@@ -7,42 +7,44 @@ of the first (or ``select_task``) task and trains every task, rank and seed (lsq
 Prefect and MLflow). Each record is logged as it lands, under one parent run per study, so the MLflow
 UI compares methods, ranks and seeds (filter ``tags.lsq.method``, chart ``test_accuracy`` against
 ``lora_params``). The parent run gets the table (``study.md``) and the plot (``study.png``).
-Records live in ``runs/study/<preset>/records.jsonl`` as with the command, so a re-run resumes.
+Every adapter is made by the pipeline's steps in ``runs/study/<preset>/steps`` (lsq/steps.py), so a
+re-run reuses every finished step and logs every record again under its own parent run.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-for _k, _v in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "1"), ("HF_HUB_OFFLINE", "1")):
-    os.environ.setdefault(_k, _v)
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 
-from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
+from flows.server import prefect_api, start_unless_configured, terminate_on_sigterm
+from lsq.errors import LsqError
+from lsq.pipeline_config import Tracking
+from lsq.records import StudyRecord
+from lsq.study import Study, StudyConfig, load_study_config
+from lsq.study_report import write_report
+from tasks import tracking
+from tasks.steps import COMPUTE_TAG
 
-from lsq.pipeline_config import Tracking  # noqa: E402
-from lsq.study import Study, StudyConfig, load_study_config  # noqa: E402
-from lsq.study_report import write_report  # noqa: E402
-from tasks import tracking  # noqa: E402
-from tasks.steps import COMPUTE_TAG  # noqa: E402
 
-
-@task(tags=[COMPUTE_TAG], cache_policy=NO_CACHE)  # lsq.study keeps its own records and resumes from them
-def run_method(config: StudyConfig, root: str, method: str, uri: str, experiment_id: str, parent_run_id: str) -> list[dict]:
+# The steps keep their finished work in their folders (lsq.steps); Prefect persists nothing.
+@task(tags=[COMPUTE_TAG], cache_policy=NO_CACHE, persist_result=False, task_run_name="study {method}")
+def run_method(config: StudyConfig, root: str, method: str, uri: str, experiment_id: str,
+               parent_run_id: str) -> list[StudyRecord]:
     """One method: its learning rate chosen on validation, then every task, rank and seed."""
     log = get_run_logger()
     study = Study(config.model_copy(update={"methods": (method,)}), root, log=log.info,
                   on_record=lambda rec: tracking.log_study_record(uri, experiment_id, parent_run_id, rec))
-    return study.run_all()
+    return [StudyRecord.model_validate(r) for r in study.run_all()]
 
 
-@flow(name="lsq-study", log_prints=False)
+@flow(name="lsq-study", log_prints=False, persist_result=False)
 def study_flow(preset: str = "quick", overrides: list[str] | None = None, out: str | None = None,
                tracking_uri: str | None = None, experiment: str = "lsq-study") -> str:
     """Run the study and log it to MLflow; returns the markdown table."""
@@ -55,12 +57,9 @@ def study_flow(preset: str = "quick", overrides: list[str] | None = None, out: s
     status = "FAILED"
     started = time.perf_counter()
     try:
-        # records of an earlier (resumed) study, logged once under this parent; new ones as they land
-        for rec in Study(config, root, log=lambda _: None).records.values():
-            tracking.log_study_record(uri, experiment_id, parent, rec)
         records = []
         for method in config.methods:
-            records += run_method(config, root, method, uri, experiment_id, parent)
+            records += [r.model_dump() for r in run_method(config, root, method, uri, experiment_id, parent)]
         study = Study(config, root, log=lambda _: None)
         with tempfile.TemporaryDirectory() as tmp:
             text = write_report(study, records, tmp, f"python -m flows.study --preset {preset}",
@@ -79,7 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
-    print(study_flow(preset=args.preset, overrides=args.overrides, out=args.out))
+    terminate_on_sigterm()
+    try:
+        load_study_config(args.preset, args.overrides)  # one line for bad settings, before any server
+        with prefect_api(start_unless_configured()):
+            print(study_flow(preset=args.preset, overrides=args.overrides, out=args.out))
+    except LsqError as exc:
+        print(f"lsq: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -12,13 +12,18 @@ unchanged; rank and alpha resolution follows ``peft.utils.other.get_pattern_key`
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import ctypes
+import errno
+import functools
 import json
 import math
 import os
 import re
+import secrets
 import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -64,12 +69,23 @@ def scale_of(alpha: float, rank: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
-def pattern_key(patterns: Mapping[str, Any], name: str) -> str | None:
-    """The key of ``patterns`` that PEFT applies to module ``name``, or None (same rule as PEFT)."""
+def pattern_key(patterns: Mapping[str, Any], name: str, where: str = "pattern") -> str | None:
+    """The key of ``patterns`` that PEFT applies to module ``name``, or None (same rule as PEFT).
+
+    A key that is not a valid regular expression is an LsqError naming ``where`` and the key.
+    """
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", name):
+        if _pattern_regex(where, key).match(name):
             return key
     return None
+
+
+def _pattern_regex(where: str, key: str) -> re.Pattern[str]:
+    """PEFT's regex for a rank_pattern / alpha_pattern key; a bad key is an LsqError, not re.error."""
+    try:
+        return re.compile(rf"(.*\.)?({key})$")
+    except re.error as exc:
+        raise LsqError(f"{where}: key {key!r} is not a valid regular expression ({exc.msg})") from None
 
 
 def validate_config(config: Mapping[str, Any], where: str = CONFIG_NAME) -> None:
@@ -91,6 +107,7 @@ def validate_config(config: Mapping[str, Any], where: str = CONFIG_NAME) -> None
         for name, value in patterns.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise LsqError(f"{where}: {key}[{name!r}] must be a positive number, got {value!r}")
+            _pattern_regex(f"{where}: {key}", name)  # PEFT would raise re.error when it loads the adapter
 
 
 def find_modules(keys: list[str] | tuple[str, ...], config: Mapping[str, Any]) -> list[LoraModule]:
@@ -109,7 +126,8 @@ def find_modules(keys: list[str] | tuple[str, ...], config: Mapping[str, Any]) -
             if key_b not in key_set:
                 raise LsqError(f"adapter weights: {key} has no matching {key_b}")
             name = stem.removeprefix(PREFIX)
-            r_key, a_key = pattern_key(rank_pattern, name), pattern_key(alpha_pattern, name)
+            r_key = pattern_key(rank_pattern, name, "rank_pattern")
+            a_key = pattern_key(alpha_pattern, name, "alpha_pattern")
             modules.append(
                 LoraModule(
                     name=name,
@@ -207,12 +225,28 @@ def write_adapter(folder: Path, config: Mapping[str, Any], weights: Mapping[str,
     save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
 
 
+# Temporary folders of the AtomicFolders open in this process. A signal turned into an exception
+# (the CLI's SIGTERM, Ctrl-C) can land between two lines where no ``with`` clean-up runs yet, or
+# before __exit__'s first line; whatever is left is removed when the process exits.
+_UNFINISHED: set[Path] = set()
+
+
+@atexit.register
+def _remove_unfinished() -> None:
+    for path in list(_UNFINISHED):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 class AtomicFolder:
     """Build a folder under a temporary name beside ``target`` and rename it into place on success.
 
     On an exception nothing is left behind and an existing ``target`` is untouched. An existing
-    ``target`` is replaced only with ``force=True`` (checked before any work starts).
+    ``target`` is replaced only with ``force=True``: checked before any work starts, and again by the
+    final rename, which never replaces a ``target`` that another writer created meanwhile (two
+    ``lsq squeeze`` runs to one new folder: one wins, the other is refused and leaves nothing).
     """
+
+    FORCE_ATTEMPTS = 10  # force: times a target that keeps reappearing is moved aside before giving up
 
     def __init__(self, target: str | os.PathLike, force: bool = False):
         self.target = Path(target)
@@ -223,18 +257,113 @@ class AtomicFolder:
 
     def __enter__(self) -> Path:
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".tmp", dir=self.target.parent))
-        return self.tmp
+        while True:  # not tempfile.mkdtemp: a signal inside it, after its mkdir, would lose the name
+            self.tmp = self.target.parent / f".{self.target.name}.{secrets.token_hex(4)}.tmp"
+            _UNFINISHED.add(self.tmp)
+            try:
+                os.mkdir(self.tmp)
+                return self.tmp
+            except FileExistsError:
+                _UNFINISHED.discard(self.tmp)  # that name is someone else's: draw another
+            except BaseException:  # SIGTERM or Ctrl-C right after the mkdir: __exit__ will not run
+                self._remove_tmp()
+                raise
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        assert self.tmp is not None
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        try:
+            if exc_type is None and self.force:
+                self._replace()
+            elif exc_type is None:
+                self._publish()
+        finally:
+            self._remove_tmp()  # nothing there any more after a successful rename
+
+    def _remove_tmp(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        _UNFINISHED.discard(self.tmp)
+
+    def _publish(self) -> None:
+        """Rename the finished folder into place, refusing a target that appeared while it was written."""
+        try:
+            rename_no_replace(self.tmp, self.target)
+        except FileExistsError:
+            raise LsqError(
+                f"{self.target}: output folder appeared while writing; pass --force to replace it"
+            ) from None
+
+    def _replace(self) -> None:
+        """Move any target aside and rename the finished folder into place; the old one is deleted after."""
+        aside: list[Path] = []
+        try:
+            for attempt in range(self.FORCE_ATTEMPTS):
+                old = self.tmp.with_name(f"{self.tmp.name}.old{attempt}")  # unique as the tmp name is
+                try:
+                    os.replace(self.target, old)
+                    aside.append(old)
+                except FileNotFoundError:
+                    pass  # no target (or another writer moved it away first)
+                try:
+                    rename_no_replace(self.tmp, self.target)
+                    return
+                except FileExistsError:
+                    continue  # another writer put a folder there between the two renames: again
+            raise LsqError(f"{self.target}: output folder kept reappearing while being replaced; try again")
+        except BaseException:
+            if aside and not os.path.lexists(self.target):  # put the original back
+                with contextlib.suppress(OSError):
+                    rename_no_replace(aside.pop(0), self.target)
+            raise
+        finally:
+            for old in aside:
+                _remove(old)
+
+
+def _remove(path: Path) -> None:
+    """Delete a folder (or a file or link that stood where a folder was expected), quietly."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+_AT_FDCWD = -100  # renameat2's "relative to the current directory" (paths here are absolute or relative)
+_RENAME_NOREPLACE = 1
+
+
+@functools.cache
+def _renameat2() -> Callable[..., int] | None:
+    """glibc's ``renameat2`` (Linux 3.15+), or None where the C library has none."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError, TypeError):  # macOS, musl without it, Windows
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def rename_no_replace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Rename ``src`` to ``dst``, raising FileExistsError when ``dst`` exists, even as an empty folder.
+
+    ``os.rename`` of a folder replaces an empty folder at ``dst`` and fails on a non-empty one only,
+    so it cannot tell "mine" from "appeared meanwhile". Linux's ``renameat2(RENAME_NOREPLACE)`` refuses
+    any existing ``dst`` atomically. Where it is missing (other systems, filesystems without the flag)
+    an exclusive ``mkdir(dst)`` claims the name and the rename replaces that empty claim.
+    """
+    rename = _renameat2()
+    if rename is not None:
+        if rename(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
             return
-        old = None
-        if self.target.exists():
-            old = self.target.with_name(f".{self.target.name}.{os.getpid()}.old")
-            os.replace(self.target, old)
-        os.replace(self.tmp, self.target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # those: no RENAME_NOREPLACE here
+            raise OSError(err, os.strerror(err), os.fspath(src), None, os.fspath(dst))  # EEXIST: FileExistsError
+    os.mkdir(dst)  # FileExistsError when taken
+    try:
+        os.rename(src, dst)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):  # a forced writer replaced the claim meanwhile
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fspath(dst)) from None
+        with contextlib.suppress(OSError):
+            os.rmdir(dst)
+        raise

@@ -9,6 +9,7 @@
     lsq evaluate ADAPTER configs/quick.yaml       # score an adapter folder on the test split
 
 Bad input prints one line ``lsq: error: ...`` on stderr and exits with status 2; nothing is written.
+SIGTERM (timeout, docker, kubernetes) and Ctrl-C clean up what was half-written and exit 143 / 130.
 Heavy imports (torch, pydantic) happen after argument parsing so ``--help`` is instant.
 """
 
@@ -19,6 +20,7 @@ import contextlib
 import gc
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -230,13 +232,31 @@ def _imports_done() -> None:
         gc.enable()
 
 
+class Terminated(BaseException):
+    """SIGTERM as an exception (see :func:`run`): ``with`` blocks and ``finally`` clean up on the way out.
+
+    A BaseException, like KeyboardInterrupt, so no ``except Exception`` on the way swallows it.
+    """
+
+
+def _raise_terminated(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+    raise Terminated
+
+
 def run() -> None:
-    """The ``lsq`` console script: :func:`main` with the collector set up for a short-lived process."""
+    """The ``lsq`` console script: :func:`main` with the collector set up for a short-lived process,
+    and SIGTERM turned into :class:`Terminated` so a killed command leaves no temporary folder (the
+    default action would end the process on the spot). ``main`` called from Python installs nothing."""
     global _CONSOLE
     _CONSOLE = True
     gc.disable()
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         code = main()
+    except Terminated:
+        print("lsq: terminated", file=sys.stderr)
+        code = 128 + signal.SIGTERM
     finally:
         gc.freeze()  # whatever is left is freed by the OS at exit, not scanned by the collector
     sys.exit(code)

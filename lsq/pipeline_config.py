@@ -9,11 +9,12 @@ Nothing here imports prefect or mlflow: the orchestration layer reads these valu
 
 from __future__ import annotations
 
+import posixpath
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lsq.data import DataConfig
 from lsq.errors import LsqError
@@ -76,6 +77,23 @@ class Tracking(BaseModel):
     experiment: str = Field("lsq", description="MLflow experiment name.")
     registered_model: str | None = Field(None, description="Registry name; default lsq-<model>-<data>.")
 
+    @field_validator("registered_model")
+    @classmethod
+    def _registrable(cls, name: str | None) -> str | None:
+        """MLflow's rule for registered model names (``mlflow.utils.validation._validate_model_name``,
+        plus the file store's '%'), checked here so a bad name fails before the training, not at
+        registration after it. Restated, not imported: lsq never imports mlflow."""
+        if name is None:
+            return name
+        if not name.strip():
+            raise ValueError("may not be blank; leave it out for the default lsq-<model>-<data>")
+        if any(c in name for c in "/:%"):
+            raise ValueError("an MLflow registered model name may not contain '/', ':' or '%'")
+        norm = posixpath.normpath(name)  # MLflow's path_not_unique: the name must not resolve to another
+        if norm != name or norm == "." or norm.startswith(".."):
+            raise ValueError("an MLflow registered model name may not be '.' or start with '..'")
+        return name
+
 
 class Orchestration(BaseModel):
     model_config = _FROZEN
@@ -129,15 +147,17 @@ class PipelineConfig(BaseModel):
         return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"lsq-{model}-{data}")
 
     def step_config(self, method: str, rank: int, adapter: str | None = None) -> TrainConfig:
-        """The :class:`TrainConfig` of one training step (``source``, ``cont``, ``in``, ``direct``, ``adalora``)."""
-        folder = "source" if method == "source" else f"{method}-r{rank}"
+        """The :class:`TrainConfig` of one training step (``source``, ``cont``, ``in``, ``direct``, ``adalora``).
+
+        Its ``output_dir`` is the pipeline's; :func:`lsq.steps.train_step` works in a folder inside it
+        named by a digest of the step's whole input."""
         cont = ContSettings(**{**self.recover.model_dump(exclude={"enabled"}), "adapter": adapter})
         ins = InSqueezeSettings(**self.insqueeze.model_dump(exclude={"enabled", "rank"}))
         try:
             return TrainConfig(
                 method=method, rank=rank, source_rank=self.source_rank, model=self.model, data=self.data,
                 lora=self.lora, train=self.train, cont=cont, insqueeze=ins, adalora=self.baselines.adalora_settings,
-                output_dir=str(Path(self.output_dir) / folder),
+                output_dir=self.output_dir,  # the step's own folder inside it: lsq.steps.train_folder
             )
         except ValidationError as exc:
             raise ValueError(f"{method} step: {validation_message(exc)}") from None

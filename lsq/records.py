@@ -158,3 +158,68 @@ class PipelineResult(BaseModel):
     registered_model: str
     decision: Decision
     variants: tuple[Registered, ...]
+
+
+class StudyRecord(BaseModel):
+    """One job of the study (lsq/study.py): its settings, its adapter's size and its scores."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="constants")
+
+    key: str
+    task: str
+    method: str = Field(description="direct, post, cont, in, adalora, or source / source-cont (the sources)")
+    rank: int
+    seed: int
+    lr: float
+    steps: int
+    train_seconds: float
+    wall_seconds: float
+    val_accuracy: float
+    test_accuracy: float
+    test_macro_f1: float
+    lora_params: int
+    trainable_params: int
+    adapter_bytes: int
+    test_examples: int
+    retained_energy: float | None = None
+    relative_error: float | None = None
+    diverged: bool = False
+    chosen: bool = False
+
+
+class ChampionCheck(BaseModel):
+    """The monitor's look at the champion: its version and tags, the metric recorded when it was
+    registered, and the same metric on today's data."""
+
+    model_config = _RECORD
+
+    version: str
+    run_id: str
+    tags: dict[str, str]
+    recorded: float | None
+    current: float
+    examples: int
+    split: str
+
+
+class Emitted(BaseModel):
+    """One event the monitor sent."""
+
+    model_config = _RECORD
+
+    event: str
+    resource: str
+    id: str | None
+    payload: dict[str, object]
+
+
+class MonitorResult(BaseModel):
+    """What one monitor run found: the data fingerprint, the champion's check, the events sent."""
+
+    model_config = _RECORD
+
+    registered_model: str
+    tracking_uri: str = Field(description="with any password removed")
+    fingerprint: str
+    champion: ChampionCheck | None
+    events: tuple[Emitted, ...]

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lsq.plotting import PLOT_LOCK  # noqa: F401  (re-exported: tasks.tracking shares it)
+from lsq.plotting import PLOT_LOCK  # also taken by tasks.tracking.pareto
 from lsq.plotting import plot_spectra as _plot
 from lsq.squeeze import SqueezedAdapter, SqueezeResult
 
@@ -74,3 +74,43 @@ def spectra_lists(result: SqueezeResult) -> list[list[float]]:
 def plot_spectra(result: SqueezeResult, path: Path, marks: Mapping[str, int] | None = None) -> None:
     """The spectrum plot of a squeeze, drawn in this process (see :mod:`lsq.plotting`)."""
     _plot(spectra_lists(result), path, marks)
+
+
+def pareto_figure(rows: Sequence[Mapping[str, Any]], metric_name: str, greater_is_better: bool = True,
+                  champion_label: str | None = None):
+    """``metric`` against ``adapter_bytes`` for every row with a metric, the Pareto front highlighted.
+
+    ``rows``: mappings with ``label``, ``adapter_bytes`` and ``metric`` (None: not drawn). The row
+    labelled ``champion_label``, when given and drawn, is circled and named "champion". Returns a
+    :class:`matplotlib.figure.Figure` (object API, no pyplot state), drawn under ``PLOT_LOCK``; save
+    it under the same lock when other threads may be plotting.
+    """
+    from matplotlib.figure import Figure
+
+    from lsq.variants import pareto_front
+
+    scored = [r for r in rows if r.get("metric") is not None]
+    front = set(pareto_front([(r["label"], int(r["adapter_bytes"]), float(r["metric"])) for r in scored],
+                             greater_is_better))
+    with PLOT_LOCK:  # matplotlib text layout is not thread-safe
+        fig = Figure(figsize=(6.4, 4.4))
+        ax = fig.subplots()
+        for on in (False, True):
+            pts = [r for r in scored if (r["label"] in front) == on]
+            ax.scatter([r["adapter_bytes"] for r in pts], [r["metric"] for r in pts], s=60 if on else 30,
+                       c="tab:red" if on else "tab:gray", label="Pareto front" if on else "dominated", zorder=3)
+            for r in pts:
+                ax.annotate(r["label"], (r["adapter_bytes"], r["metric"]), textcoords="offset points", xytext=(4, 4),
+                            fontsize=8)
+        line = sorted((r for r in scored if r["label"] in front), key=lambda r: r["adapter_bytes"])
+        ax.plot([r["adapter_bytes"] for r in line], [r["metric"] for r in line], c="tab:red", lw=1, zorder=2)
+        best = [r for r in scored if champion_label is not None and r["label"] == champion_label]
+        if best:
+            ax.scatter([best[0]["adapter_bytes"]], [best[0]["metric"]], s=220, facecolors="none",
+                       edgecolors="tab:blue", linewidths=2, label=f"champion ({champion_label})", zorder=4)
+        if scored and max(r["adapter_bytes"] for r in scored) > 10 * min(max(r["adapter_bytes"], 1) for r in scored):
+            ax.set_xscale("log")
+        ax.set(xlabel="adapter size (bytes)", ylabel=metric_name, title=f"{metric_name} vs adapter size")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+    return fig

@@ -23,8 +23,7 @@ A choice at the edge of its grid is flagged in the report.
 Every adapter is made by the pipeline's own steps (:mod:`lsq.steps`: train, squeeze, evaluate), each
 in a work folder named by its whole input under ``<root>/steps``: an interrupted study, run again,
 reuses every finished step and resumes the one that was cut off from its checkpoint. There is no
-second cache; ``records.jsonl`` is an output (one line per job, for people and the report), never
-read back.
+second cache; ``records.jsonl`` is a log (one line appended per job run, for people), never read back.
 
 This module is the engine and ``lsq/study_report.py`` aggregates and reports. ``benchmarks/study.py``
 is the command and ``flows/study.py`` the Prefect flow that logs every record to MLflow. Pure lsq:
@@ -150,7 +149,7 @@ class Job:
 
 
 class Study:
-    """Runs jobs once each (results kept in ``records.jsonl``), chooses learning rates, aggregates."""
+    """Runs each job once per study (steps reuse finished work across studies), chooses learning rates."""
 
     def __init__(self, config: StudyConfig, root: str | os.PathLike, log: Callable[[str], None] = print,
                  on_record: Callable[[dict[str, Any]], None] | None = None):
@@ -163,7 +162,6 @@ class Study:
         self._fingerprints: dict[str, str] = {}
         self.code = code_version()
         self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / RECORDS_NAME).write_text("")  # this run's records; finished steps are reused, not these
 
     # ------------------------------------------------------------------ jobs
     @property

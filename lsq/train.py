@@ -3,12 +3,18 @@
 A recipe reads as its steps: load data and model, wrap the model with the method's adapter,
 tokenise, train with the transformers ``Trainer`` (seeded, checkpointed, resumable), save the
 adapter atomically, write a summary. Tracking reaches it only through ``log(metrics, step)``.
+
+A checkpoint counts only once the Trainer has finished writing it (:class:`CheckpointMarkCallback`
+leaves ``lsq-complete`` in it): a run killed while saving resumes from the previous whole one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -20,7 +26,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from lsq.adapter import AtomicFolder, find_modules, read_adapter
 from lsq.data import fingerprint, load_data
-from lsq.errors import LsqError
+from lsq.errors import LsqError, TrainingDiverged
 from lsq.insqueeze import RankScheduleCallback, boundaries
 from lsq.live import lora_layers, resize_lora_
 from lsq.models import default_targets, device_of, load_base_model, load_tokenizer
@@ -29,6 +35,8 @@ from lsq.train_config import TrainConfig
 
 Log = Callable[[Mapping[str, float], int], None]
 SUMMARY_NAME = "train_summary.json"
+COMPLETE_MARK = "lsq-complete"  # in checkpoint-N/ once the Trainer has written all of it
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")  # the Trainer's PREFIX_CHECKPOINT_DIR-{global_step}
 
 
 @dataclass
@@ -95,10 +103,46 @@ class AdaLoraCallback(TrainerCallback):
         model.base_model.update_and_allocate(state.global_step)
 
 
-def _last_checkpoint(folder: Path) -> Path | None:
-    from transformers.trainer_utils import get_last_checkpoint
+class CheckpointMarkCallback(TrainerCallback):
+    """Mark ``checkpoint-N`` whole once the Trainer has saved it.
 
-    return Path(ckpt) if folder.is_dir() and (ckpt := get_last_checkpoint(str(folder))) else None
+    ``Trainer._save_checkpoint`` writes the model, optimizer, scheduler, RNG and trainer state, then
+    rotates old checkpoints; ``on_save`` runs after it returns. A kill before the mark leaves an
+    unmarked folder that :func:`_last_checkpoint` ignores (the Trainer's own choice, the highest
+    number, would fail on it for good with "Can't find a valid checkpoint").
+    """
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if args.should_save and folder.is_dir():
+            tmp = folder / f".{COMPLETE_MARK}.tmp"
+            tmp.write_text(f"{state.global_step}\n")
+            os.replace(tmp, folder / COMPLETE_MARK)  # the mark appears whole or not at all
+
+
+def _checkpoints(folder: Path) -> dict[int, Path]:
+    """``{step: checkpoint-step folder}`` of the Trainer's output folder (empty when there is none)."""
+    if not folder.is_dir():
+        return {}
+    return {int(m[1]): p for p in folder.iterdir() if (m := _CHECKPOINT.match(p.name)) and p.is_dir()}
+
+
+def _last_checkpoint(folder: Path) -> Path | None:
+    """The newest whole (marked) checkpoint in ``folder``, or None."""
+    whole = {step: p for step, p in _checkpoints(folder).items() if (p / COMPLETE_MARK).is_file()}
+    return whole[max(whole)] if whole else None
+
+
+def _discard_checkpoints_after(folder: Path, checkpoint: Path | None) -> None:
+    """Delete every checkpoint newer than ``checkpoint`` (all of them for None) before training.
+
+    Those are partial (killed while saving) or stale (``resume=false``): the Trainer must neither
+    pick them nor write a new checkpoint into a folder that still holds an old mark.
+    """
+    after = int(_CHECKPOINT.match(checkpoint.name)[1]) if checkpoint is not None else -1
+    for step, path in sorted(_checkpoints(folder).items()):
+        if step > after:
+            shutil.rmtree(path)
 
 
 def _match_checkpoint_ranks(model, checkpoint: Path) -> None:
@@ -155,12 +199,12 @@ def train(cfg: TrainConfig, log: Log | None = None, data=None) -> TrainResult:
         output_dir=str(out / "checkpoints"), max_steps=steps, per_device_train_batch_size=cfg.train.batch_size,
         learning_rate=lr, warmup_steps=warmup, lr_scheduler_type=cfg.train.scheduler,
         weight_decay=cfg.train.weight_decay, optim=cfg.train.optim, max_grad_norm=cfg.train.max_grad_norm,
-        logging_steps=cfg.train.logging_steps, save_steps=cfg.train.save_steps, save_total_limit=1,
+        logging_steps=cfg.train.logging_steps, save_steps=cfg.train.save_steps, save_total_limit=2,
         seed=cfg.train.seed, data_seed=cfg.train.seed, report_to="none", use_cpu=device.type == "cpu",
         bf16=device.type == "cuda" and torch.cuda.is_bf16_supported(), dataloader_num_workers=0,
         remove_unused_columns=False, save_only_model=False,
-    )
-    callbacks: list[TrainerCallback] = [LogCallback(log)] if log else []
+    )  # save_total_limit=2: the last whole checkpoint survives while the next one is written
+    callbacks: list[TrainerCallback] = [CheckpointMarkCallback(), *([LogCallback(log)] if log else [])]
     schedule = None
     if cfg.method == "in":
         schedule = RankScheduleCallback(
@@ -175,6 +219,7 @@ def train(cfg: TrainConfig, log: Log | None = None, data=None) -> TrainResult:
     )
     checkpoint = _last_checkpoint(out / "checkpoints") if cfg.resume else None
     _check_checkpoint_config(out / "checkpoints", cfg, resuming=checkpoint is not None)
+    _discard_checkpoints_after(out / "checkpoints", checkpoint)
     if checkpoint is not None and cfg.method == "in":
         _match_checkpoint_ranks(model, checkpoint)
     start = time.perf_counter()
@@ -182,7 +227,7 @@ def train(cfg: TrainConfig, log: Log | None = None, data=None) -> TrainResult:
     seconds = time.perf_counter() - start
     loss = float(output.training_loss)
     if not torch.isfinite(torch.tensor(loss)):
-        raise LsqError(f"training diverged: final loss {loss}; lower train.lr ({lr})")
+        raise TrainingDiverged(f"training diverged: final loss {loss}; lower train.lr ({lr})")
 
     with AtomicFolder(out / "adapter", force=True) as tmp:
         model.save_pretrained(str(tmp))

@@ -95,7 +95,9 @@ class TrainConfig(BaseModel):
     insqueeze: InSqueezeSettings = Field(default_factory=InSqueezeSettings)
     adalora: AdaLoraSettings = Field(default_factory=AdaLoraSettings)
     output_dir: str = Field("runs/train", description="Where the adapter, checkpoints and summary go.")
-    resume: bool = Field(True, description="Resume from the last checkpoint in output_dir when there is one.")
+    resume: bool = Field(
+        True, description="Resume from the last whole checkpoint in output_dir; false starts over and deletes the old ones."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -164,8 +166,19 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             child = node.get(part)
             node[part] = child = dict(child) if isinstance(child, dict) else {}
             node = child
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = _override_value(item, value)
     return out
+
+
+def _override_value(item: str, value: str) -> Any:
+    """An override's value parsed as YAML; malformed YAML (``rank=[1``) is an LsqError naming the override."""
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        # a MarkedYAMLError says what it was parsing and what it found; its str() adds multi-line marks
+        words = [w for w in (getattr(exc, "context", None), getattr(exc, "problem", None)) if w]
+        detail = ": ".join(words) or str(exc).splitlines()[0]
+        raise LsqError(f"override {item!r}: value is not valid YAML ({detail})") from None
 
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:

@@ -8,43 +8,10 @@ of the best wins; it replaces the current champion only if it is not worse on th
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from lsq.records import Decision, Method, Variant
 
-Method = Literal["source", "post", "cont", "in", "direct", "adalora"]
-
-
-class Variant(BaseModel):
-    """One adapter produced by the pipeline (paths and numbers only, never a live model)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    method: Method
-    rank: int = Field(ge=1)
-    source_rank: int = Field(ge=1)
-    adapter_dir: str
-    steps: int = 0
-    lr: float | None = None
-    train_seconds: float = 0.0
-    retained_energy: float | None = Field(None, description="share of the source update kept (squeezed variants)")
-    relative_error: float | None = Field(None, description="relative Frobenius error of the squeeze")
-    report: str | None = Field(None, description="squeeze_report.json of a squeezed adapter")
-    plot: str | None = Field(None, description="spectrum.png of a squeezed adapter")
-
-    @property
-    def label(self) -> str:
-        return f"{self.method}-r{self.rank}"
-
-
-@dataclass(frozen=True)
-class Decision:
-    """Which variant wins, the alias it gets, and why (stored as tags and in a Prefect artifact)."""
-
-    winner: str  # variant label
-    alias: str  # champion or challenger
-    reason: str
+__all__ = ["Decision", "Method", "Variant", "choose", "decide", "pareto_front"]
 
 
 def choose(
@@ -85,11 +52,13 @@ def decide(
     """The run's winner and whether it becomes champion (not worse than the current one) or challenger."""
     winner, reason = choose(scores, sizes, tolerance, greater_is_better)
     if champion_score is None:
-        return Decision(winner, champion_alias, reason + "; no current champion")
+        return Decision(winner=winner, alias=champion_alias, reason=reason + "; no current champion")
     sign = 1.0 if greater_is_better else -1.0
     if sign * (scores[winner] - champion_score) >= -1e-12:
-        return Decision(winner, champion_alias, reason + f"; not worse than the champion's {champion_score:.4f}")
-    return Decision(winner, challenger_alias, reason + f"; worse than the champion's {champion_score:.4f}, kept as challenger")
+        return Decision(winner=winner, alias=champion_alias,
+                        reason=reason + f"; not worse than the champion's {champion_score:.4f}")
+    return Decision(winner=winner, alias=challenger_alias,
+                    reason=reason + f"; worse than the champion's {champion_score:.4f}, kept as challenger")
 
 
 def pareto_front(points: Sequence[tuple[str, int, float]], greater_is_better: bool = True) -> list[str]:

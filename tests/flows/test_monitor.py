@@ -48,7 +48,7 @@ def test_no_champion_emits_dataset_updated(tiny_config, emitted, tmp_path):
     assert event["resource"]["prefect.resource.id"] == "lsq.dataset.lsq-tiny"
     assert event["payload"]["old_fingerprint"] is None and event["payload"]["new_fingerprint"] == fp
     assert event["payload"]["config"] == str(config_file.resolve())
-    assert result["champion"] is None and [e["event"] for e in result["events"]] == ["lsq.dataset.updated"]
+    assert result.champion is None and [e.event for e in result.events] == ["lsq.dataset.updated"]
 
 
 def test_monitor_loop_quiet_degraded_updated_retrained(tiny_config, tiny_csv, emitted):
@@ -62,8 +62,8 @@ def test_monitor_loop_quiet_degraded_updated_retrained(tiny_config, tiny_csv, em
     # same data, same model: nothing to say
     result = monitor(cfg, margin=0.02)
     assert emitted.events == []
-    assert result["champion"]["version"] == str(champion.version)
-    assert result["champion"]["current"] == pytest.approx(recorded)  # scored again, deterministically
+    assert result.champion.version == str(champion.version)
+    assert result.champion.current == pytest.approx(recorded)  # scored again, deterministically
 
     # the champion once scored much better than it does now: degraded, unless the margin allows it
     client.set_model_version_tag("lsq-tiny", champion.version, "test_accuracy", str(recorded + 0.25))
@@ -90,11 +90,11 @@ def test_monitor_loop_quiet_degraded_updated_retrained(tiny_config, tiny_csv, em
 
     # what the triggered deployment does: retrain on the new data; afterwards the monitor is quiet again
     second = squeeze_pipeline(cfg)
-    assert second["parent_run_id"] != first["parent_run_id"]
+    assert second.parent_run_id != first.parent_run_id
     monitor(cfg, margin=1.0)
     assert emitted.events == []
     trained = client.search_model_versions(f"name = 'lsq-tiny' AND tags.`lsq.dataset_fingerprint` = '{new_fp}'")
-    assert len(trained) == len(first["variants"])
+    assert len(trained) == len(first.variants)
 
 
 @pytest.mark.parametrize("config, margin, message", [

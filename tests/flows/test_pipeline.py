@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
 
-import tasks.steps as steps
+import lsq.train
+import tasks.steps
 import flows.squeeze_pipeline as pipeline_module
 from flows.squeeze_pipeline import squeeze_pipeline
 from lsq.data import DataConfig, fingerprint, load_data
@@ -47,28 +48,34 @@ def versions(cfg: dict) -> list:
 
 
 def task_runs(state) -> dict[str, list]:
-    """Task runs of the flow run behind ``state``, by task name."""
+    """Task runs of the flow run behind ``state`` and of its sub-flow runs, by task (the name before a space)."""
+    top = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        subflows = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[top])))
+        ids = [top, *(f.id for f in subflows)]
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
     out = defaultdict(list)
     for r in runs:
-        out[r.name.rsplit("-", 1)[0]].append(r)
+        if r.name.startswith(("train ", "squeeze ", "evaluate ", "register ")):
+            out[r.name.split(" ")[0]].append(r)
+        else:
+            out[r.name.rsplit("-", 1)[0]].append(r)
     return out
 
 
-def test_pipeline_end_to_end_then_cached_rerun(tiny_config, tiny_csv):
+def test_pipeline_end_to_end_then_cached_rerun(tiny_config, tiny_csv, monkeypatch):
     cfg = tiny_config
     result = squeeze_pipeline(cfg)
 
     runs = all_runs(cfg)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert [p.info.run_id for p in parents] == [result["parent_run_id"]]
+    assert [p.info.run_id for p in parents] == [result.parent_run_id]
     assert parents[0].info.status == "FINISHED"
     assert {c.data.tags["lsq.variant"] for c in children} == VARIANTS and len(children) == len(VARIANTS)
     for child in children:
-        assert child.data.tags["mlflow.parentRunId"] == result["parent_run_id"] and child.info.status == "FINISHED"
+        assert child.data.tags["mlflow.parentRunId"] == result.parent_run_id and child.info.status == "FINISHED"
         assert EVERY_CHILD_METRIC <= set(child.data.metrics), child.data.tags["lsq.variant"]
         assert 0 <= child.data.metrics["test_accuracy"] <= 1
         files = {f.path for f in client_of(cfg).list_artifacts(child.info.run_id, "adapter")}
@@ -86,37 +93,40 @@ def test_pipeline_end_to_end_then_cached_rerun(tiny_config, tiny_csv):
         run = client_of(cfg).get_run(v.run_id)
         assert math.isclose(float(v.tags["test_accuracy"]), run.data.metrics["test_accuracy"])
     champion = client_of(cfg).get_model_version_by_alias("lsq-tiny", "champion")
-    assert client_of(cfg).get_run(champion.run_id).data.tags["lsq.variant"] == result["decision"]["winner"]
-    assert champion.tags["lsq.decision"] == "champion" and champion.tags["lsq.reason"] == result["decision"]["reason"]
+    assert client_of(cfg).get_run(champion.run_id).data.tags["lsq.variant"] == result.decision.winner
+    assert champion.tags["lsq.decision"] == "champion" and champion.tags["lsq.reason"] == result.decision.reason
 
-    # the same config again: every training, squeeze and evaluation comes from the cache
+    # the same config again: every training, squeeze and evaluation is reused from its work folder
     work = Path(cfg["output_dir"])
     adapters = sorted(work.rglob("adapter_model.safetensors"))
     mtimes = [p.stat().st_mtime_ns for p in adapters]
+    real_train = lsq.train.train
+    trained = []
+    monkeypatch.setattr(lsq.train, "train", lambda cfg, log=None, data=None: trained.append(cfg) or real_train(cfg, log, data))
     state = squeeze_pipeline(cfg, return_state=True)
     assert state.is_completed(), state.message
     states = task_runs(state)
-    for name in ("train_adapter", "squeeze_source", "evaluate_variant"):
-        assert states[name] and {r.state_name for r in states[name]} == {"Cached"}, (name, states[name])
-    assert states["prepare_data"][0].state_name == "Completed"  # the fingerprint is always fresh
+    for name in ("train", "squeeze", "evaluate"):
+        assert states[name] and {r.state_name for r in states[name]} == {"Completed"}, (name, states[name])
+    assert trained == []
     assert sorted(work.rglob("adapter_model.safetensors")) == adapters
     assert [p.stat().st_mtime_ns for p in adapters] == mtimes
     second = state.result()
-    assert {r["label"]: r["metrics"]["train_seconds"] for r in second["variants"]} == \
-           {r["label"]: r["metrics"]["train_seconds"] for r in result["variants"]}
+    assert {r.label: r.metrics["train_seconds"] for r in second.variants} == \
+           {r.label: r.metrics["train_seconds"] for r in result.variants}
     # the same adapters on the same data are the same registered versions, not copies
-    assert {r["label"]: r["version"] for r in second["variants"]} == {r["label"]: r["version"] for r in result["variants"]}
+    assert {r.label: r.version for r in second.variants} == {r.label: r.version for r in result.variants}
     again = versions(cfg)
     assert len(again) == len(VARIANTS)
-    assert all(v.tags.get("lsq.last_run_id") in {r["run_id"] for r in second["variants"]} for v in again)
+    assert all(v.tags.get("lsq.last_run_id") in {r.run_id for r in second.variants} for v in again)
 
-    # a deleted adapter folder is rebuilt, never served from the cache
-    [source_adapter] = [p.parent for p in adapters if p.parent.parent.name == "source"]
+    # a deleted adapter folder is rebuilt, never served from a record that no longer describes it
+    [source_adapter] = [p.parent for p in adapters if p.parent.parent.name.startswith("source-r8-")]
     shutil.rmtree(source_adapter)
     state = squeeze_pipeline(cfg, return_state=True)
     assert state.is_completed(), state.message
     assert (source_adapter / "adapter_model.safetensors").is_file()
-    assert [r.state_name for r in task_runs(state)["train_adapter"]].count("Completed") >= 1
+    assert [c.method for c in trained] == ["source"]
 
 
 def test_new_data_retrains_in_a_fresh_folder(tiny_model, tmp_path):
@@ -126,12 +136,12 @@ def test_new_data_retrains_in_a_fresh_folder(tiny_model, tmp_path):
     write_classification_csv(data, n=48, seed=1)  # same path, new rows
     state = squeeze_pipeline(cfg, return_state=True)
     assert state.is_completed(), state.message
-    assert {r.state_name for r in task_runs(state)["train_adapter"]} == {"Completed"}
+    assert {r.state_name for r in task_runs(state)["train"]} == {"Completed"}
     fps = {v.tags["lsq.dataset_fingerprint"] for v in versions(cfg)}
     assert len(fps) == 2 and fingerprint(load_data(DataConfig(**cfg["data"]))) in fps
-    folders = sorted(p.name for p in Path(cfg["output_dir"]).iterdir())
-    assert len(folders) == 2, folders  # <fingerprint>-<code version>, one per dataset
-    assert first["variants"][0]["run_id"] != state.result()["variants"][0]["run_id"]
+    folders = sorted(p.name for p in Path(cfg["output_dir"]).glob("source-r8-*"))
+    assert len(folders) == 2, folders  # one source folder per dataset
+    assert first.variants[0].run_id != state.result().variants[0].run_id
 
 
 @pytest.mark.parametrize("change, message", [
@@ -162,12 +172,12 @@ def test_bad_data_fails_fast_without_retries_or_runs(tiny_config, tmp_path):
 def test_failing_training_retries_then_fails_the_flow(tiny_config, monkeypatch, error, attempts):
     calls = []
 
-    def broken_train(cfg, log=None):
+    def broken_train(cfg, log=None, data=None):
         calls.append(cfg.method)
         raise error
 
-    monkeypatch.setattr(steps, "train", broken_train)
-    monkeypatch.setattr(steps, "train_adapter", steps.train_adapter.with_options(retry_delay_seconds=0))
+    monkeypatch.setattr(lsq.train, "train", broken_train)
+    monkeypatch.setattr(tasks.steps, "train_adapter", tasks.steps.train_adapter.with_options(retry_delay_seconds=0))
     state = squeeze_pipeline(tiny_config, return_state=True)
     assert state.is_failed() and str(error) in state.message
     assert calls == ["source"] * attempts
@@ -178,16 +188,20 @@ def test_failing_training_retries_then_fails_the_flow(tiny_config, monkeypatch, 
 
 def test_failure_while_registering_leaves_no_half_registered_version(tiny_model, tiny_csv, tmp_path, monkeypatch):
     cfg = tiny_pipeline(tiny_model, tiny_csv, tmp_path, recover__enabled=False, insqueeze__enabled=False)
-    real = MlflowClient.set_model_version_tag
+    real = MlflowClient.search_model_versions
 
-    def flaky(self, name, version, key, value):  # the 3rd version can never get its data fingerprint
-        if int(version) >= 3 and key == "lsq.dataset_fingerprint":
+    def flaky(self, filter_string=None, *args, **kwargs):  # from the 3rd version on, the check after creation fails
+        found = real(self, filter_string, *args, **kwargs)
+        if "lsq.adapter_sha256" in (filter_string or "") and any(int(v.version) >= 3 for v in found):
             raise RuntimeError("registry went away (simulated)")
-        return real(self, name, version, key, value)
+        return found
 
-    monkeypatch.setattr(MlflowClient, "set_model_version_tag", flaky)
-    monkeypatch.setattr(pipeline_module, "log_and_register",
-                        pipeline_module.log_and_register.with_options(retry_delay_seconds=0))
+    monkeypatch.setattr(MlflowClient, "search_model_versions", flaky)
+    import tasks.registry
+
+    monkeypatch.setattr(tasks.registry, "log_and_register",
+                        tasks.registry.log_and_register.with_options(retry_delay_seconds=0))
+    monkeypatch.setattr(pipeline_module, "log_and_register", tasks.registry.log_and_register)
     state = squeeze_pipeline(cfg, return_state=True)
     assert state.is_failed() and "registry went away" in state.message
     left = versions(cfg)
@@ -200,8 +214,8 @@ def test_failure_while_registering_leaves_no_half_registered_version(tiny_model,
 
 
 def test_two_pipelines_at_once_leave_the_registry_intact(tiny_model, tiny_csv, tmp_path):
-    configs = [tiny_pipeline(tiny_model, tiny_csv, tmp_path, output_dir=str(tmp_path / f"runs-{i}"),
-                             train__seed=i, recover__enabled=False, insqueeze__enabled=False) for i in range(2)]
+    configs = [tiny_pipeline(tiny_model, tiny_csv, tmp_path, train__seed=i + 1, recover__enabled=False,
+                             insqueeze__enabled=False) for i in range(2)]  # one output_dir, one store
     states, errors = [None, None], []
 
     def run(i):
@@ -221,12 +235,18 @@ def test_two_pipelines_at_once_leave_the_registry_intact(tiny_model, tiny_csv, t
     registered = versions(cfg)
     assert sorted(int(v.version) for v in registered) == list(range(1, 7))  # 2 x (source, post-r4, post-r2)
     runs = {r.info.run_id: r for r in all_runs(cfg)}
-    parents = {s.result()["parent_run_id"] for s in states}
+    parents = {s.result().parent_run_id for s in states}
     assert len(parents) == 2 and all(runs[p].info.status == "FINISHED" for p in parents)
     assert len({v.run_id for v in registered}) == 6
     for v in registered:
         assert VERSION_TAGS <= set(v.tags)
         assert runs[v.run_id].data.tags["mlflow.parentRunId"] in parents
+    for s in states:  # each run logged its own seed's adapters, bit for bit
+        result = s.result()
+        seed = runs[result.parent_run_id].data.params["seed"]
+        for r in result.variants:
+            assert runs[r.run_id].data.params["seed"] == seed
+    assert len({v.tags["lsq.adapter_sha256"] for v in registered}) == 6
     champion = client_of(cfg).get_model_version_by_alias("lsq-tiny", "champion")
     assert champion.version in {v.version for v in registered}
 
@@ -236,14 +256,52 @@ def test_compute_tag_only_where_a_server_can_limit_it():
     device); on the temporary per-process server, which holds no limit, they do not pay for one."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    from flows.server import TemporaryServer
     from flows.squeeze_pipeline import limited
     from tasks.steps import COMPUTE_TAG, evaluate_variant, train_adapter
 
     assert COMPUTE_TAG in train_adapter.tags and COMPUTE_TAG in evaluate_variant.tags
     with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
         assert all(COMPUTE_TAG in t.tags for t in limited(train_adapter, evaluate_variant))
+    server = TemporaryServer()  # never started: only its URL counts here
+    try:
+        server_url = server.api_url
+        from flows import server as server_module
+
+        server_module._TEMPORARY_URLS.add(server_url)
+        with temporary_settings({PREFECT_API_URL: server_url}):
+            assert all(COMPUTE_TAG not in t.tags for t in limited(train_adapter, evaluate_variant))
+    finally:
+        server.stop()
     with temporary_settings({PREFECT_API_URL: None}):
         stripped = limited(train_adapter, evaluate_variant)
     assert all(COMPUTE_TAG not in t.tags for t in stripped)
     assert [t.name for t in stripped] == [train_adapter.name, evaluate_variant.name]
     assert stripped[0].retries == train_adapter.retries and stripped[0].cache_policy == train_adapter.cache_policy
+
+
+def test_prefect_keeps_no_result_file_so_a_planted_pickle_never_runs(tiny_model, tiny_csv, tmp_path):
+    """A results folder anyone can write to must hold no code: Prefect persists nothing of lsq's, and
+    what someone plants there is never loaded (the steps' own records are validated JSON)."""
+    import cloudpickle
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+
+    cfg = tiny_pipeline(tiny_model, tiny_csv, tmp_path, recover__enabled=False, insqueeze__enabled=False)
+    storage = tmp_path / "prefect-results"
+    storage.mkdir()
+    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: storage}):
+        squeeze_pipeline(cfg)
+        assert [p for p in storage.rglob("*") if p.is_file()] == []
+        sentinel = tmp_path / "pwned"
+
+        class Evil:
+            def __reduce__(self):
+                return (Path.touch, (sentinel,))
+
+        for name in ("a" * 32, "train_adapter", "result"):
+            (storage / name).write_bytes(cloudpickle.dumps(Evil()))
+        for record in Path(cfg["output_dir"]).rglob("record.json"):  # a step record is validated JSON
+            record.write_bytes(cloudpickle.dumps(Evil()))
+        state = squeeze_pipeline(cfg, return_state=True)
+    assert state.is_completed(), state.message
+    assert not sentinel.exists()

@@ -84,6 +84,10 @@ CASES = {
     "shapes disagree with r": (_config(r=4), ["--ranks", "2"], ["down_proj", "(8, 48)", "disagree with rank 4"]),
     "rank_pattern not a number": (_config(rank_pattern={"q_proj": "eight"}), ["--ranks", "2"],
                                   ["rank_pattern", "'eight'"]),
+    "rank_pattern bad regex": (_config(rank_pattern={"[": 4}), ["--ranks", "2"],
+                               ["adapter_config.json", "rank_pattern", "'['", "not a valid regular expression"]),
+    "alpha_pattern bad regex": (_config(alpha_pattern={"q_proj(": 4}), ["--ranks", "2"],
+                                ["adapter_config.json", "alpha_pattern", "'q_proj('", "not a valid regular expression"]),
     "NaN in weights": (_poison(float("nan")), ["--ranks", "2"], ["down_proj", "lora_A", "NaN or Inf"]),
     "Inf in weights": (_poison(float("inf")), ["--ranks", "2"], ["down_proj", "lora_A", "NaN or Inf"]),
     "target rank 0": (None, ["--ranks", "0"], ["rank 0", "below 1"]),
@@ -136,6 +140,26 @@ def test_inspect_refuses_bad_input(paths, capsys):
     _poison(float("nan"))(src)
     rc, stdout, stderr = run_cli(capsys, ["inspect", src])
     assert_refused(rc, stdout, stderr, ["NaN or Inf"], work)
+
+
+@pytest.mark.parametrize("key", ["rank_pattern", "alpha_pattern"])
+def test_inspect_refuses_a_pattern_that_is_no_regex(key, paths, capsys):
+    src, work, _ = paths
+    _config(**{key: {"[": 4}})(src)
+    rc, stdout, stderr = run_cli(capsys, ["inspect", src])
+    assert_refused(rc, stdout, stderr, [key, "'['", "not a valid regular expression"], work)
+
+
+def test_pattern_key_names_a_bad_regex():
+    with pytest.raises(lsq.adapter.LsqError, match=r"^rank_pattern: key '\[' is not a valid regular expression"):
+        lsq.adapter.pattern_key({"q_proj": 2, "[": 4}, "model.layers.0.self_attn.v_proj", "rank_pattern")
+
+
+def test_malformed_override_is_one_line(tmp_path, capsys):
+    """``lsq train rank=[1``: the value is parsed as YAML; broken YAML is bad input, not a traceback."""
+    out = tmp_path / "out"
+    rc, stdout, stderr = run_cli(capsys, ["train", "rank=[1", f"output_dir={out}"])
+    assert_refused(rc, stdout, stderr, ["override 'rank=[1'", "not valid YAML", "expected ',' or ']'"], tmp_path)
 
 
 def test_existing_output_untouched_without_force(paths, capsys):

@@ -1,11 +1,17 @@
 """lsq.train end to end on tiny local models: every method, Cont-Squeeze from a squeezed source, causal-LM
-labels, resuming a killed run (In-Squeeze past a boundary too), bad input refused before any training, the
-``lsq train`` command, and one real run: MiniLM on the built-in movie sentences."""
+labels, resuming a killed run (In-Squeeze past a boundary too; a checkpoint killed while being saved, in
+process and with a real ``kill -9``; SIGTERM), bad input refused before any training, the ``lsq train``
+command, and one real run: MiniLM on the built-in movie sentences."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +26,7 @@ from lsq.config import SqueezeConfig
 from lsq.data import DataConfig, fingerprint, load_data
 from lsq.errors import LsqError
 from lsq.objectives import IGNORE, PadCollator, _sft_ids, tokenize_causal_lm
-from lsq.train import SUMMARY_NAME, train
+from lsq.train import COMPLETE_MARK, SUMMARY_NAME, train
 from lsq.train_config import TrainConfig
 from tests.lsq.tiny import cls_config, cls_csv, lm_jsonl, tiny_bert, tiny_llama  # noqa: F401  (fixtures)
 
@@ -166,6 +172,13 @@ def killer(logs: list, at: int):
     return log
 
 
+def whole_checkpoints(out: Path) -> list[str]:
+    """The checkpoint folders of a run, in step order, each checked to carry the whole-checkpoint mark."""
+    folders = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert all((p / COMPLETE_MARK).is_file() for p in folders), [p.name for p in folders]
+    return [p.name for p in folders]
+
+
 @pytest.mark.parametrize("method", ["direct", "in"])
 def test_resume_after_an_interruption(method, tiny_bert, cls_csv, tmp_path):
     changes = dict(method=method, train__steps=10, train__save_steps=2,
@@ -176,7 +189,7 @@ def test_resume_after_an_interruption(method, tiny_bert, cls_csv, tmp_path):
     with pytest.raises(Killed):
         train(cfg, log=killer(first, at=5))
     assert [s for s, m in first if "loss" in m] == [1, 2, 3, 4, 5]
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-4"]
+    assert whole_checkpoints(out) == ["checkpoint-2", "checkpoint-4"]  # the last two, both marked whole
     assert not (out / "adapter").exists() and not (out / SUMMARY_NAME).exists()
     if method == "in":  # the checkpoint is past the 16 -> 8 boundary at step 3
         assert json.loads((out / "checkpoints" / "checkpoint-4" / "adapter_config.json").read_text())["r"] == 8
@@ -196,6 +209,112 @@ def test_resume_after_an_interruption(method, tiny_bert, cls_csv, tmp_path):
     assert set(resumed) == set(straight)
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=1e-4, atol=1e-6)
+
+
+def test_resume_skips_a_checkpoint_killed_while_saving(tiny_bert, cls_csv, tmp_path):
+    """kill -9 while the Trainer writes checkpoint-6 leaves it partial and unmarked: the rerun resumes from
+    checkpoint-4 (the Trainer alone would pick checkpoint-6 and fail on every rerun) and ends with the
+    adapter of a run that was never interrupted."""
+    raw = cls_config(tiny_bert, cls_csv, tmp_path / "run", train__steps=10, train__save_steps=2)
+    cfg, out = TrainConfig.model_validate(raw), tmp_path / "run"
+    with pytest.raises(Killed):
+        train(cfg, log=killer([], at=5))
+    partial = out / "checkpoints" / "checkpoint-6"
+    shutil.copytree(out / "checkpoints" / "checkpoint-4", partial)
+    for name in (COMPLETE_MARK, "adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"):
+        (partial / name).unlink(missing_ok=True)  # written so far: the config, the README, the RNG state
+
+    logs: list = []
+    result = train(cfg, log=lambda m, s: logs.append((s, dict(m))))
+    assert [s for s, m in logs if "loss" in m] == [5, 6, 7, 8, 9, 10]  # from checkpoint-4
+    assert whole_checkpoints(out) == ["checkpoint-8", "checkpoint-10"]
+    reference = train(TrainConfig.model_validate({**raw, "output_dir": str(tmp_path / "whole")}))
+    resumed = load_file(result.adapter_dir / "adapter_model.safetensors")
+    straight = load_file(reference.adapter_dir / "adapter_model.safetensors")
+    assert set(resumed) == set(straight)
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=1e-4, atol=1e-6)
+
+
+def test_no_resume_deletes_the_old_checkpoints(tiny_bert, cls_csv, tmp_path):
+    """resume=false starts over: a later resume must not find a checkpoint of the abandoned run (the new
+    run would also write its checkpoint-2 into a folder that still holds the old mark)."""
+    out = tmp_path / "run"
+    raw = cls_config(tiny_bert, cls_csv, out, train__steps=6, train__save_steps=2)
+    with pytest.raises(Killed):
+        train(TrainConfig.model_validate(raw), log=killer([], at=5))
+    assert whole_checkpoints(out) == ["checkpoint-2", "checkpoint-4"]
+    with pytest.raises(Killed):
+        train(TrainConfig.model_validate({**raw, "resume": False}), log=killer([], at=3))
+    assert whole_checkpoints(out) == ["checkpoint-2"]  # checkpoint-4 of the abandoned run is gone
+    logs: list = []
+    train(TrainConfig.model_validate(raw), log=lambda m, s: logs.append((s, dict(m))))
+    assert [s for s, m in logs if "loss" in m] == [3, 4, 5, 6]
+
+
+LSQ = Path(sys.executable).parent / "lsq"
+
+
+def lsq_train(tiny_bert, cls_csv, out: Path, steps: int) -> list[str]:
+    """``lsq train`` on the tiny BERT, a checkpoint every 2 steps."""
+    return [str(LSQ), "train", f"model.name={tiny_bert}", "model.device=cpu", f"data.source={cls_csv}",
+            "data.max_length=16", "method=direct", "rank=4", f"train.steps={steps}", "train.save_steps=2",
+            "train.batch_size=16", "train.lr=5e-3", "train.warmup_steps=0", "train.logging_steps=1",
+            f"output_dir={out}"]
+
+
+def wait_for_unmarked_checkpoint(proc: subprocess.Popen, out: Path, after: int, timeout: float = 180) -> Path:
+    """Poll (fast) for a ``checkpoint-N`` (N > after) the Trainer is still writing (no whole mark yet)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for path in (out / "checkpoints").glob("checkpoint-*"):
+            if int(path.name.split("-")[1]) > after and not (path / COMPLETE_MARK).exists():
+                return path
+        assert proc.poll() is None, f"lsq train exited {proc.returncode} before a checkpoint was caught"
+        assert time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.0002)
+
+
+def test_kill_9_while_saving_a_checkpoint_then_rerun(tiny_bert, cls_csv, tmp_path):
+    """A real ``lsq train`` killed with SIGKILL while the Trainer writes a checkpoint: the rerun of the same
+    command resumes from the last whole checkpoint and ends with an adapter (exit 0)."""
+    out = tmp_path / "run"
+    command = lsq_train(tiny_bert, cls_csv, out, steps=40)
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        caught = wait_for_unmarked_checkpoint(proc, out, after=2)  # checkpoint-2 is whole by then
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL and not (out / "adapter").exists()
+    print(f"killed while writing {caught.name}: {sorted(p.name for p in caught.iterdir())}")
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    result = json.loads(rerun.stdout)
+    assert result["steps"] == 40 and result["adapter_dir"] == str(out / "adapter")
+    assert set(lora_ranks(out / "adapter", tiny_bert).values()) == {4}
+    assert whole_checkpoints(out) == ["checkpoint-38", "checkpoint-40"]
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+def test_sigterm_during_lsq_train(tiny_bert, cls_csv, tmp_path):
+    """SIGTERM mid-training: exit 143, a line on stderr says so (among the Trainer's), no adapter and no temporary folder;
+    the whole checkpoints stay for the next run."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(lsq_train(tiny_bert, cls_csv, out, steps=40), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_unmarked_checkpoint(proc, out, after=2)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "lsq: terminated\n" in stderr and "Traceback" not in stderr and stdout == ""  # after a progress bar
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "checkpoints.config.sha256"]
+    assert (out / "checkpoints" / "checkpoint-2" / COMPLETE_MARK).is_file()
 
 
 def test_resume_refuses_checkpoints_of_another_config(tiny_bert, cls_csv, tmp_path):

@@ -1,7 +1,7 @@
-"""tasks/tracking.py against a real MLflow (sqlite store in tmp_path) and a tiny real PEFT adapter.
+"""tasks/tracking/ against a real MLflow (sqlite store in tmp_path) and a tiny real PEFT adapter.
 
 What landed is read back through ``MlflowClient``; the registered pyfunc is loaded by alias in a new
-process. The tiny BERT is built from a config (random weights) with the MiniLM tokenizer beside it.
+process. Concurrency, stale runs and redaction have their own modules beside this one.
 """
 
 from __future__ import annotations
@@ -25,87 +25,16 @@ from lsq.api import PLOT_NAME, REPORT_NAME
 from lsq.models import ModelConfig
 from lsq.pipeline_config import Tracking
 from lsq.variants import Decision, Variant
+from lsq.workdir import adapter_digest
 from tasks import tracking
-from tests.lsq.tiny import built_once, save_tiny_bert, save_tiny_llama
+from tasks.tracking import store
+from tests.lsq.tiny import built_once, save_tiny_llama
+from tests.tasks.mlflow_store import EVALUATION, LABELS, MODEL, PARAMS
+from tests.tasks.mlflow_store import artifacts as _artifacts
+from tests.tasks.mlflow_store import child_run as _child
 
 REPO = Path(__file__).resolve().parents[2]
-LABELS = ["neg", "pos"]
-MODEL = "lsq-tiny-test"
-EVALUATION = {"accuracy": 0.75, "macro_f1": 0.7, "trainable_params": 1234, "lora_params": 1000,
-              "adapter_bytes": 5678, "split": "test", "examples": 40}
-PARAMS = {"base_model": "tiny", "dataset": "cls.csv", "dataset_fingerprint": "abc123", "source_rank": 16, "rank": 4,
-          "method": "post", "steps": 6, "learning_rate": 0.005, "seed": 0}
-
-
-# ------------------------------------------------------------------------------------- fixtures
-def _build_template(folder: Path) -> None:
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    client = tracking.client_for(uri)  # creates and migrates the schema once per session
-    client.search_experiments()
-    client.search_registered_models()
-
-
-@pytest.fixture(autouse=True)
-def mlflow_uri(tmp_path, tmp_path_factory, monkeypatch) -> str:
-    """A fresh sqlite store per test (copied from a migrated template), artifacts in tmp_path."""
-    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
-    monkeypatch.setattr(tracking, "RETRY_DELAYS", (0.01, 0.02))
-    template = built_once(tmp_path_factory, "mlflow-template", _build_template)
-    shutil.copy(template / "mlflow.db", tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    yield uri
-    while mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
-
-
-@pytest.fixture
-def base_dir(tmp_path_factory) -> Path:
-    return built_once(tmp_path_factory, "tiny-bert", save_tiny_bert)
-
-
-def _save_adapter(base: Path, folder: Path, rank: int, seed: int) -> None:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification
-
-    torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=len(LABELS))
-    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=rank, lora_alpha=2 * rank,
-                                             target_modules=["query", "value"]))
-    for name, p in model.named_parameters():  # non-zero B (and head) so the adapter changes predictions
-        if "lora_B" in name or "classifier" in name:
-            torch.nn.init.normal_(p, std=0.5)
-    model.save_pretrained(folder)
-    (folder.parent / REPORT_NAME).write_text(json.dumps({"rank": rank, "retained_energy": 0.9}))
-    (folder.parent / PLOT_NAME).write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(16))
-
-
-@pytest.fixture
-def variants(base_dir, tmp_path_factory) -> list[Variant]:
-    out = []
-    for rank in (2, 4, 8):
-        folder = built_once(tmp_path_factory, f"adapter-r{rank}",
-                            lambda d, r=rank: _save_adapter(base_dir, d / "adapter", r, seed=r))
-        out.append(Variant(method="post", rank=rank, source_rank=16, adapter_dir=str(folder / "adapter"),
-                           steps=6, lr=0.005, train_seconds=1.5, retained_energy=0.9, relative_error=0.1,
-                           report=str(folder / REPORT_NAME), plot=str(folder / PLOT_NAME)))
-    return out
-
-
-def _child(uri: str, variant: Variant, parent: str | None = None, experiment: str = "lsq-test") -> tuple[str, str]:
-    exp = tracking.ensure_experiment(uri, experiment)
-    parent = parent or tracking.start_pipeline_run(uri, experiment, "pipeline", {"seed": 0}, {})
-    params = {**PARAMS, "rank": variant.rank}
-    return parent, tracking.log_variant_run(uri, exp, parent, variant, params, EVALUATION)
-
-
-def _artifacts(client, run_id: str, path: str | None = None) -> set[str]:
-    out = set()
-    for item in client.list_artifacts(run_id, path):
-        out |= _artifacts(client, run_id, item.path) if item.is_dir else {item.path}
-    return out
+pytestmark = pytest.mark.usefixtures("mlflow_uri")
 
 
 # ---------------------------------------------------------------------------------------- tests
@@ -223,7 +152,7 @@ def test_register_alias_champion_and_predict_in_new_process(mlflow_uri, variants
     )
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", probe, json.dumps(texts)], capture_output=True, text=True, env=env,
-                          cwd=REPO, timeout=180)
+                          check=False, cwd=REPO, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["list"] == expected and out["frame"] == expected
@@ -234,39 +163,65 @@ def test_failure_after_version_creation_leaves_no_version(mlflow_uri, variants, 
     client = tracking.client_for(mlflow_uri)
     v = variants[0]
     _, run_id = _child(mlflow_uri, v)
-    real = mlflow.MlflowClient.set_model_version_tag
+    data = {"lsq.dataset_fingerprint": "d1"}
+    real_create = mlflow.MlflowClient.create_model_version
+    real_search = mlflow.MlflowClient.search_model_versions
+    created = []
 
-    def broken(self, name, version=None, key=None, value=None, stage=None):
-        if key == "lsq.rank":
+    def create(self, *args, **kwargs):
+        mv = real_create(self, *args, **kwargs)
+        created.append(mv.version)
+        return mv
+
+    def search(self, filter_string=None, *args, **kwargs):
+        if created and "adapter_sha256" in (filter_string or ""):  # the duplicate check after creation
             raise RuntimeError("disk full")
-        return real(self, name, version, key, value)
+        return real_search(self, filter_string, *args, **kwargs)
 
-    monkeypatch.setattr(mlflow.MlflowClient, "set_model_version_tag", broken)
+    monkeypatch.setattr(mlflow.MlflowClient, "create_model_version", create)
+    monkeypatch.setattr(mlflow.MlflowClient, "search_model_versions", search)
     with pytest.raises(RuntimeError, match="disk full"):
-        tracking.register_variant(mlflow_uri, MODEL, run_id, v, ModelConfig(name=str(base_dir)), {}, LABELS)
+        tracking.register_variant(mlflow_uri, MODEL, run_id, v, ModelConfig(name=str(base_dir)), data, LABELS)
+    assert created == [1]
+    monkeypatch.setattr(mlflow.MlflowClient, "search_model_versions", real_search)
     assert client.search_model_versions(f"name = '{MODEL}'") == []
 
-    # a transient "database is locked" is retried, not fatal
+    # a transient "database is locked" is retried, not fatal; the version is born with all its tags
     calls = {"n": 0}
 
-    def locked_once(self, name, version=None, key=None, value=None, stage=None):
+    def locked_once(self, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 1:
             raise MlflowException("(sqlite3.OperationalError) database is locked", error_code="TEMPORARILY_UNAVAILABLE")
-        return real(self, name, version, key, value)
+        return real_create(self, *args, **kwargs)
 
-    monkeypatch.setattr(mlflow.MlflowClient, "set_model_version_tag", locked_once)
-    version = tracking.register_variant(mlflow_uri, MODEL, run_id, v, ModelConfig(name=str(base_dir)), {}, LABELS)
-    assert calls["n"] == 6  # 5 tags + one retry
+    monkeypatch.setattr(mlflow.MlflowClient, "create_model_version", locked_once)
+    version = tracking.register_variant(mlflow_uri, MODEL, run_id, v, ModelConfig(name=str(base_dir)), data, LABELS)
+    assert calls["n"] == 2 and version == "2"  # deleted numbers are not reused
     versions = client.search_model_versions(f"name = '{MODEL}'")
     assert [str(mv.version) for mv in versions] == [version]
     assert client.get_model_version(MODEL, version).tags["lsq.rank"] == "2"
 
-    monkeypatch.setattr(tracking, "RETRY_DELAYS", ())  # no retry left: the lock error surfaces
-    calls["n"] = 0
-    monkeypatch.setattr(mlflow.MlflowClient, "set_model_version_tag", locked_once)
+    real_tag = mlflow.MlflowClient.set_model_version_tag
+
+    def tag_locked(self, name, version=None, key=None, value=None, stage=None):
+        raise MlflowException("(sqlite3.OperationalError) database is locked", error_code="TEMPORARILY_UNAVAILABLE")
+
+    monkeypatch.setattr(store, "RETRY_DELAYS", ())  # no retry left: the lock error surfaces
+    monkeypatch.setattr(mlflow.MlflowClient, "set_model_version_tag", tag_locked)
     with pytest.raises(MlflowException, match="locked"):
-        tracking.set_alias(mlflow_uri, MODEL, version, "champion", Decision("post-r2", "champion", "x"))
+        tracking.set_alias(mlflow_uri, MODEL, version, "champion",
+                           Decision(winner="post-r2", alias="champion", reason="x"))
+    monkeypatch.setattr(mlflow.MlflowClient, "set_model_version_tag", real_tag)
+
+
+def test_a_recorded_digest_must_match_the_folder(mlflow_uri, variants, base_dir):
+    v = variants[0].model_copy(update={"adapter_sha256": "0" * 64})
+    _, run_id = _child(mlflow_uri, v)
+    with pytest.raises(ValueError, match="refusing"):
+        tracking.register_variant(mlflow_uri, MODEL, run_id, v, ModelConfig(name=str(base_dir)), {}, LABELS)
+    ok = v.model_copy(update={"adapter_sha256": adapter_digest(v.adapter_dir)})
+    assert tracking.register_variant(mlflow_uri, MODEL, run_id, ok, ModelConfig(name=str(base_dir)), {}, LABELS) == "1"
 
 
 def test_caller_active_run_is_left_alone(mlflow_uri, variants, base_dir):
@@ -369,7 +324,8 @@ def test_causal_lm_pyfunc_answers_greedily(mlflow_uri, tmp_path_factory):
     _, run_id = _child(mlflow_uri, v)
     version = tracking.register_variant(mlflow_uri, "lsq-tiny-lm", run_id, v,
                                         ModelConfig(name=str(base), task="causal_lm", device="cpu"), {})
-    tracking.set_alias(mlflow_uri, "lsq-tiny-lm", version, "champion", Decision(v.label, "champion", "only one"))
+    tracking.set_alias(mlflow_uri, "lsq-tiny-lm", version, "champion",
+                       Decision(winner=v.label, alias="champion", reason="only one"))
 
     prompts = ["the colour of the sky is", "the colour of the snow is"]
     tok = AutoTokenizer.from_pretrained(base)
@@ -407,9 +363,39 @@ def test_log_pareto(mlflow_uri, tmp_path):
     csv_lines = (local / "variants.csv").read_text().strip().splitlines()
     assert csv_lines[0] == "label,method,rank,adapter_bytes,test_accuracy,on_front" and len(csv_lines) == 6
 
+    assert table["champion"] is None
+
     # losses: smaller is better flips the front (post-r4 is the smallest, in-r4 the lowest value)
     front = tracking.log_pareto(mlflow_uri, parent, rows, "test_loss", greater_is_better=False)
     assert sorted(front) == ["in-r4", "post-r4"]
+
+    # the pipeline's rows: label, size and metric only (None: not scored); the champion is named
+    slim = [{"label": r["label"], "adapter_bytes": r["adapter_bytes"], "metric": r["metric"]} for r in rows]
+    slim.append({"label": "adalora-r4", "adapter_bytes": 1000, "metric": None})
+    front = tracking.log_pareto(mlflow_uri, parent, slim, "val_accuracy", champion_label="post-r8")
+    assert sorted(front) == ["post-r4", "post-r8", "source-r16"]
+    local = Path(mlflow.artifacts.download_artifacts(run_id=parent, artifact_path="pareto",
+                                                     dst_path=str(tmp_path / "slim"), tracking_uri=mlflow_uri))
+    table = json.loads((local / "variants.json").read_text())
+    assert table["champion"] == "post-r8" and table["variants"][-1] == {
+        "label": "adalora-r4", "adapter_bytes": 1000, "val_accuracy": None, "on_front": False}
+    assert (local / "variants.csv").read_text().splitlines()[0] == "label,adapter_bytes,val_accuracy,on_front"
+
+
+def test_pareto_figure_marks_the_champion():
+    from matplotlib.figure import Figure
+
+    from lsq.report import pareto_figure
+
+    rows = [{"label": "a", "adapter_bytes": 10, "metric": 0.9}, {"label": "b", "adapter_bytes": 5, "metric": 0.8},
+            {"label": "c", "adapter_bytes": 20, "metric": 0.7}, {"label": "d", "adapter_bytes": 1, "metric": None}]
+    fig = pareto_figure(rows, "test_accuracy", champion_label="b")
+    assert isinstance(fig, Figure)
+    [ax] = fig.axes
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["dominated", "Pareto front", "champion (b)"]
+    assert sorted(t.get_text() for t in ax.texts) == ["a", "b", "c"]  # unscored rows are not drawn
+    assert "champion (b)" not in [t.get_text() for t in pareto_figure(rows, "x").axes[0].get_legend().get_texts()]
 
 
 def test_variant_run_metrics_names(variants):
@@ -434,5 +420,9 @@ def test_the_same_adapter_on_the_same_data_is_one_version(mlflow_uri, variants, 
     other = tracking.register_variant(mlflow_uri, MODEL, third_run, v, model, {"lsq.dataset_fingerprint": "d2"}, LABELS)
     assert other != first
     assert len(client.search_model_versions(f"name = '{MODEL}'")) == 2
+    assert tracking.adapter_digest is adapter_digest  # the digest lsq.workdir checks its records with
     assert tracking.adapter_digest(v.adapter_dir) == tracking.adapter_digest(v.adapter_dir)
     assert tracking.adapter_digest(v.adapter_dir) != tracking.adapter_digest(variants[0].adapter_dir)
+    assert tracking.versions_trained_on(mlflow_uri, MODEL, "d1") == [first]
+    assert tracking.versions_trained_on(mlflow_uri, MODEL, "d2") == [other]
+    assert tracking.versions_trained_on(mlflow_uri, MODEL, "d3") == []

@@ -1,0 +1,286 @@
+"""Runs: the parent run of a pipeline (with who runs it and a heartbeat), one child run per variant or
+study record, and the closing of parents whose pipeline died without ending them.
+
+A parent run carries ``lsq.host``, ``lsq.pid``, ``lsq.pid_started`` (the process's start time, so a
+reused pid is told apart), ``lsq.pid_ns`` (its pid namespace, so two containers sharing a host name are
+told apart) and ``lsq.heartbeat`` (unix seconds, refreshed by :func:`heartbeat`). A ``kill -9``
+leaves such a run RUNNING; :func:`close_stale_runs`, called by the next pipeline, ends it as KILLED.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric
+
+from lsq.variants import Variant
+from tasks.tracking.store import _params, _quote, _tag, client_for, ensure_experiment, retry
+
+log = logging.getLogger(__name__)
+
+SIZE_METRICS = ("trainable_params", "lora_params", "adapter_bytes")
+VARIANT_METRICS = ("retained_energy", "relative_error", "train_seconds")
+RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+STUDY_PARAMS = ("task", "method", "rank", "seed", "lr", "steps")
+STALE_AFTER_S = 900.0
+HOST_TAG, PID_TAG, STARTED_TAG, NS_TAG = "lsq.host", "lsq.pid", "lsq.pid_started", "lsq.pid_ns"
+HEARTBEAT_TAG, CLOSED_BY_TAG, CLOSED_REASON_TAG = "lsq.heartbeat", "lsq.closed_by", "lsq.closed_reason"
+
+
+# ----------------------------------------------------------------------------------- parent runs
+def start_pipeline_run(uri: str, experiment: str, run_name: str, params: Mapping[str, Any],
+                       tags: Mapping[str, Any]) -> str:
+    """Create the parent run of one pipeline run (left RUNNING) and return its id.
+
+    Besides ``tags`` it carries this process's identity and a first heartbeat (see the module doc).
+    """
+    client = client_for(uri)
+    run = client.create_run(ensure_experiment(uri, experiment), run_name=run_name,
+                            tags={**{k: _tag(v) for k, v in tags.items()}, **process_tags()})
+    client.log_batch(run.info.run_id, params=_params(params))
+    return run.info.run_id
+
+
+def heartbeat(uri: str, run_id: str) -> None:
+    """Refresh the ``lsq.heartbeat`` tag of ``run_id`` to now (unix seconds)."""
+    retry(client_for(uri).set_tag, run_id, HEARTBEAT_TAG, str(int(time.time())))
+
+
+def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    """End ``run_id`` (the parent run) as FINISHED, FAILED or KILLED."""
+    if status not in RUN_STATUSES:
+        raise ValueError(f"status: {status!r} is not one of {', '.join(RUN_STATUSES)}")
+    client_for(uri).set_terminated(run_id, status)
+
+
+def close_stale_runs(uri: str, experiment_id: str, tags: Mapping[str, str], stale_after_s: float = STALE_AFTER_S,
+                     exclude: str | None = None) -> list[str]:
+    """End as KILLED the RUNNING parent runs of ``experiment_id`` carrying ``tags`` whose pipeline is gone.
+
+    A run is gone when it was started on this host (same host name and pid namespace) and its process
+    is not alive, or is alive with another start time (the pid was reused); a run started elsewhere
+    (or without a recorded pid) is gone when its heartbeat (else its start) is older than
+    ``stale_after_s``. A live process on this host is never closed, whatever its heartbeat says:
+    its own process still ends it. ``exclude`` (the caller's own run) is never closed; it is recorded
+    as ``lsq.closed_by`` on every run closed (with ``lsq.closed_reason``). RUNNING child runs of a
+    closed parent end as KILLED too. Returns the ids of the parents closed.
+    """
+    client = client_for(uri)
+    query = " AND ".join(["attributes.status = 'RUNNING'",
+                          *(f"tags.`{k}` = '{_quote(str(v))}'" for k, v in tags.items())])
+    closer = exclude or f"{socket.gethostname()}:{os.getpid()}"
+    closed = []
+    for run in _all_runs(client, experiment_id, query):
+        if run.info.run_id == exclude or "mlflow.parentRunId" in run.data.tags:
+            continue
+        reason = stale_reason(run.data.tags, run.info.start_time, stale_after_s)
+        if reason is None:
+            continue
+        for child in _all_runs(client, experiment_id,
+                               f"tags.mlflow.parentRunId = '{run.info.run_id}' AND attributes.status = 'RUNNING'"):
+            _kill(client, child.info.run_id, closer, f"parent {run.info.run_id}: {reason}")
+        if client.get_run(run.info.run_id).info.status == "RUNNING":  # not ended meanwhile by its own process
+            _kill(client, run.info.run_id, closer, reason)
+            closed.append(run.info.run_id)
+            log.warning("closed stale run %s (%s) as KILLED", run.info.run_id, reason)
+    return closed
+
+
+def stale_reason(tags: Mapping[str, str], start_time_ms: int | None, stale_after_s: float = STALE_AFTER_S,
+                 now: float | None = None) -> str | None:
+    """Why the run with ``tags`` has no live pipeline behind it, or None while it may have one."""
+    pid = tags.get(PID_TAG, "")
+    if tags.get(HOST_TAG) == socket.gethostname() and pid.isdigit() and _same_pid_namespace(tags.get(NS_TAG)):
+        if not pid_alive(int(pid)):
+            return f"process {pid} on {tags[HOST_TAG]} is gone"
+        started, now_started = tags.get(STARTED_TAG), process_start(int(pid))
+        if started and now_started and started.split(":", 1)[0] == now_started.split(":", 1)[0] \
+                and started != now_started:
+            return f"process {pid} on {tags[HOST_TAG]} is gone (its pid now belongs to another process)"
+        return None
+    beat = tags.get(HEARTBEAT_TAG)
+    try:
+        last = float(beat) if beat else (start_time_ms or 0) / 1000
+    except ValueError:
+        last = (start_time_ms or 0) / 1000
+    age = (time.time() if now is None else now) - last
+    if age > stale_after_s:
+        where = f" on {tags[HOST_TAG]}" if tags.get(HOST_TAG) else ""
+        return f"no heartbeat{where} for {age:.0f} s (over {stale_after_s:g} s)"
+    return None
+
+
+def process_tags(pid: int | None = None) -> dict[str, str]:
+    """``lsq.host``, ``lsq.pid``, ``lsq.pid_started``, ``lsq.pid_ns`` of ``pid`` (this process) and a heartbeat now."""
+    pid = os.getpid() if pid is None else pid
+    out = {HOST_TAG: socket.gethostname(), PID_TAG: str(pid), HEARTBEAT_TAG: str(int(time.time()))}
+    started, namespace = process_start(pid), _pid_namespace()
+    if started:
+        out[STARTED_TAG] = started
+    if namespace:
+        out[NS_TAG] = namespace
+    return out
+
+
+def process_start(pid: int) -> str | None:
+    """When process ``pid`` started, as an opaque string (None when unknown or gone).
+
+    ``proc:<boot id>:<clock ticks since boot>`` from ``/proc``; else ``psutil:<create time>`` when
+    psutil is installed. Equal for one process, different for a later process with the same pid.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ticks = stat.rpartition(")")[2].split()[19]  # field 22, counted after "pid (comm)"
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip() if Path(
+            "/proc/sys/kernel/random/boot_id").is_file() else ""
+        return f"proc:{boot}:{ticks}"
+    except (OSError, IndexError):
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    try:
+        return f"psutil:{psutil.Process(pid).create_time():.3f}"
+    except psutil.Error:
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    """True while process ``pid`` exists on this host and is not a zombie."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        pass
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _same_pid_namespace(recorded: str | None) -> bool:
+    ours = _pid_namespace()
+    return not recorded or not ours or recorded == ours
+
+
+def _kill(client, run_id: str, closer: str, reason: str) -> None:
+    retry(client.set_tag, run_id, CLOSED_BY_TAG, closer)
+    retry(client.set_tag, run_id, CLOSED_REASON_TAG, _tag(reason))
+    retry(client.set_terminated, run_id, "KILLED")
+
+
+def _all_runs(client, experiment_id: str, query: str) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], query, max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+# ------------------------------------------------------------------------------------ child runs
+def variant_run_metrics(variant: Variant, metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The fixed metric names of a variant run: ``test_<metric>``, sizes, squeeze numbers, train seconds.
+
+    ``metrics`` is an evaluation (``accuracy``, ``macro_f1``, sizes, ...) or already prefixed
+    (``test_``, ``val_``, ``train_``); strings and None are dropped. The variant's own numbers (when
+    set) fill what ``metrics`` lacks.
+    """
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        fixed = (key in SIZE_METRICS or key in VARIANT_METRICS or key == "total_train_seconds"
+                 or key.startswith(("test_", "val_", "train_")))
+        out[key if fixed else f"test_{key}"] = float(value)
+    for key in VARIANT_METRICS:
+        if getattr(variant, key, None) is not None:
+            out.setdefault(key, float(getattr(variant, key)))
+    return out
+
+
+def log_variant_run(uri: str, experiment_id: str, parent_run_id: str, variant: Variant,
+                    params: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
+    """One child run per variant: params, metrics (see :func:`variant_run_metrics`), artifacts; ends FINISHED.
+
+    Artifacts: the adapter folder unchanged under ``adapter/``, ``squeeze_report.json`` and
+    ``spectrum.png`` when the variant has them. A retry with the same parent and variant returns the
+    run that already finished; a failure marks the new run FAILED.
+    """
+    client = client_for(uri)
+    done = client.search_runs(
+        [experiment_id],
+        f"tags.mlflow.parentRunId = '{parent_run_id}' AND tags.`lsq.variant` = '{_quote(variant.label)}' "
+        "AND attributes.status = 'FINISHED'",
+        max_results=1,
+    )
+    if done:
+        return done[0].info.run_id
+    adapter = Path(variant.adapter_dir)
+    if not adapter.is_dir():
+        raise FileNotFoundError(f"variant {variant.label}: adapter folder {adapter} does not exist")
+    tags = {"mlflow.parentRunId": parent_run_id, "lsq.variant": variant.label, "lsq.method": variant.method,
+            "lsq.rank": str(variant.rank), "lsq.source_rank": str(variant.source_rank)}
+    run_id = client.create_run(experiment_id, run_name=variant.label, tags=tags).info.run_id
+    try:
+        defaults = {"method": variant.method, "rank": variant.rank, "source_rank": variant.source_rank,
+                    "steps": variant.steps, "learning_rate": variant.lr}
+        now = int(time.time() * 1000)
+        client.log_batch(
+            run_id,
+            metrics=[Metric(k, v, now, 0) for k, v in variant_run_metrics(variant, metrics).items()],
+            params=_params({**defaults, **params}),
+        )
+        client.log_artifacts(run_id, str(adapter), "adapter")
+        for extra in (variant.report, variant.plot):
+            if extra and Path(extra).is_file():
+                client.log_artifact(run_id, extra)
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def log_study_record(uri: str, experiment_id: str, parent_run_id: str, record: Mapping[str, Any]) -> str:
+    """One child run per study record (lsq/study.py): its settings as params, its numbers as metrics.
+
+    Run name and tag ``lsq.study_key`` are the record's key; logging the same record under the same
+    parent again returns the run that exists (a resumed study logs each job once).
+    """
+    client = client_for(uri)
+    key = record["key"]
+    found = client.search_runs(
+        [experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' AND tags.`lsq.study_key` = '{_quote(key)}'",
+        max_results=1,
+    )
+    if found:
+        return found[0].info.run_id
+    tags = {"mlflow.parentRunId": parent_run_id, "lsq.study_key": key, "lsq.method": str(record["method"]),
+            "lsq.rank": str(record["rank"]), "lsq.task": str(record["task"])}
+    run_id = client.create_run(experiment_id, run_name=key, tags=tags).info.run_id
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now, 0) for k, v in record.items()
+               if k not in STUDY_PARAMS and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    client.log_batch(run_id, metrics=metrics, params=_params({k: record[k] for k in STUDY_PARAMS if k in record}))
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
