@@ -64,7 +64,7 @@ def study_flow(preset: str = "quick", overrides: list[str] | None = None, out: s
         with tempfile.TemporaryDirectory() as tmp:
             text = write_report(study, records, tmp, f"python -m flows.study --preset {preset}",
                                 time.perf_counter() - started)
-            tracking.client_for(uri).log_artifacts(parent, tmp)
+            tracking.log_folder(uri, parent, tmp)
         create_markdown_artifact(text, key="lsq-study", description=f"lsq study ({preset})")
         status = "FINISHED"
         return text

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,17 @@ from lsq.report import adapter_report, plot_spectra, spectra_lists
 from lsq.squeeze import Progress, load_factors, squeeze_state_dict
 
 REPORT_NAME = "squeeze_report.json"
+
+
+@dataclass(frozen=True)
+class Written:
+    """One output adapter folder and its whole-adapter numbers (the totals of its ``squeeze_report.json``)."""
+
+    folder: Path
+    lora_params: int
+    retained_energy: float  # share of sum_m ||dW_m||_F^2 kept
+    relative_error: float  # sqrt(sum_m ||dW_m - dW_m,k||^2 / sum_m ||dW_m||^2)
+
 PLOT_NAME = "spectrum.png"
 _ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME}
 
@@ -46,12 +58,12 @@ def squeeze_adapter(
     plotter: PlotProcess | None = None,
     workers: int = 1,
     progress: Progress = lambda it: it,
-) -> dict[str, Path]:
+) -> dict[str, Written]:
     """Squeeze the PEFT adapter folder ``src`` into ``out/<name>`` for every target of ``config``.
 
     Each ``out/<name>`` is a standard PEFT adapter folder (``PeftModel.from_pretrained`` loads it)
     with ``squeeze_report.json`` and ``spectrum.png`` beside the weights; other files of ``src``
-    (model card, tokenizer) are copied. Returns ``{name: folder}``.
+    (model card, tokenizer) are copied. Returns ``{name: Written}`` (folder and totals).
 
     ``plotter`` (a started :class:`lsq.plotting.PlotProcess`) draws the plot in a child process while
     the adapters are written; without it the plot is drawn here. ``workers`` > 1 decomposes modules in
@@ -65,6 +77,7 @@ def squeeze_adapter(
     result = squeeze_state_dict(weights, source_config, config, progress=progress, workers=workers)
     settings = config.model_dump(mode="json", exclude={"ranks", "energy", "budget"})
     extras = [p for p in src.iterdir() if p.is_file() and p.name not in _ADAPTER_FILES]
+    totals = {}
     with atomic as tmp:
         if plot:
             marks = {a.name: next(iter(a.ranks.values())) for a in result.adapters if len(set(a.ranks.values())) == 1}
@@ -76,6 +89,7 @@ def squeeze_adapter(
             folder = tmp / adapter.name
             write_adapter(folder, adapter.config, adapter.weights)
             report = adapter_report(result, adapter, str(src), settings)
+            totals[adapter.name] = report["totals"]
             (folder / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
             for extra in extras:
                 shutil.copy2(extra, folder / extra.name)
@@ -87,7 +101,9 @@ def squeeze_adapter(
                     raise LsqError(str(exc)) from None
             for adapter in result.adapters:
                 shutil.copy2(tmp / PLOT_NAME, tmp / adapter.name / PLOT_NAME)
-    return {a.name: Path(out) / a.name for a in result.adapters}
+    return {a.name: Written(folder=Path(out) / a.name, lora_params=int(totals[a.name]["lora_params"]),
+                            retained_energy=float(totals[a.name]["retained_energy"]),
+                            relative_error=float(totals[a.name]["relative_error"])) for a in result.adapters}
 
 
 def inspect_adapter(src: str | os.PathLike, energies=(0.5, 0.8, 0.9, 0.95, 0.99), progress: Progress = lambda it: it) -> dict[str, Any]:

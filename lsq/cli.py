@@ -153,8 +153,8 @@ def _squeeze(args: argparse.Namespace, plotter) -> int:
                                   plotter=plotter, workers=workers, progress=_progress("squeeze"))
     finally:
         torch.set_num_threads(threads)  # main() may run inside a longer process (tests, notebooks)
-    for name, folder in written.items():
-        print(f"{name}\t{folder}")
+    for name, out in written.items():
+        print(f"{name}\t{out.folder}")
     return 0
 
 

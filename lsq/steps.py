@@ -12,7 +12,6 @@ The Prefect tasks (``tasks/steps.py``) and the study (``lsq/study.py``) both cal
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -100,17 +99,16 @@ def squeeze_step(source: Variant, ranks: tuple[int, ...], settings: Mapping[str,
         if done is not None:
             return done
         config = SqueezeConfig(ranks=ranks, **settings)
-        folders = squeeze_adapter(source.adapter_dir, folder / "adapters", config, force=True, plot=plot)
+        written = squeeze_adapter(source.adapter_dir, folder / "adapters", config, force=True, plot=plot)
         variants = []
         for k in ranks:
-            out = folders[f"r{k}"]
-            totals = json.loads((out / REPORT_NAME).read_text())["totals"]
+            out = written[f"r{k}"]
             variants.append(Variant(
-                method="post", rank=k, source_rank=source.rank, adapter_dir=str(out),
-                adapter_sha256=adapter_digest(out), seed=source.seed, steps=source.steps, lr=source.lr,
+                method="post", rank=k, source_rank=source.rank, adapter_dir=str(out.folder),
+                adapter_sha256=adapter_digest(out.folder), seed=source.seed, steps=source.steps, lr=source.lr,
                 train_seconds=0.0, total_train_seconds=source.total_train_seconds,
-                retained_energy=totals["retained_energy"], relative_error=totals["relative_error"],
-                report=str(out / REPORT_NAME), plot=str(out / PLOT_NAME) if plot else None,
+                retained_energy=out.retained_energy, relative_error=out.relative_error,
+                report=str(out.folder / REPORT_NAME), plot=str(out.folder / PLOT_NAME) if plot else None,
             ))
         squeezed = Squeezed(source=source, variants=tuple(variants))
         publish(folder, squeezed)

@@ -32,6 +32,7 @@ from tasks.tracking.runs import (
     close_stale_runs,
     finish_run,
     heartbeat,
+    log_folder,
     log_study_record,
     log_variant_run,
     start_pipeline_run,
@@ -49,7 +50,7 @@ from tasks.tracking.store import (
 
 __all__ = [
     "adapter_digest", "alias_version", "artifact_root", "champion", "client_for", "close_stale_runs",
-    "default_tracking_uri", "download_adapter", "ensure_experiment", "finish_run", "heartbeat", "log_pareto",
+    "default_tracking_uri", "download_adapter", "ensure_experiment", "finish_run", "heartbeat", "log_folder", "log_pareto",
     "log_pyfunc", "log_study_record", "log_variant_run", "promote", "redact_uri", "register_variant",
     "registry_lock", "retry", "set_alias", "start_pipeline_run", "transient", "variant_run_metrics",
     "versions_trained_on",

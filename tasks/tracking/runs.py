@@ -284,3 +284,8 @@ def log_study_record(uri: str, experiment_id: str, parent_run_id: str, record: M
     client.log_batch(run_id, metrics=metrics, params=_params({k: record[k] for k in STUDY_PARAMS if k in record}))
     client.set_terminated(run_id, "FINISHED")
     return run_id
+
+
+def log_folder(uri: str, run_id: str, folder: str | os.PathLike, artifact_path: str | None = None) -> None:
+    """Every file of ``folder`` as artifacts of ``run_id`` (under ``artifact_path``)."""
+    client_for(uri).log_artifacts(run_id, str(folder), artifact_path)

@@ -108,8 +108,12 @@ def test_classification_metrics_and_size(cls_run, tiny_bert):
 
 def test_size_of_a_squeezed_adapter_with_per_module_ranks(cls_run, tiny_bert, tmp_path):
     _, result = cls_run
-    out = squeeze_adapter(result.adapter_dir, tmp_path / "sq", SqueezeConfig(energy=(0.6,), ranks=(2,)), plot=False)
-    for folder in out.values():
+    written = squeeze_adapter(result.adapter_dir, tmp_path / "sq", SqueezeConfig(energy=(0.6,), ranks=(2,)), plot=False)
+    out = {name: w.folder for name, w in written.items()}
+    for name, folder in out.items():
+        report = json.loads((folder / "squeeze_report.json").read_text())["totals"]
+        assert written[name].retained_energy == report["retained_energy"]
+        assert written[name].lora_params == report["lora_params"]
         size = adapter_size(folder)
         assert size["lora_params"] == expected_lora_params(folder, tiny_bert)
         assert size["adapter_bytes"] == os.path.getsize(folder / "adapter_model.safetensors")

@@ -176,7 +176,7 @@ def _alpha(model: PeftModel, name: str) -> float:
 
 def squeeze(src: Path, out: Path, **settings) -> dict[str, Path]:
     plot = settings.pop("plot", False)
-    return squeeze_adapter(src, out, SqueezeConfig(**settings), plot=plot)
+    return {name: w.folder for name, w in squeeze_adapter(src, out, SqueezeConfig(**settings), plot=plot).items()}
 
 
 def test_llama_all_projections(tmp_path):

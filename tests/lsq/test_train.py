@@ -99,7 +99,7 @@ def source_adapter(tiny_bert, cls_csv, tmp_path):
 
 
 def test_cont_squeeze_from_a_squeezed_source(source_adapter, tiny_bert, cls_csv, tmp_path):
-    squeezed = squeeze_adapter(source_adapter, tmp_path / "squeezed", SqueezeConfig(ranks=(4,)), plot=False)["r4"]
+    squeezed = squeeze_adapter(source_adapter, tmp_path / "squeezed", SqueezeConfig(ranks=(4,)), plot=False)["r4"].folder
     start = load_file(squeezed / "adapter_model.safetensors")
     out = tmp_path / "cont"
     # rank 8 in the config on purpose: the summary reports the rank of the adapter it continued from
