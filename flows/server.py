@@ -154,9 +154,24 @@ def prefect_api(server: TemporaryServer | None) -> Iterator[str | None]:
     try:
         server.wait()
         with temporary_settings({PREFECT_API_URL: server.api_url}):
-            yield server.api_url
+            try:
+                yield server.api_url
+            finally:
+                _drain_prefect_workers()
     finally:
         server.stop()
+
+
+def _drain_prefect_workers(timeout: float = 5.0) -> None:
+    """Send the logs and events still queued for the server before it stops (else: 'Error logging to API')."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            worker.drain_all(timeout=timeout)
+        except Exception:  # best effort: the run's outcome is already decided
+            pass
 
 
 _TERMINATING = threading.Event()
