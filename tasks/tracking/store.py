@@ -69,8 +69,28 @@ def artifact_root(uri: str) -> Path | None:
     return None if db is None else db.resolve().parent / "artifacts"
 
 
+_READY: set[str] = set()
+_READY_LOCK = threading.Lock()
+
+
 def client_for(uri: str) -> mlflow.MlflowClient:
-    """A client whose tracking and registry stores are both ``uri`` (never the process-global ones)."""
+    """A client whose tracking and registry stores are both ``uri`` (never the process-global ones).
+
+    The first client of a sqlite store in a process opens it under a file lock beside the database:
+    MLflow creates and migrates a new database when its store opens, and two processes doing that
+    at once on one new file fail (``table _alembic_tmp_experiments already exists``).
+    """
+    db = sqlite_path(uri)
+    if db is not None and uri not in _READY:
+        from filelock import FileLock
+
+        with _READY_LOCK:
+            if uri not in _READY:
+                db.parent.mkdir(parents=True, exist_ok=True)
+                with FileLock(str(db) + ".init.lock"):
+                    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)  # opens the tracking store
+                    client.search_registered_models(max_results=1)  # and the registry store
+                _READY.add(uri)
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
