@@ -166,9 +166,13 @@ def retry(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 
 def transient(exc: BaseException | None) -> bool:
-    """True for errors a retry may cure: "database is locked", busy, temporarily unavailable, rate limits."""
+    """True for errors a retry may cure: "database is locked", busy, temporarily unavailable, rate limits,
+    and two writers setting the same tag at once (the store reads, then inserts: the second insert
+    breaks the tag table's unique key; retried, it finds the row and updates it)."""
     while exc is not None:
         text = str(exc).lower()
+        if "unique constraint failed" in text and "_tags." in text or "duplicate key value" in text and "tags" in text:
+            return True
         if isinstance(exc, MlflowException) and exc.error_code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"):
             return True
         if isinstance(exc, (MlflowException, sqlite3.OperationalError)) and ("database is locked" in text or "busy" in text):

@@ -19,3 +19,15 @@ def test_two_processes_create_one_new_store_at_once(tmp_path):
         for p, (out, err) in zip(procs, results):
             assert p.returncode == 0, err[-2000:]
         assert len({out.strip() for out, _ in results}) == 1  # one experiment, the same id for both
+
+
+def test_two_writers_of_one_tag_is_a_transient_error():
+    from mlflow.exceptions import MlflowException
+
+    from tasks.tracking.store import transient
+
+    clash = MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: model_version_tags.workspace, "
+                            "model_version_tags.name, model_version_tags.version, model_version_tags.key")
+    assert transient(clash)
+    assert not transient(MlflowException("UNIQUE constraint failed: registered_models.name"))
+    assert not transient(ValueError("bad input"))
