@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from lsq.errors import LsqError
+from lsq.workdir import atomic_write
 
 VADER_VERSION = "3.3.2"
 VADER_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
@@ -146,30 +147,16 @@ def _jsonl(rows: list[dict]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows).encode("utf-8")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_cache(folder: Path, sha256: str, rows: dict[str, list[dict]]) -> None:
     """One jsonl per set, then ``meta.json`` (the completion mark) with the sdist digest and file digests."""
     folder.mkdir(parents=True, exist_ok=True)
     files = {}
     for name, set_rows in rows.items():
         data = _jsonl(set_rows)
-        _atomic_write(folder / f"{name}.jsonl", data)
+        atomic_write(folder / f"{name}.jsonl", data)
         files[name] = {"rows": len(set_rows), "sha256": hashlib.sha256(data).hexdigest()}
     meta = {"format": _CACHE_FORMAT, "sdist_sha256": sha256, "version": VADER_VERSION, "files": files}
-    _atomic_write(folder / "meta.json", json.dumps(meta, indent=1, sort_keys=True).encode("utf-8"))
+    atomic_write(folder / "meta.json", json.dumps(meta, indent=1, sort_keys=True).encode("utf-8"))
 
 
 def _read_cache(folder: Path, sha256: str) -> dict[str, list[dict]] | None:

@@ -65,19 +65,25 @@ def claimed(folder: str | os.PathLike, timeout: float = -1) -> Iterator[Path]:
 
 
 def publish(folder: str | os.PathLike, record: BaseModel, name: str = RECORD_NAME) -> Path:
-    """Write ``record`` as ``folder/name`` atomically (temporary file, fsync, rename)."""
+    """Write ``record`` as ``folder/name`` atomically (:func:`atomic_write`)."""
     target = Path(folder) / name
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=target.parent)
+    atomic_write(target, (record.model_dump_json(indent=1) + "\n").encode())
+    return target
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all: a temporary file beside it, fsync, rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(record.model_dump_json(indent=1) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
+        os.chmod(tmp, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return target
 
 
 def finished(folder: str | os.PathLike, kind: type[R], name: str = RECORD_NAME) -> R | None:
