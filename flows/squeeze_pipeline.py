@@ -42,7 +42,7 @@ from lsq.pipeline_config import Orchestration, PipelineConfig, load_pipeline_con
 from lsq.records import PipelineResult  # noqa: E402
 from tasks import registry, steps, tracking  # noqa: E402
 from tasks.registry import log_and_register, promote, report, start_run  # noqa: E402
-from tasks.steps import COMPUTE_TAG, code_version, prepare_data  # noqa: E402
+from tasks.steps import COMPUTE_TAG, code_version, make_unit, prepare_data  # noqa: E402
 
 HEARTBEAT_SECONDS = 60.0
 
@@ -88,35 +88,38 @@ def pipeline_run(cfg: PipelineConfig) -> PipelineResult:
     log = get_run_logger()
     code = code_version()
     uri = tracking.default_tracking_uri(cfg.tracking)
-    root = cfg.output_dir
-    train_adapter, squeeze_source, evaluate_variant, champion_score = limited(
-        steps.train_adapter, steps.squeeze_source, steps.evaluate_variant, registry.champion_score)
+    run_unit, squeeze_source, champion_score = limited(steps.run_unit, steps.squeeze_source, registry.champion_score)
+    o = cfg.orchestration
+    if o.runner == "work-pool":  # each unit a flow run on the pool; its workers hold the devices
+
+        def run(unit):
+            return steps.dispatch_unit.submit(unit, o.unit_deployment, o.unit_attempts)
+    else:
+        run = run_unit.submit
 
     data = prepare_data(cfg.data)
     parent = start_run(uri, cfg, data, flow_run.get_name() or "local")
     status = "FAILED"
     try:
         with heartbeat(uri, parent):
-            source = train_adapter(cfg.step_config("source", cfg.source_rank), data, code)
-            post = squeeze_source(source, cfg.target_ranks, cfg.squeeze, root, code).variants
-            futures = []
+            source = run(make_unit(cfg, data, code, "source", cfg.source_rank)).result()
+            post = squeeze_source(source.variant, cfg.target_ranks, cfg.squeeze, cfg, code).variants
+            units = [make_unit(cfg, data, code, parent=v) for v in post]  # each squeezed adapter scored as it is
             if cfg.recover.enabled:
-                futures += [train_adapter.submit(cfg.step_config("cont", v.rank, v.adapter_dir), data, code, v)
-                            for v in post]
+                units += [make_unit(cfg, data, code, "cont", v.rank, v) for v in post]
             if cfg.insqueeze.enabled:
-                futures.append(train_adapter.submit(cfg.step_config("in", cfg.insqueeze.rank), data, code))
+                units.append(make_unit(cfg, data, code, "in", cfg.insqueeze.rank))
             for k in cfg.target_ranks:
                 if cfg.baselines.direct:
-                    futures.append(train_adapter.submit(cfg.step_config("direct", k), data, code))
+                    units.append(make_unit(cfg, data, code, "direct", k))
                 if cfg.baselines.adalora:
-                    futures.append(train_adapter.submit(cfg.step_config("adalora", k), data, code))
-            variants = [source, *post, *(f.result() for f in futures)]
-
-            evaluations = [evaluate_variant.submit(v, cfg.model, cfg.data, cfg.eval_split,
-                                                   cfg.train.eval_batch_size, data, root, code) for v in variants]
-            evaluated = [e.result() for e in evaluations]  # every score first: a failure registers nothing
+                    units.append(make_unit(cfg, data, code, "adalora", k))
+            futures = [run(u) for u in units]
+            results = [source, *(f.result() for f in futures)]  # every unit first: a failure registers nothing
+            log.info("units: %s", ", ".join(f"{r.variant.label} on {r.variant.worker} ({r.variant.device})"
+                                            for r in results))
             champion = champion_score(uri, cfg)
-            rows = [log_and_register(uri, cfg, parent, v, e, data) for v, e in zip(variants, evaluated)]
+            rows = [log_and_register(uri, cfg, parent, r.variant, r.evaluations[0], data) for r in results]
             decision = promote(uri, cfg, rows, champion)
             report(uri, cfg, parent, rows, decision)
         status = "FINISHED"
@@ -134,13 +137,16 @@ def pipeline_run(cfg: PipelineConfig) -> PipelineResult:
 
 
 def task_runner(orchestration: Orchestration):
-    """Threads by default; Dask (prefect-dask) on a local cluster or an existing scheduler's address."""
+    """Threads by default; Dask (prefect-dask) on a local cluster or an existing scheduler's address;
+    for a work pool, threads that only wait on the units' flow runs."""
     if orchestration.runner == "dask":
         from prefect_dask import DaskTaskRunner
 
         if orchestration.dask_address:
             return DaskTaskRunner(address=orchestration.dask_address)
         return DaskTaskRunner(cluster_kwargs={"n_workers": orchestration.max_workers, "threads_per_worker": 1})
+    if orchestration.runner == "work-pool":  # threads that wait on flow runs: the pool's workers limit the work
+        return ThreadPoolTaskRunner(max_workers=max(orchestration.max_workers, 32))
     return ThreadPoolTaskRunner(max_workers=orchestration.max_workers)
 
 

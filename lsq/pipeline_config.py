@@ -98,9 +98,40 @@ class Tracking(BaseModel):
 class Orchestration(BaseModel):
     model_config = _FROZEN
 
-    runner: Literal["threads", "dask"] = Field("threads", description="Prefect task runner.")
-    max_workers: int = Field(1, ge=1, description="Parallel branches (threads or local Dask workers).")
+    runner: Literal["threads", "dask", "work-pool"] = Field(
+        "threads", description="Where the units (each variant's training and scoring) run: threads or Dask "
+        "workers of this flow run, or flow runs of the unit deployment on a Prefect work pool (team mode).")
+    max_workers: int = Field(1, ge=1, description="Units in flight at once (threads, local Dask workers, "
+                             "or flow runs on the work pool).")
     dask_address: str | None = Field(None, description="Existing Dask scheduler address (runner dask).")
+    unit_deployment: str = Field("lsq-unit/lsq-gpu", description="Deployment that runs one unit (runner work-pool): "
+                                 "see deployments/README.md.")
+    unit_attempts: int = Field(3, ge=1, description="Tries of a unit whose flow run crashed (its worker lost), "
+                               "each on whichever worker is free (runner work-pool).")
+
+    @model_validator(mode="after")
+    def _check(self) -> Orchestration:
+        if self.unit_deployment.count("/") != 1 or not all(self.unit_deployment.split("/")):
+            raise ValueError(f"orchestration.unit_deployment: {self.unit_deployment!r} is not '<flow>/<deployment>'")
+        return self
+
+
+class StorageSettings(BaseModel):
+    model_config = _FROZEN
+
+    root: str | None = Field(
+        None, description="Where units leave adapters and records for other machines: s3://bucket/prefix (or any "
+        "fsspec URL, or a folder every machine mounts). Unset: output_dir, nothing copied (one machine).")
+    cache: str | None = Field(None, description="This machine's folder for fetched adapters; default <output_dir>/cache.")
+
+    @field_validator("root")
+    @classmethod
+    def _root(cls, root: str | None) -> str | None:
+        if root is not None and not root.strip():
+            raise ValueError("may not be blank; leave it out to keep results in output_dir")
+        if root and "@" in root.split("://", 1)[-1].split("/", 1)[0]:
+            raise ValueError("put credentials in the environment (AWS_ACCESS_KEY_ID, ...), not in the URL")
+        return root
 
 
 class PipelineConfig(BaseModel):
@@ -122,6 +153,7 @@ class PipelineConfig(BaseModel):
     promotion: Promotion = Field(default_factory=Promotion)
     tracking: Tracking = Field(default_factory=Tracking)
     orchestration: Orchestration = Field(default_factory=Orchestration)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
     output_dir: str = Field("runs/pipeline", description="Working folder for adapters and reports.")
 
     @model_validator(mode="after")
@@ -135,6 +167,9 @@ class PipelineConfig(BaseModel):
             raise ValueError(f"target_ranks: {list(self.target_ranks)} repeats a rank")
         if self.insqueeze.enabled:
             self.step_config("in", self.insqueeze.rank)  # validates the schedule before any work
+        if self.orchestration.runner == "work-pool" and not self.storage.root:
+            raise ValueError("orchestration.runner=work-pool: set storage.root (e.g. s3://bucket/lsq), "
+                             "the place units on other machines leave their results")
         return self
 
     @property

@@ -44,6 +44,8 @@ class Variant(BaseModel):
     relative_error: float | None = Field(None, description="relative Frobenius error of the squeeze")
     report: str | None = Field(None, description="squeeze_report.json of a squeezed adapter")
     plot: str | None = Field(None, description="spectrum.png of a squeezed adapter")
+    worker: str | None = Field(None, description="the worker (machine) whose unit made this adapter")
+    device: str | None = Field(None, description="the one device that unit saw: cpu, cuda:0 (NVIDIA H100 ...)")
 
     @property
     def label(self) -> str:
@@ -110,6 +112,17 @@ def variant_metrics(variant: Variant, evaluation: Evaluation) -> dict[str, float
     if variant.relative_error is not None:
         out["relative_error"] = variant.relative_error
     return out
+
+
+class UnitResult(BaseModel):
+    """What one unit left (:func:`lsq.steps.run_unit`): its adapter, the adapter's scores, where it ran."""
+
+    model_config = _RECORD
+
+    name: str = Field(description="<label>-<digest of the unit's whole input>")
+    variant: Variant
+    evaluations: tuple[Evaluation, ...] = Field(description="one per split asked for, in that order")
+    wall_seconds: float = Field(0.0, description="the unit's wall time on its worker, fetching included")
 
 
 class Registered(BaseModel):

@@ -12,11 +12,20 @@ The Prefect tasks (``tasks/steps.py``) and the study (``lsq/study.py``) both cal
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Literal
 
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from lsq.data import DataConfig
 from lsq.errors import LsqError
-from lsq.records import Evaluation, Evaluations, Squeezed, Variant
+from lsq.models import ModelConfig
+from lsq.records import Evaluation, Evaluations, Squeezed, UnitResult, Variant
+from lsq.storage import Storage
 from lsq.train_config import TrainConfig
 from lsq.workdir import adapter_digest, claimed, finished, publish, step_key
 
@@ -132,3 +141,108 @@ def evaluate_step(variant: Variant, model, data_cfg, splits: tuple[str, ...], ba
         evaluations = tuple(Evaluation.from_metrics(variant.label, scores[s]) for s in splits)
         publish(folder, Evaluations(evaluations=evaluations))
         return evaluations
+
+
+class Unit(BaseModel):
+    """One independent piece of the pipeline after the source: train one adapter and score it, or score
+    one that exists (a squeezed variant). Everything it needs is in here, so it runs the same in a
+    thread of the pipeline's flow run or as a flow run on another machine (``flows/unit.py``), which
+    shares nothing with the pipeline but ``storage_root``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["train", "evaluate"]
+    train: TrainConfig | None = Field(None, description="kind train: the step's config")
+    parent: Variant | None = Field(None, description="kind train: the adapter a cont step recovers; "
+                                   "kind evaluate: the adapter to score")
+    model: ModelConfig
+    data: DataConfig
+    splits: tuple[Literal["train", "validation", "test"], ...]
+    eval_batch_size: int = Field(ge=1)
+    data_fingerprint: str
+    code: str = Field(description="lsq code version of the pipeline; a worker running other code refuses the unit")
+    storage_root: str | None = None
+    output_dir: str = Field(description="work folder, relative to the worker's own folder when relative")
+    cache: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Unit:
+        if self.kind == "train" and self.train is None:
+            raise ValueError("a train unit needs its train config")
+        if self.kind == "evaluate" and self.parent is None:
+            raise ValueError("an evaluate unit needs the variant it scores (parent)")
+        return self
+
+    @property
+    def label(self) -> str:
+        return trained_label(self.train, self.parent) if self.kind == "train" else self.parent.label
+
+    @property
+    def name(self) -> str:
+        """``<label>-<digest>`` of everything that determines the result, not where it is kept."""
+        inputs = self.model_dump(mode="json", exclude={"storage_root", "output_dir", "cache"})
+        if inputs["train"]:
+            inputs["train"].pop("output_dir", None)
+            inputs["train"]["cont"].pop("adapter", None)
+        if inputs["parent"]:  # the parent by its digest, wherever it is kept
+            inputs["parent"] = {k: inputs["parent"][k] for k in ("method", "rank", "source_rank", "adapter_sha256")}
+        return f"{self.label}-{step_key(inputs)}"
+
+    def storage(self) -> Storage:
+        return Storage(self.storage_root, self.output_dir, self.cache)
+
+
+def where() -> tuple[str, str]:
+    """(worker, device) of this process: ``$LSQ_WORKER`` or the host name, and the one device it sees."""
+    import torch
+
+    worker = os.environ.get("LSQ_WORKER") or socket.gethostname()
+    if torch.cuda.is_available():
+        index = torch.cuda.current_device()
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        device = f"cuda:{index} ({torch.cuda.get_device_name(index)}" + (
+            f", CUDA_VISIBLE_DEVICES={visible})" if visible else ")")
+    else:
+        device = "cpu"
+    return worker, device
+
+
+def run_unit(unit: Unit, data=None, log: Log | None = None) -> UnitResult:
+    """Do ``unit`` (or return its finished result) and keep the result in its storage.
+
+    The record others read names the adapter by its storage location (a URI under a shared root), and
+    says which worker and device made it. A unit finished before is returned as it was kept.
+    """
+    if unit.code != code_version():
+        raise LsqError(f"unit {unit.label}: this worker runs lsq code {code_version()}, the pipeline "
+                       f"{unit.code}; install the same lsq version on every worker")
+    storage = unit.storage()
+    done = storage.get(unit.name, UnitResult)
+    if done is not None:
+        return done
+    started = time.perf_counter()
+    parent = storage.localize(unit.parent) if unit.parent is not None else None
+    if unit.kind == "train":
+        cfg = unit.train.model_copy(update={"output_dir": unit.output_dir})
+        variant = train_step(cfg, unit.data_fingerprint, unit.code, parent, data=data, log=log)
+    else:
+        variant = parent
+    evaluations = evaluate_step(variant, unit.model, unit.data, unit.splits, unit.eval_batch_size,
+                                unit.data_fingerprint, unit.output_dir, unit.code, data)
+    worker, device = where()
+    result = UnitResult(name=unit.name, variant=variant.model_copy(update={"worker": worker, "device": device}),
+                        evaluations=evaluations, wall_seconds=time.perf_counter() - started)
+    return storage.put(unit.name, result)
+
+
+def squeeze_unit(source: Variant, ranks: tuple[int, ...], settings: Mapping[str, str], storage: Storage,
+                 code: str, plot: bool = True) -> Squeezed:
+    """Post-Squeeze of ``source`` wherever it is kept, its outputs kept in ``storage`` (cheap: no model)."""
+    name = f"post-from-{source.label}-" + step_key({"source": source.adapter_sha256, "ranks": list(ranks),
+                                                   "settings": dict(settings), "code": code, "plot": plot})
+    done = storage.get(name, Squeezed)
+    if done is not None:
+        return done
+    squeezed = squeeze_step(storage.localize(source), ranks, settings, storage.local, code, plot)
+    return storage.put(name, squeezed)

@@ -102,7 +102,7 @@ def finished(folder: str | os.PathLike, kind: type[R], name: str = RECORD_NAME) 
         log.warning("%s: unreadable step record (%s); the step runs again", path, str(exc).splitlines()[0])
         path.unlink(missing_ok=True)
         return None
-    for adapter, digest in _adapters(record.model_dump()):
+    for adapter, digest in adapters_in(record.model_dump()):
         if adapter_digest(adapter) != digest:
             log.warning("%s: adapter %s changed since it was recorded; the step runs again", path, adapter)
             path.unlink(missing_ok=True)
@@ -110,13 +110,13 @@ def finished(folder: str | os.PathLike, kind: type[R], name: str = RECORD_NAME) 
     return record
 
 
-def _adapters(node: Any) -> Iterator[tuple[str, str]]:
+def adapters_in(node: Any) -> Iterator[tuple[str, str]]:
     """(adapter_dir, adapter_sha256) pairs anywhere in a dumped record."""
     if isinstance(node, Mapping):
         if node.get("adapter_dir") and node.get("adapter_sha256"):
             yield node["adapter_dir"], node["adapter_sha256"]
         for value in node.values():
-            yield from _adapters(value)
+            yield from adapters_in(value)
     elif isinstance(node, (list, tuple)):
         for value in node:
-            yield from _adapters(value)
+            yield from adapters_in(value)

@@ -1,28 +1,32 @@
 """Thin Prefect tasks over :mod:`lsq.steps`: frozen configs and records in, a record out.
 
 No maths and no caching logic here: each step keeps its finished result as a verified JSON record
-in its own work folder (:mod:`lsq.workdir`), so a re-run, a retry and a second run of the same
-config reuse finished work, and different inputs never share a folder. Prefect therefore persists
-nothing (``persist_result=False``, no cache policy): no result file, hence nothing on disk that
-Prefect would unpickle. Training-like tasks carry the ``lsq-compute`` tag, which a tag concurrency
-limit (``deployments/setup.py``) holds to one run per device. Bad input (``LsqError``) is not retried.
+(:mod:`lsq.workdir`, :mod:`lsq.storage`), so a re-run, a retry and a second run of the same config
+reuse finished work, and different inputs never share a folder. Prefect therefore persists nothing
+(``persist_result=False``, no cache policy): no result file, hence nothing on disk that Prefect would
+unpickle. Compute tasks carry the ``lsq-compute`` tag, which a tag concurrency limit
+(``deployments/setup.py``) holds to one run per device. Bad input (``LsqError``) is not retried.
+
+A unit (one variant trained and scored, or one squeezed variant scored) runs either here, in a
+thread or Dask worker of the pipeline's flow run (:func:`run_unit`), or as a flow run of the unit
+deployment on a work pool (:func:`dispatch_unit`, team mode), whose workers own one device each.
 """
 
 from __future__ import annotations
 
-from prefect import task
+import time
+
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from lsq import steps
 from lsq.data import DataConfig, fingerprint, load_data
 from lsq.errors import LsqError
-from lsq.models import ModelConfig
-from lsq.pipeline_config import SqueezeStep
-from lsq.records import Evaluation, Squeezed, Variant
-from lsq.steps import code_version
-from lsq.train_config import TrainConfig
+from lsq.pipeline_config import PipelineConfig, SqueezeStep
+from lsq.records import Squeezed, UnitResult, Variant
+from lsq.steps import Unit, code_version
 
-__all__ = ["COMPUTE_TAG", "code_version", "evaluate_variant", "prepare_data", "squeeze_source", "train_adapter"]
+__all__ = ["COMPUTE_TAG", "code_version", "dispatch_unit", "make_unit", "prepare_data", "run_unit", "squeeze_source"]
 
 COMPUTE_TAG = "lsq-compute"
 _NO_RESULTS = {"cache_policy": NO_CACHE, "persist_result": False}
@@ -39,6 +43,19 @@ def retry_unless_bad_input(task, task_run, state) -> bool:
     return True
 
 
+def make_unit(cfg: PipelineConfig, data_fingerprint: str, code: str, method: str | None = None, rank: int = 0,
+              parent: Variant | None = None) -> Unit:
+    """The unit that trains ``method`` at ``rank`` (from ``parent`` for cont) and scores it, or, with no
+    method, the unit that scores ``parent`` as it is."""
+    common = dict(model=cfg.model, data=cfg.data, splits=(cfg.eval_split,), eval_batch_size=cfg.train.eval_batch_size,
+                  data_fingerprint=data_fingerprint, code=code, storage_root=cfg.storage.root,
+                  output_dir=cfg.output_dir, cache=cfg.storage.cache)
+    if method is None:
+        return Unit(kind="evaluate", parent=parent, **common)
+    adapter = parent.adapter_dir if parent is not None else None  # not part of the unit's name: its digest is
+    return Unit(kind="train", train=cfg.step_config(method, rank, adapter), parent=parent, **common)
+
+
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_bad_input, **_NO_RESULTS)
 def prepare_data(data: DataConfig) -> str:
     """Fetch, parse and split the data as it is now; return its content fingerprint."""
@@ -46,23 +63,54 @@ def prepare_data(data: DataConfig) -> str:
 
 
 @task(retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unless_bad_input, tags=[COMPUTE_TAG],
-      task_run_name="train {cfg.method}-r{cfg.rank}", **_NO_RESULTS)
-def train_adapter(cfg: TrainConfig, data_fingerprint: str, code: str, parent: Variant | None = None) -> Variant:
-    """Train one adapter (source, cont from ``parent``, in, direct, adalora) in its own work folder."""
-    return steps.train_step(cfg, data_fingerprint, code, parent)
+      task_run_name="{unit.kind} {unit.label}", **_NO_RESULTS)
+def run_unit(unit: Unit) -> UnitResult:
+    """One unit in this flow run (a thread or a Dask worker): train and score, or score."""
+    return steps.run_unit(unit)
 
 
 @task(retries=1, retry_condition_fn=retry_unless_bad_input, tags=[COMPUTE_TAG],
       task_run_name="squeeze {source.label}", **_NO_RESULTS)
-def squeeze_source(source: Variant, ranks: tuple[int, ...], step: SqueezeStep, root: str, code: str) -> Squeezed:
-    """Post-Squeeze: one decomposition of the source, one adapter per target rank."""
-    return steps.squeeze_step(source, ranks, step.model_dump(), root, code)
+def squeeze_source(source: Variant, ranks: tuple[int, ...], step: SqueezeStep, cfg: PipelineConfig,
+                   code: str) -> Squeezed:
+    """Post-Squeeze: one decomposition of the source, one adapter per target rank, kept in the storage."""
+    storage = steps.Storage(cfg.storage.root, cfg.output_dir, cfg.storage.cache)
+    return steps.squeeze_unit(source, ranks, step.model_dump(), storage, code)
 
 
-@task(retries=1, retry_condition_fn=retry_unless_bad_input, tags=[COMPUTE_TAG],
-      task_run_name="evaluate {variant.method}-r{variant.rank}", **_NO_RESULTS)
-def evaluate_variant(variant: Variant, model: ModelConfig, data: DataConfig, split: str, batch_size: int,
-                     data_fingerprint: str, root: str, code: str) -> Evaluation:
-    """Scores and size of one adapter on ``split``."""
-    [evaluation] = steps.evaluate_step(variant, model, data, (split,), batch_size, data_fingerprint, root, code)
-    return evaluation
+@task(retries=0, task_run_name="dispatch {unit.kind} {unit.label}", **_NO_RESULTS)
+def dispatch_unit(unit: Unit, deployment: str, attempts: int = 3) -> UnitResult:
+    """One unit as a flow run of ``deployment`` on its work pool: whichever worker is free takes it.
+
+    The flow run keeps its result in the storage root, where this task reads it (Prefect moves no
+    result between machines). A flow run that crashed (its worker lost: no heartbeat, see
+    ``deployments/README.md``) is run again, up to ``attempts`` times in all, on whichever worker is
+    free then; one that failed is bad input or a bug, and stops the pipeline with its message.
+    """
+    from prefect.deployments import run_deployment
+
+    log = get_run_logger()
+    storage = unit.storage()
+    done = storage.get(unit.name, UnitResult)
+    if done is not None:
+        return done
+    for attempt in range(1, attempts + 1):
+        started = time.perf_counter()
+        run = run_deployment(deployment, parameters={"unit": unit.model_dump(mode="json")}, timeout=None,
+                             flow_run_name=f"{unit.kind}-{unit.label}", tags=[f"lsq-unit:{unit.name}"])
+        state = run.state
+        if state is not None and state.is_completed():
+            result = storage.get(unit.name, UnitResult)
+            if result is None:
+                raise LsqError(f"unit {unit.label}: flow run {run.name} completed but left no record in "
+                               f"{storage.describe()}")
+            log.info("%s ran on %s (%s) in %.1f s", unit.label, result.variant.worker, result.variant.device,
+                     time.perf_counter() - started)
+            return result
+        message = f"unit {unit.label}: flow run {run.name} ended {state.name if state else 'without a state'}" + (
+            f": {state.message}" if state is not None and state.message else "")
+        if state is None or not state.is_crashed():
+            raise RuntimeError(message)
+        log.warning("%s (attempt %d of %d)%s", message, attempt, attempts,
+                    "; running it again on whichever worker is free" if attempt < attempts else "")
+    raise RuntimeError(f"unit {unit.label}: crashed {attempts} times; see the flow runs tagged lsq-unit:{unit.name}")

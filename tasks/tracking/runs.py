@@ -240,6 +240,7 @@ def log_variant_run(uri: str, experiment_id: str, parent_run_id: str, variant: V
         raise FileNotFoundError(f"variant {variant.label}: adapter folder {adapter} does not exist")
     tags = {"mlflow.parentRunId": parent_run_id, "lsq.variant": variant.label, "lsq.method": variant.method,
             "lsq.rank": str(variant.rank), "lsq.source_rank": str(variant.source_rank)}
+    tags.update({f"lsq.{k}": v for k in ("worker", "device") if (v := getattr(variant, k, None))})
     run_id = client.create_run(experiment_id, run_name=variant.label, tags=tags).info.run_id
     try:
         defaults = {"method": variant.method, "rank": variant.rank, "source_rank": variant.source_rank,

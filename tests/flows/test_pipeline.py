@@ -177,7 +177,7 @@ def test_failing_training_retries_then_fails_the_flow(tiny_config, monkeypatch, 
         raise error
 
     monkeypatch.setattr(lsq.train, "train", broken_train)
-    monkeypatch.setattr(tasks.steps, "train_adapter", tasks.steps.train_adapter.with_options(retry_delay_seconds=0))
+    monkeypatch.setattr(tasks.steps, "run_unit", tasks.steps.run_unit.with_options(retry_delay_seconds=0))
     state = squeeze_pipeline(tiny_config, return_state=True)
     assert state.is_failed() and str(error) in state.message
     assert calls == ["source"] * attempts
@@ -258,7 +258,7 @@ def test_compute_tag_only_where_a_server_can_limit_it():
 
     from flows.server import TemporaryServer
     from flows.squeeze_pipeline import limited
-    from tasks.steps import COMPUTE_TAG, evaluate_variant, train_adapter
+    from tasks.steps import COMPUTE_TAG, run_unit as train_adapter, squeeze_source as evaluate_variant
 
     assert COMPUTE_TAG in train_adapter.tags and COMPUTE_TAG in evaluate_variant.tags
     with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
