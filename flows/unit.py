@@ -10,9 +10,21 @@ and returns nothing through Prefect. Deploy it with ``python -m deployments.team
 
 from __future__ import annotations
 
+import os
+
 from prefect import flow, get_run_logger
 
 from lsq.steps import Unit, run_unit
+
+if os.environ.get("LSQ_EXIT_WITH_WORKER") == "1":  # set by deployments.processes.Worker: a lost worker
+    # takes its flow runs with it, silently, as a lost machine would (else they would finish as orphans)
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 @flow(name="lsq-unit", log_prints=False, persist_result=False)

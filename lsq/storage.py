@@ -141,7 +141,10 @@ class Storage:
             started = time.perf_counter()
             files = [p for p in sorted(Path(folder).rglob("*")) if p.is_file()]
             for path in files:
-                self.fs.put_file(str(path), f"{uri}/{path.relative_to(folder).as_posix()}")
+                target = f"{uri}/{path.relative_to(folder).as_posix()}"
+                if _is_local(self.fs):
+                    self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+                self.fs.put_file(str(path), target)
             self._put_bytes(f"{uri}/{COMPLETE}", digest.encode())
             log.info("uploaded adapter %s (%d files) in %.2f s", uri, len(files), time.perf_counter() - started)
         return _moved(variant, folder, uri)
