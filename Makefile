@@ -10,7 +10,7 @@ export DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo team-demo bench clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,11 @@ test: install
 
 demo: install
 	$(BIN)/python -m flows.squeeze_pipeline configs/demo.yaml
+
+# The team stack on one machine (PostgreSQL, S3, MLflow server, Prefect server, workers), one run across
+# two workers; every process it starts stops with it. Last stdout line: a JSON summary.
+team-demo: install
+	$(BIN)/python -m deployments.team_demo
 
 bench: install
 	$(BIN)/python -m benchmarks.squeeze_speed

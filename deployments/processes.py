@@ -126,7 +126,7 @@ class Worker:
         env = _quiet_env(
             PREFECT_API_URL=self.api_url, PREFECT_HOME=str(home / ".prefect"), HOME=str(home),
             XDG_CACHE_HOME=str(home / ".cache"), HF_HOME=str(home / ".cache" / "huggingface"),
-            LSQ_WORKER=self.name, LSQ_EXIT_WITH_WORKER="1", PREFECT_FLOWS_HEARTBEAT_FREQUENCY=str(self.heartbeat),
+            LSQ_WORKER=self.name, LSQ_WORKDIR=str(self.folder), LSQ_EXIT_WITH_WORKER="1", PREFECT_FLOWS_HEARTBEAT_FREQUENCY=str(self.heartbeat),
             PREFECT_LOGGING_LEVEL="INFO", **self.env)
         if self.device is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.device

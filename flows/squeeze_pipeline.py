@@ -41,6 +41,7 @@ from lsq.errors import LsqError  # noqa: E402
 from lsq.pipeline_config import Orchestration, PipelineConfig, load_pipeline_config  # noqa: E402
 from lsq.records import PipelineResult  # noqa: E402
 from tasks import registry, steps, tracking  # noqa: E402
+from tasks.preflight import preflight  # noqa: E402
 from tasks.registry import log_and_register, promote, report, start_run  # noqa: E402
 from tasks.steps import COMPUTE_TAG, code_version, make_unit, prepare_data  # noqa: E402
 
@@ -154,10 +155,13 @@ def task_runner(orchestration: Orchestration):
 # map functions) captures `dis` output through print, which then floods the log with bytecode.
 @flow(name="lsq-squeeze-pipeline", log_prints=False, persist_result=False)
 def squeeze_pipeline(config: str | dict[str, Any] | None = None, overrides: list[str] | None = None) -> PipelineResult:
-    """Validate the config (a bad one stops here, before any work), then run the story as a sub-flow on
+    """Validate the config and check that every store it names answers (a bad one stops here, before
+    any work), then run the story as a sub-flow on
     the task runner of ``orchestration.*``: the same for ``make demo``, ``deployments.serve`` and
     ``prefect deploy``, which all start this flow."""
     cfg = load_pipeline_config(config, overrides or [])
+    # before any training: the tracking server, its artifact store and the storage root answer
+    preflight(tracking.default_tracking_uri(cfg.tracking), cfg.storage.root)
     return pipeline_run.with_options(task_runner=task_runner(cfg.orchestration))(cfg)
 
 

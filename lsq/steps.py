@@ -192,6 +192,14 @@ class Unit(BaseModel):
     def storage(self) -> Storage:
         return Storage(self.storage_root, self.output_dir, self.cache)
 
+    def here(self) -> Unit:
+        """This unit with a relative ``output_dir`` placed under ``$LSQ_WORKDIR`` (a worker's own folder;
+        a Prefect process worker otherwise runs each flow run in a new temporary folder)."""
+        base = os.environ.get("LSQ_WORKDIR")
+        if base and not Path(self.output_dir).is_absolute():
+            return self.model_copy(update={"output_dir": str(Path(base) / self.output_dir)})
+        return self
+
 
 def where() -> tuple[str, str]:
     """(worker, device) of this process: ``$LSQ_WORKER`` or the host name, and the one device it sees."""
@@ -217,6 +225,7 @@ def run_unit(unit: Unit, data=None, log: Log | None = None) -> UnitResult:
     if unit.code != code_version():
         raise LsqError(f"unit {unit.label}: this worker runs lsq code {code_version()}, the pipeline "
                        f"{unit.code}; install the same lsq version on every worker")
+    unit = unit.here()
     storage = unit.storage()
     done = storage.get(unit.name, UnitResult)
     if done is not None:

@@ -1,0 +1,241 @@
+"""Team mode with real servers on loopback: units on a Prefect work pool across two workers that share no
+folder, a worker lost mid-unit, and two pipelines registering into one PostgreSQL-backed model at once.
+
+The session's PostgreSQL + S3 + MLflow stack (conftest) is shared; this module adds a Prefect server
+with its services and two process workers, each in its own folder (``deployments/processes.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from deployments import team
+from deployments.processes import PrefectServer, Worker
+from tests.flows.conftest import tiny_pipeline
+from tests.lsq.tiny import built_once, save_tiny_bert, write_classification_csv
+from tests.team.conftest import gone
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[2]
+HEARTBEAT_TIMEOUT = 40.0  # with the workers' 30 s heartbeats: a lost unit is Crashed within about a minute
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny model and data set: read-only inputs every machine has (a model hub or package, here a folder)."""
+    model = built_once(tmp_path_factory, "tiny-bert", save_tiny_bert)
+    data = write_classification_csv(tmp_path_factory.mktemp("data") / "reviews.csv", n=48)
+    return model, data
+
+
+@pytest.fixture(scope="module")
+def pool(team_servers, tmp_path_factory):
+    """A Prefect server, the team's deployments and two unit workers; everything stopped at the end."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    base = tmp_path_factory.mktemp("pool")
+    env = {"MLFLOW_TRACKING_URI": team_servers.tracking_uri, **team_servers.object_store.env()}
+    with PrefectServer(base / "prefect") as server, temporary_settings({PREFECT_API_URL: server.api_url}):
+        team.setup(team.UNIT_POOL, HEARTBEAT_TIMEOUT)
+        workers = {name: Worker(name, base / name, team.UNIT_POOL, server.api_url, env=env).start()
+                   for name in ("worker-a", "worker-b")}
+        try:
+            yield server, workers, base
+        finally:
+            pids = {p for w in workers.values() for p in w.pids()}
+            for w in workers.values():
+                w.stop()
+            assert gone(pids) == set(), "a worker or its flow run outlived stop()"
+
+
+def team_config(inputs, team_servers, control: Path, **changes) -> dict:
+    model, data = inputs
+    tag = uuid.uuid4().hex[:8]
+    return tiny_pipeline(model, data, control, **{
+        "orchestration": {"runner": "work-pool", "unit_attempts": 3},
+        "storage": {"root": f"s3://{team_servers.object_store.bucket}/test-{tag}"},
+        "tracking": {"tracking_uri": team_servers.tracking_uri, "experiment": f"team-{tag}",
+                     "registered_model": f"lsq-team-{tag}"},
+        "output_dir": "runs",  # relative: each worker's own folder ($LSQ_WORKDIR)
+        **changes})
+
+
+def beating(api_url: str):
+    """This process's flow runs against the pool's server, beating as often as the workers' (every flow
+    run on a server with the lost-worker automation must beat more often than its timeout)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    return temporary_settings({PREFECT_API_URL: api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 30})
+
+
+def registry(team_servers, name: str):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(team_servers.tracking_uri)
+    return client, sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+
+
+LABELS = {"source-r8", "post-r4", "post-r2", "cont-r4", "cont-r2", "in-r2"}
+
+
+def test_units_run_on_both_workers_and_meet_only_in_the_object_store(pool, inputs, team_servers, tmp_path, chdir_to,
+                                                                      without_object_store_credentials):
+    from flows.squeeze_pipeline import squeeze_pipeline
+
+    server, workers, base = pool
+    control = chdir_to(tmp_path / "control")
+    cfg = team_config(inputs, team_servers, control)
+    with beating(server.api_url), pytest.MonkeyPatch.context() as mp:
+        for key, value in team_servers.object_store.env().items():  # the control machine's storage credentials
+            mp.setenv(key, value)
+        result = squeeze_pipeline(cfg)
+    assert {r.label for r in result.variants} == LABELS
+
+    client, versions = registry(team_servers, cfg["tracking"]["registered_model"])
+    assert [v.version for v in versions] == [str(i) for i in range(1, len(LABELS) + 1)]  # none missing, none twice
+    runs = {v.version: client.get_run(v.run_id) for v in versions}
+    ran_on = {r.data.tags["lsq.variant"]: r.data.tags["lsq.worker"] for r in runs.values()}
+    assert set(ran_on.values()) == {"worker-a", "worker-b"}, ran_on  # both workers ran units
+    assert all(r.data.tags["lsq.device"] == "cpu" for r in runs.values())
+    assert all(r.data.params["adapter_uri"].startswith(cfg["storage"]["root"]) for r in runs.values())
+
+    # each worker's folder holds only the units it ran, and no path of another folder
+    for name in workers:
+        folder = base / name
+        trained = {p.name.rsplit("-", 1)[0] for p in (folder / "runs").iterdir()
+                   if p.name.split("-")[0] in ("source", "cont", "in")}
+        assert trained == {label for label, worker in ran_on.items() if worker == name
+                           and label.split("-")[0] in ("source", "cont", "in")}, (name, trained)
+        other = str(base / ({"worker-a", "worker-b"} - {name}).pop())
+        for record in (folder / "runs").rglob("*.json"):
+            assert other not in record.read_text() and str(control) not in record.read_text(), record
+    # the records in the storage root name adapters by URI only
+    s3 = team_servers.object_store.client()
+    prefix = cfg["storage"]["root"].split("/", 3)[3]
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=team_servers.object_store.bucket,
+                                                 Prefix=prefix)["Contents"]]
+    records = [k for k in keys if k.startswith(f"{prefix}/units/")]
+    assert len(records) == len(LABELS) + 1  # every unit and the squeeze
+    for key in records:
+        text = s3.get_object(Bucket=team_servers.object_store.bucket, Key=key)["Body"].read().decode()
+        assert all(d.startswith("s3://") for d in _adapter_dirs(json.loads(text))), key
+
+    # every version's files live in the object store, behind the tracking server
+    for version, run in runs.items():
+        run_prefix = f"mlflow/{run.info.experiment_id}/{run.info.run_id}/artifacts/adapter/"
+        listing = s3.list_objects_v2(Bucket=team_servers.object_store.bucket, Prefix=run_prefix).get("Contents", [])
+        assert {Path(o["Key"]).name for o in listing} >= {"adapter_config.json", "adapter_model.safetensors"}
+
+    # and load through the tracking server alone into a third folder (no object-store credentials here)
+    from deployments.team_demo import load_from_third_folder
+
+    third = chdir_to(tmp_path / "third")
+    assert load_from_third_folder(team_servers.tracking_uri, cfg["tracking"]["registered_model"],
+                                  [{"version": v.version} for v in versions], third) == len(LABELS)
+
+
+def _adapter_dirs(node):
+    if isinstance(node, dict):
+        if "adapter_dir" in node:
+            yield node["adapter_dir"]
+        for value in node.values():
+            yield from _adapter_dirs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _adapter_dirs(value)
+
+
+def test_a_unit_lost_with_its_worker_runs_again_on_the_other(pool, inputs, team_servers, tmp_path, chdir_to):
+    """kill -9 of a worker (and so of its flow run) during a recovery: the flow run stops beating, the
+    automation sets it Crashed, the pipeline runs the unit again on the surviving worker."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.squeeze_pipeline import squeeze_pipeline
+
+    server, workers, base = pool
+    control = chdir_to(tmp_path / "control")
+    cfg = team_config(inputs, team_servers, control, recover={"steps": 400, "lr": 5e-3, "warmup_steps": 0,
+                                                              "save_steps": 1000},
+                      insqueeze={"enabled": False}, target_ranks=[4])
+    outcome: dict = {}
+
+    def run():
+        with beating(server.api_url), pytest.MonkeyPatch.context() as mp:
+            for key, value in team_servers.object_store.env().items():
+                mp.setenv(key, value)
+            try:
+                outcome["result"] = squeeze_pipeline(cfg)
+            except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+                outcome["error"] = exc
+
+    pipeline = threading.Thread(target=run)
+    pipeline.start()
+    victim = None
+    deadline = time.monotonic() + 240
+    with temporary_settings({PREFECT_API_URL: server.api_url}), get_client(sync_client=True) as client:
+        while victim is None and time.monotonic() < deadline and pipeline.is_alive():
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["train-cont-r4"])))
+            if any(r.state_name == "Running" for r in runs):
+                time.sleep(3)  # training under way
+                busy = [w for w in workers.values() if len(w.pids()) > 1]  # the one with a flow run under it
+                if busy:
+                    victim = busy[0]
+                    victim.kill()
+            time.sleep(0.5)
+        assert victim is not None, "never saw the recovery unit running"
+        pipeline.join(timeout=400)
+        assert not pipeline.is_alive()
+        assert "error" not in outcome, outcome.get("error")
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["train-cont-r4"])))
+    assert sorted(r.state_name for r in runs) == ["Completed", "Crashed"]
+
+    survivor = ({"worker-a", "worker-b"} - {victim.name}).pop()
+    client_, versions = registry(team_servers, cfg["tracking"]["registered_model"])
+    labels = [client_.get_run(v.run_id).data.tags["lsq.variant"] for v in versions]
+    assert sorted(labels) == sorted(["source-r8", "post-r4", "cont-r4"])  # each once: none lost, none twice
+    [cont] = [v for v in versions if client_.get_run(v.run_id).data.tags["lsq.variant"] == "cont-r4"]
+    assert client_.get_run(cont.run_id).data.tags["lsq.worker"] == survivor
+    victim.start()  # back for the next test
+
+
+def test_two_pipelines_at_once_register_every_version_once(inputs, team_servers, tmp_path, no_leftover_processes):
+    """Two pipeline commands (laptop runner, temporary Prefect servers) registering into one model on the
+    PostgreSQL-backed server at once: every variant of each registered exactly once."""
+    import yaml
+
+    name = f"lsq-two-{uuid.uuid4().hex[:8]}"
+    procs = []
+    for seed in (1, 2):
+        folder = tmp_path / f"run{seed}"
+        folder.mkdir()
+        cfg = team_config(inputs, team_servers, folder, insqueeze={"enabled": False},
+                          storage={"root": None}, orchestration={"runner": "threads"}, output_dir=str(folder / "runs"))
+        cfg["train"]["seed"] = seed
+        cfg["tracking"].update(registered_model=name, experiment="team-two")
+        (folder / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+        procs.append(subprocess.Popen([sys.executable, "-m", "flows.squeeze_pipeline", str(folder / "cfg.yaml")],
+                                      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+
+    client, versions = registry(team_servers, name)
+    per_variant = {"source-r8", "post-r4", "post-r2", "cont-r4", "cont-r2"}
+    assert [v.version for v in versions] == [str(i) for i in range(1, 2 * len(per_variant) + 1)]
+    runs = [client.get_run(v.run_id) for v in versions]
+    parents = {r.data.tags["mlflow.parentRunId"] for r in runs}
+    assert len(parents) == 2
+    for parent in parents:
+        assert sorted(r.data.tags["lsq.variant"] for r in runs if r.data.tags["mlflow.parentRunId"] == parent) \
+            == sorted(per_variant)
+    digests = [v.tags["lsq.adapter_sha256"] for v in versions]
+    assert len(set(digests)) == len(digests)  # no adapter registered twice
