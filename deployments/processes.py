@@ -114,9 +114,10 @@ class Worker:
     """``prefect worker start`` for ``pool`` in its own folder, one flow run at a time."""
 
     def __init__(self, name: str, folder: str | os.PathLike, pool: str, api_url: str, env: dict[str, str] | None = None,
-                 device: str | None = None, cpus: str | None = None, heartbeat: int = 30):
+                 device: str | None = None, cpus: str | None = None, heartbeat: int = 30, poll: int = 2):
         self.name, self.folder, self.pool, self.api_url = name, Path(folder), pool, api_url
         self.env, self.device, self.cpus, self.heartbeat = dict(env or {}), device, cpus, heartbeat
+        self.poll = poll  # seconds between the worker's polls of its pool (Prefect's default: 10)
         self.process: subprocess.Popen | None = None
         self.log = self.folder / "worker.log"
 
@@ -126,7 +127,8 @@ class Worker:
         env = _quiet_env(
             PREFECT_API_URL=self.api_url, PREFECT_HOME=str(home / ".prefect"), HOME=str(home),
             XDG_CACHE_HOME=str(home / ".cache"), HF_HOME=str(home / ".cache" / "huggingface"),
-            LSQ_WORKER=self.name, LSQ_WORKDIR=str(self.folder), LSQ_EXIT_WITH_WORKER="1", PREFECT_FLOWS_HEARTBEAT_FREQUENCY=str(self.heartbeat),
+            LSQ_WORKER=self.name, LSQ_WORKDIR=str(self.folder), LSQ_EXIT_WITH_WORKER="1",
+            PREFECT_FLOWS_HEARTBEAT_FREQUENCY=str(self.heartbeat), PREFECT_WORKER_QUERY_SECONDS=str(self.poll),
             PREFECT_LOGGING_LEVEL="INFO", **self.env)
         if self.device is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.device

@@ -72,6 +72,18 @@ def summary(tracking_uri: str, cfg: dict[str, Any], artifact_root: str) -> dict[
             "champion": client.get_run(champion.run_id).data.tags.get("lsq.variant")}
 
 
+def in_object_store(store, versions: list[dict[str, Any]]) -> int:
+    """Check that every version's adapter files are objects in the store (read with its own keys)."""
+    client = store.client()
+    for v in versions:
+        prefix = v["artifact_uri"].removeprefix(f"s3://{store.bucket}/")
+        names = {o["Key"].rsplit("/", 1)[-1] for o in
+                 client.list_objects_v2(Bucket=store.bucket, Prefix=prefix + "/").get("Contents", [])}
+        if not {"adapter_config.json", "adapter_model.safetensors"} <= names:
+            raise RuntimeError(f"version {v['version']}: no adapter files under {v['artifact_uri']}")
+    return len(versions)
+
+
 def load_from_third_folder(tracking_uri: str, name: str, versions: list[dict[str, Any]], folder: Path) -> int:
     """Download every version's adapter through the tracking server alone (no object-store credentials)
     into ``folder``, a machine of its own, and check it against the digest registered with it."""
@@ -138,9 +150,11 @@ def run_demo(folder: Path, config: str | Path, overrides: list[str], heartbeat_t
                 raise RuntimeError(f"pipeline flow run {run.name} ended {run.state.name}: {run.state.message}; "
                                    f"logs under {folder}")
         result = summary(servers.tracking_uri, cfg, f"s3://{store.bucket}/mlflow")
+        stored = in_object_store(store, result["versions"])
         checked = load_from_third_folder(servers.tracking_uri, cfg["tracking"]["registered_model"],
-                                         result["versions"], folder / "third")
-        out(f"{checked} versions loaded through {servers.tracking_uri} into a third folder, digests match")
+                                         result["versions"], folder / "reader")
+        out(f"{stored} versions stored in s3://{store.bucket}/mlflow; {checked} loaded through "
+            f"{servers.tracking_uri} into a fourth folder with no S3 keys, digests match")
         result = {"tracking_backend": servers.postgres.redacted_uri, "artifact_root": f"s3://{store.bucket}/mlflow",
                   "storage_root": storage_root, **result, "pipeline_seconds": round(seconds, 1)}
     return result

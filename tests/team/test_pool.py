@@ -8,6 +8,7 @@ with its services and two process workers, each in its own folder (``deployments
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -21,7 +22,7 @@ from deployments import team
 from deployments.processes import PrefectServer, Worker
 from tests.flows.conftest import tiny_pipeline
 from tests.lsq.tiny import built_once, save_tiny_bert, write_classification_csv
-from tests.team.conftest import gone
+from tests.team.conftest import descendants, gone
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -50,6 +51,9 @@ def pool(team_servers, tmp_path_factory):
         try:
             yield server, workers, base
         finally:
+            from flows.server import _drain_prefect_workers
+
+            _drain_prefect_workers()  # this process's logs reach the server before it stops
             pids = {p for w in workers.values() for p in w.pids()}
             for w in workers.values():
                 w.stop()
@@ -83,74 +87,43 @@ def registry(team_servers, name: str):
     return client, sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
 
 
-LABELS = {"source-r8", "post-r4", "post-r2", "cont-r4", "cont-r2", "in-r2"}
+def test_team_demo_runs_units_on_both_workers_that_meet_only_in_the_object_store(inputs, tmp_path):
+    """``make team-demo`` on a tiny config: its own servers and three workers, a JSON last line, every
+    version in the object store and loaded through the tracking server alone, and no process left."""
+    import yaml
 
+    from tests.team.conftest import descendants
 
-def test_units_run_on_both_workers_and_meet_only_in_the_object_store(pool, inputs, team_servers, tmp_path, chdir_to,
-                                                                      without_object_store_credentials):
-    from flows.squeeze_pipeline import squeeze_pipeline
+    model, data = inputs
+    cfg = tiny_pipeline(model, data, tmp_path, target_ranks=[4], insqueeze={"enabled": False}, output_dir="runs",
+                        tracking={"experiment": "team-demo", "registered_model": "lsq-team-demo"})
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    folder = tmp_path / "demo"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "PREFECT_API"))}
+    before = descendants()
+    done = subprocess.run([sys.executable, "-m", "deployments.team_demo", "--config", str(tmp_path / "tiny.yaml"),
+                           "--keep", str(folder)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert gone(descendants() - before) == set()  # servers, workers and flow runs all ended with it
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["tracking_backend"].startswith("postgresql://lsq@127.0.0.1:")  # no password
+    assert summary["artifact_root"] == "s3://lsq/mlflow" and summary["storage_root"] == "s3://lsq/runs"
+    labels = {"source-r8", "post-r4", "cont-r4"}
+    assert {v["label"] for v in summary["versions"]} == labels and len(summary["versions"]) == len(labels)
+    assert all(v["artifact_uri"].startswith("s3://lsq/mlflow/") for v in summary["versions"])
+    assert summary["champion"] in labels
+    assert set(summary["workers"]) == {"worker-a", "worker-b"}, summary["workers"]  # both ran units
+    assert "digests match" in done.stdout
 
-    server, workers, base = pool
-    control = chdir_to(tmp_path / "control")
-    cfg = team_config(inputs, team_servers, control)
-    with beating(server.api_url), pytest.MonkeyPatch.context() as mp:
-        for key, value in team_servers.object_store.env().items():  # the control machine's storage credentials
-            mp.setenv(key, value)
-        result = squeeze_pipeline(cfg)
-    assert {r.label for r in result.variants} == LABELS
-
-    client, versions = registry(team_servers, cfg["tracking"]["registered_model"])
-    assert [v.version for v in versions] == [str(i) for i in range(1, len(LABELS) + 1)]  # none missing, none twice
-    runs = {v.version: client.get_run(v.run_id) for v in versions}
-    ran_on = {r.data.tags["lsq.variant"]: r.data.tags["lsq.worker"] for r in runs.values()}
-    assert set(ran_on.values()) == {"worker-a", "worker-b"}, ran_on  # both workers ran units
-    assert all(r.data.tags["lsq.device"] == "cpu" for r in runs.values())
-    assert all(r.data.params["adapter_uri"].startswith(cfg["storage"]["root"]) for r in runs.values())
-
-    # each worker's folder holds only the units it ran, and no path of another folder
-    for name in workers:
-        folder = base / name
-        trained = {p.name.rsplit("-", 1)[0] for p in (folder / "runs").iterdir()
-                   if p.name.split("-")[0] in ("source", "cont", "in")}
-        assert trained == {label for label, worker in ran_on.items() if worker == name
-                           and label.split("-")[0] in ("source", "cont", "in")}, (name, trained)
-        other = str(base / ({"worker-a", "worker-b"} - {name}).pop())
-        for record in (folder / "runs").rglob("*.json"):
-            assert other not in record.read_text() and str(control) not in record.read_text(), record
-    # the records in the storage root name adapters by URI only
-    s3 = team_servers.object_store.client()
-    prefix = cfg["storage"]["root"].split("/", 3)[3]
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=team_servers.object_store.bucket,
-                                                 Prefix=prefix)["Contents"]]
-    records = [k for k in keys if k.startswith(f"{prefix}/units/")]
-    assert len(records) == len(LABELS) + 1  # every unit and the squeeze
-    for key in records:
-        text = s3.get_object(Bucket=team_servers.object_store.bucket, Key=key)["Body"].read().decode()
-        assert all(d.startswith("s3://") for d in _adapter_dirs(json.loads(text))), key
-
-    # every version's files live in the object store, behind the tracking server
-    for version, run in runs.items():
-        run_prefix = f"mlflow/{run.info.experiment_id}/{run.info.run_id}/artifacts/adapter/"
-        listing = s3.list_objects_v2(Bucket=team_servers.object_store.bucket, Prefix=run_prefix).get("Contents", [])
-        assert {Path(o["Key"]).name for o in listing} >= {"adapter_config.json", "adapter_model.safetensors"}
-
-    # and load through the tracking server alone into a third folder (no object-store credentials here)
-    from deployments.team_demo import load_from_third_folder
-
-    third = chdir_to(tmp_path / "third")
-    assert load_from_third_folder(team_servers.tracking_uri, cfg["tracking"]["registered_model"],
-                                  [{"version": v.version} for v in versions], third) == len(LABELS)
-
-
-def _adapter_dirs(node):
-    if isinstance(node, dict):
-        if "adapter_dir" in node:
-            yield node["adapter_dir"]
-        for value in node.values():
-            yield from _adapter_dirs(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _adapter_dirs(value)
+    # each worker's folder holds only what it ran, and no path of another worker's folder or the control's
+    for name, ran in summary["workers"].items():
+        trained = {p.name.rsplit("-", 1)[0] for p in (folder / name / "runs").iterdir()
+                   if p.name.split("-")[0] in ("source", "cont")}
+        assert trained == {label for label in ran if label.split("-")[0] in ("source", "cont")}, (name, trained)
+        others = [str(folder / other) for other in ("worker-a", "worker-b", "control") if other != name]
+        for record in (folder / name / "runs").rglob("*.json"):
+            text = record.read_text()
+            assert not any(other in text for other in others), record
 
 
 def test_a_unit_lost_with_its_worker_runs_again_on_the_other(pool, inputs, team_servers, tmp_path, chdir_to):
@@ -164,8 +137,7 @@ def test_a_unit_lost_with_its_worker_runs_again_on_the_other(pool, inputs, team_
 
     server, workers, base = pool
     control = chdir_to(tmp_path / "control")
-    cfg = team_config(inputs, team_servers, control, recover={"steps": 400, "lr": 5e-3, "warmup_steps": 0,
-                                                              "save_steps": 1000},
+    cfg = team_config(inputs, team_servers, control, recover={"steps": 400, "lr": 5e-3, "warmup_steps": 0},
                       insqueeze={"enabled": False}, target_ranks=[4])
     outcome: dict = {}
 
@@ -185,12 +157,12 @@ def test_a_unit_lost_with_its_worker_runs_again_on_the_other(pool, inputs, team_
     with temporary_settings({PREFECT_API_URL: server.api_url}), get_client(sync_client=True) as client:
         while victim is None and time.monotonic() < deadline and pipeline.is_alive():
             runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["train-cont-r4"])))
-            if any(r.state_name == "Running" for r in runs):
+            running = [r for r in runs if r.state_name == "Running" and r.infrastructure_pid]
+            if running:
                 time.sleep(3)  # training under way
-                busy = [w for w in workers.values() if len(w.pids()) > 1]  # the one with a flow run under it
-                if busy:
-                    victim = busy[0]
-                    victim.kill()
+                pid = int(running[0].infrastructure_pid.rsplit(":", 1)[-1])  # "<host>:<pid>", set by the worker
+                [victim] = [w for w in workers.values() if pid in w.pids()]
+                victim.kill()
             time.sleep(0.5)
         assert victim is not None, "never saw the recovery unit running"
         pipeline.join(timeout=400)
@@ -208,17 +180,18 @@ def test_a_unit_lost_with_its_worker_runs_again_on_the_other(pool, inputs, team_
     victim.start()  # back for the next test
 
 
-def test_two_pipelines_at_once_register_every_version_once(inputs, team_servers, tmp_path, no_leftover_processes):
+def test_two_pipelines_at_once_register_every_version_once(inputs, team_servers, tmp_path):
     """Two pipeline commands (laptop runner, temporary Prefect servers) registering into one model on the
     PostgreSQL-backed server at once: every variant of each registered exactly once."""
     import yaml
 
     name = f"lsq-two-{uuid.uuid4().hex[:8]}"
+    before = descendants()
     procs = []
     for seed in (1, 2):
         folder = tmp_path / f"run{seed}"
         folder.mkdir()
-        cfg = team_config(inputs, team_servers, folder, insqueeze={"enabled": False},
+        cfg = team_config(inputs, team_servers, folder, insqueeze={"enabled": False}, target_ranks=[4],
                           storage={"root": None}, orchestration={"runner": "threads"}, output_dir=str(folder / "runs"))
         cfg["train"]["seed"] = seed
         cfg["tracking"].update(registered_model=name, experiment="team-two")
@@ -227,9 +200,11 @@ def test_two_pipelines_at_once_register_every_version_once(inputs, team_servers,
                                       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    servers = {pid for leader in team_servers.pids().values() for pid in {leader} | descendants(leader)}
+    assert gone(descendants() - servers - before) == set()  # the commands' temporary Prefect servers too
 
     client, versions = registry(team_servers, name)
-    per_variant = {"source-r8", "post-r4", "post-r2", "cont-r4", "cont-r2"}
+    per_variant = {"source-r8", "post-r4", "cont-r4"}
     assert [v.version for v in versions] == [str(i) for i in range(1, 2 * len(per_variant) + 1)]
     runs = [client.get_run(v.run_id) for v in versions]
     parents = {r.data.tags["mlflow.parentRunId"] for r in runs}
