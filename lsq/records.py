@@ -123,6 +123,8 @@ class UnitResult(BaseModel):
     variant: Variant
     evaluations: tuple[Evaluation, ...] = Field(description="one per split asked for, in that order")
     wall_seconds: float = Field(0.0, description="the unit's wall time on its worker, fetching included")
+    exchange_seconds: float = Field(0.0, description="of which: fetching its input and publishing its adapter and "
+                                    "record (0 without a shared storage root)")
 
 
 class Registered(BaseModel):

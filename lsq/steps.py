@@ -12,6 +12,7 @@ The Prefect tasks (``tasks/steps.py``) and the study (``lsq/study.py``) both cal
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import socket
 import time
@@ -56,13 +57,14 @@ def train_folder(cfg: TrainConfig, data_fingerprint: str, code: str, parent: Var
 
 
 def train_step(cfg: TrainConfig, data_fingerprint: str, code: str, parent: Variant | None = None,
-               data=None, log: Log | None = None) -> Variant:
+               data=None, log: Log | None = None, storage: Storage | None = None) -> Variant:
     """Train one adapter (source, cont from ``parent``, in, direct, adalora), or reuse the finished one.
 
-    A killed run resumes from its last whole checkpoint in the same folder. ``data`` (the loaded
-    DatasetDict) saves re-reading it; it must be the data ``data_fingerprint`` describes.
+    A killed run resumes from its last whole checkpoint in the same folder, or, with a shared
+    ``storage`` root, from the last one any machine kept there. ``data`` (the loaded DatasetDict)
+    saves re-reading it; it must be the data ``data_fingerprint`` describes.
     """
-    from lsq.train import train
+    from lsq.train import _last_checkpoint, train
 
     if cfg.method == "cont" and parent is None:
         raise LsqError("cont step: needs the squeezed variant it recovers (parent)")
@@ -73,7 +75,19 @@ def train_step(cfg: TrainConfig, data_fingerprint: str, code: str, parent: Varia
         done = finished(folder, Variant)
         if done is not None:
             return done
-        result = train(cfg.model_copy(update={"output_dir": str(folder)}), log=log, data=data)
+        on_checkpoint = None
+        if storage is not None and storage.shared:
+            if cfg.resume and _last_checkpoint(folder / "checkpoints") is None:
+                storage.pull_checkpoint(folder.name, folder / "checkpoints")
+
+            def on_checkpoint(checkpoint: Path) -> None:
+                try:
+                    storage.push_checkpoint(folder.name, checkpoint)
+                except Exception as exc:  # a checkpoint not shared costs a restart elsewhere, not this run
+                    logging.getLogger(__name__).warning("checkpoint %s not kept in %s: %s", checkpoint.name,
+                                                        storage.root, exc)
+        result = train(cfg.model_copy(update={"output_dir": str(folder)}), log=log, data=data,
+                       on_checkpoint=on_checkpoint)
         if result.dataset_fingerprint != data_fingerprint:
             raise LsqError(f"data.source: the data changed while {folder.name} trained "
                            f"({data_fingerprint} -> {result.dataset_fingerprint}); run again")
@@ -232,16 +246,22 @@ def run_unit(unit: Unit, data=None, log: Log | None = None) -> UnitResult:
         return done
     started = time.perf_counter()
     parent = storage.localize(unit.parent) if unit.parent is not None else None
+    fetched = time.perf_counter() - started
     if unit.kind == "train":
         cfg = unit.train.model_copy(update={"output_dir": unit.output_dir})
-        variant = train_step(cfg, unit.data_fingerprint, unit.code, parent, data=data, log=log)
+        variant = train_step(cfg, unit.data_fingerprint, unit.code, parent, data=data, log=log, storage=storage)
     else:
         variant = parent
     evaluations = evaluate_step(variant, unit.model, unit.data, unit.splits, unit.eval_batch_size,
                                 unit.data_fingerprint, unit.output_dir, unit.code, data)
     worker, device = where()
+    publishing = time.perf_counter()
     result = UnitResult(name=unit.name, variant=variant.model_copy(update={"worker": worker, "device": device}),
-                        evaluations=evaluations, wall_seconds=time.perf_counter() - started)
+                        evaluations=evaluations)
+    storage.put_adapters(result)  # uploads first, so the record can say how long they took
+    ended = time.perf_counter()
+    result = result.model_copy(update={"wall_seconds": ended - started,
+                                       "exchange_seconds": fetched + (ended - publishing)})
     return storage.put(unit.name, result)
 
 

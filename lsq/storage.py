@@ -125,6 +125,12 @@ class Storage:
         return published
 
     # --- adapters -----------------------------------------------------------------------------
+    def put_adapters(self, record: BaseModel) -> None:
+        """Upload the adapters ``record`` names (shared root; nothing otherwise). :meth:`put` does it too,
+        skipping what is there already."""
+        if self.shared:
+            _rewrite(record, self._upload)
+
     def localize(self, record: R) -> R:
         """``record`` with every adapter it names on this machine (fetched into the cache when a URI)."""
         return _rewrite(record, self._fetch)
@@ -179,6 +185,62 @@ class Storage:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         return _moved(variant, uri, str(target))
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def push_checkpoint(self, run: str, checkpoint: Path) -> None:
+        """Copy a whole checkpoint of training ``run`` (its work folder's name) to
+        ``<root>/checkpoints/<run>/<checkpoint-N>/`` (a ``COMPLETE`` object last), then drop older ones
+        there: a unit rerun on another machine resumes from it (:meth:`pull_checkpoint`)."""
+        if not self.shared:
+            return
+        started = time.perf_counter()
+        base = f"{self.root}/checkpoints/{run}"
+        target = f"{base}/{checkpoint.name}"
+        for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+            remote = f"{target}/{path.relative_to(checkpoint).as_posix()}"
+            if _is_local(self.fs):
+                self.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.put_file(str(path), remote)
+        self._put_bytes(f"{target}/{COMPLETE}", checkpoint.name.encode())
+        for older in self._checkpoints(base):
+            if older != checkpoint.name:
+                self.fs.rm(f"{base}/{older}", recursive=True)
+        log.info("checkpoint %s of %s kept in %s (%.2f s)", checkpoint.name, run, base, time.perf_counter() - started)
+
+    def pull_checkpoint(self, run: str, into: Path) -> Path | None:
+        """The newest whole checkpoint of ``run`` in the root, fetched into ``into`` (None when there is none)."""
+        if not self.shared:
+            return None
+        base = f"{self.root}/checkpoints/{run}"
+        names = self._checkpoints(base)
+        if not names:
+            return None
+        name = names[-1]
+        into.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=into, prefix=f".{name}-"))
+        try:
+            prefix = self.fs._strip_protocol(f"{base}/{name}")
+            for remote in self.fs.find(f"{base}/{name}"):
+                relative = remote[len(prefix):].lstrip("/")
+                if relative != COMPLETE:
+                    (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
+                    self.fs.get_file(remote, str(tmp / relative))
+            os.rename(tmp, into / name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("resuming %s from %s/%s", run, base, name)
+        return into / name
+
+    def _checkpoints(self, base: str) -> list[str]:
+        """Names of the whole (``COMPLETE``) checkpoints under ``base``, oldest first."""
+        try:
+            entries = self.fs.ls(base, detail=False)
+        except FileNotFoundError:
+            return []
+        names = [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
+        whole = [n for n in names if n.startswith("checkpoint-") and n.split("-")[-1].isdigit()
+                 and self.fs.exists(f"{base}/{n}/{COMPLETE}")]
+        return sorted(whole, key=lambda n: int(n.split("-")[-1]))
 
     def _put_bytes(self, uri: str, data: bytes) -> None:
         """One object, visible whole or not at all: one PUT on an object store, tmp + rename on a disk."""

@@ -112,12 +112,17 @@ class CheckpointMarkCallback(TrainerCallback):
     number, would fail on it for good with "Can't find a valid checkpoint").
     """
 
+    def __init__(self, on_checkpoint: Callable[[Path], None] | None = None):
+        self.on_checkpoint = on_checkpoint
+
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if args.should_save and folder.is_dir():
             tmp = folder / f".{COMPLETE_MARK}.tmp"
             tmp.write_text(f"{state.global_step}\n")
             os.replace(tmp, folder / COMPLETE_MARK)  # the mark appears whole or not at all
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(folder)
 
 
 def _checkpoints(folder: Path) -> dict[int, Path]:
@@ -174,11 +179,13 @@ def _check_checkpoint_config(folder: Path, cfg: TrainConfig, resuming: bool) -> 
     stamp.write_text(digest + "\n")
 
 
-def train(cfg: TrainConfig, log: Log | None = None, data=None) -> TrainResult:
+def train(cfg: TrainConfig, log: Log | None = None, data=None,
+          on_checkpoint: Callable[[Path], None] | None = None) -> TrainResult:
     """Run one training recipe and save its adapter to ``{output_dir}/adapter``.
 
     ``data`` (the DatasetDict of ``load_data(cfg.data)``) saves re-reading and re-splitting the data
-    when one process trains many adapters on it.
+    when one process trains many adapters on it. ``on_checkpoint`` is called with each whole
+    checkpoint folder (e.g. to copy it where another machine can resume from it).
     """
     out = Path(cfg.output_dir)
     set_seed(cfg.train.seed)
@@ -204,7 +211,7 @@ def train(cfg: TrainConfig, log: Log | None = None, data=None) -> TrainResult:
         bf16=device.type == "cuda" and torch.cuda.is_bf16_supported(), dataloader_num_workers=0,
         remove_unused_columns=False, save_only_model=False,
     )  # save_total_limit=2: the last whole checkpoint survives while the next one is written
-    callbacks: list[TrainerCallback] = [CheckpointMarkCallback(), *([LogCallback(log)] if log else [])]
+    callbacks: list[TrainerCallback] = [CheckpointMarkCallback(on_checkpoint), *([LogCallback(log)] if log else [])]
     schedule = None
     if cfg.method == "in":
         schedule = RankScheduleCallback(

@@ -102,7 +102,7 @@ def test_pipeline_end_to_end_then_cached_rerun(tiny_config, tiny_csv, monkeypatc
     mtimes = [p.stat().st_mtime_ns for p in adapters]
     real_train = lsq.train.train
     trained = []
-    monkeypatch.setattr(lsq.train, "train", lambda cfg, log=None, data=None: trained.append(cfg) or real_train(cfg, log, data))
+    monkeypatch.setattr(lsq.train, "train", lambda cfg, log=None, data=None, **kw: trained.append(cfg) or real_train(cfg, log, data, **kw))
     state = squeeze_pipeline(cfg, return_state=True)
     assert state.is_completed(), state.message
     states = task_runs(state)
@@ -172,7 +172,7 @@ def test_bad_data_fails_fast_without_retries_or_runs(tiny_config, tmp_path):
 def test_failing_training_retries_then_fails_the_flow(tiny_config, monkeypatch, error, attempts):
     calls = []
 
-    def broken_train(cfg, log=None, data=None):
+    def broken_train(cfg, log=None, data=None, **kw):
         calls.append(cfg.method)
         raise error
 

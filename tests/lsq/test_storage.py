@@ -140,3 +140,35 @@ def test_units_on_two_machines_share_only_the_root(tiny_bert, cls_csv, tmp_path,
 def squeezed_name(tmp_path: Path) -> str:
     [path] = [p.name for p in (tmp_path / "bucket" / "units").iterdir() if p.name.startswith("post-from-")]
     return path
+
+
+def test_training_resumes_on_another_machine_from_a_checkpoint_kept_in_the_root(tiny_bert, cls_csv, tmp_path):
+    """Machine a keeps each whole checkpoint in the root (the newest only); machine b, with an empty work
+    folder, fetches the newest and resumes from it: at the last step, b's adapter is a's, bit for bit."""
+    import lsq.train
+
+    root = (tmp_path / "bucket").as_uri()
+    data_cfg = DataConfig(source=str(cls_csv), max_length=16)
+    fp = fingerprint(load_data(data_cfg))
+    code = steps.code_version()
+    cfg = TrainConfig.model_validate(cls_config(tiny_bert, cls_csv, tmp_path / "a", method="source", source_rank=8,
+                                                train__steps=4, train__save_steps=2))
+    a = steps.train_step(cfg, fp, code, storage=Storage(root, tmp_path / "a"))
+    run = Path(a.adapter_dir).parent.name
+    kept = sorted(p.name for p in (tmp_path / "bucket" / "checkpoints" / run).iterdir())
+    assert kept == ["checkpoint-4"]  # checkpoint-2 was kept, then replaced
+    assert (tmp_path / "bucket" / "checkpoints" / run / "checkpoint-4" / COMPLETE).is_file()
+
+    resumed = []
+    real = lsq.train.Trainer.train
+
+    def spy(self, resume_from_checkpoint=None, **kw):
+        resumed.append(resume_from_checkpoint)
+        return real(self, resume_from_checkpoint=resume_from_checkpoint, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lsq.train.Trainer, "train", spy)
+        b = steps.train_step(cfg.model_copy(update={"output_dir": str(tmp_path / "b")}), fp, code,
+                             storage=Storage(root, tmp_path / "b"))
+    assert resumed == [str(tmp_path / "b" / run / "checkpoints" / "checkpoint-4")]
+    assert b.adapter_sha256 == a.adapter_sha256

@@ -173,7 +173,7 @@ def test_a_real_tiny_study(tmp_path_factory, tmp_path, monkeypatch):
     trained = []
     real_train = lsq.train.train
 
-    def counting_train(cfg, log=None, data=None):
+    def counting_train(cfg, log=None, data=None, **kw):
         trained.append(cfg.method)
         return real_train(cfg, log=log, data=data)
 
