@@ -156,9 +156,9 @@ def task_runner(orchestration: Orchestration):
 @flow(name="lsq-squeeze-pipeline", log_prints=False, persist_result=False)
 def squeeze_pipeline(config: str | dict[str, Any] | None = None, overrides: list[str] | None = None) -> PipelineResult:
     """Validate the config and check that every store it names answers (a bad one stops here, before
-    any work), then run the story as a sub-flow on
-    the task runner of ``orchestration.*``: the same for ``make demo``, ``deployments.serve`` and
-    ``prefect deploy``, which all start this flow."""
+    any work), then run the story as a sub-flow on the task runner of ``orchestration.*``: the same
+    for ``make demo``, ``deployments.serve``, ``prefect deploy`` and ``deployments.team_demo``, which
+    all start this flow."""
     cfg = load_pipeline_config(config, overrides or [])
     # before any training: the tracking server, its artifact store and the storage root answer
     preflight(tracking.default_tracking_uri(cfg.tracking), cfg.storage.root)
