@@ -14,16 +14,15 @@ its worker, see ``flows/unit.py``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
-import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
-from flows.server import _die_with_parent, _free_port
-from lsq.errors import LsqError
+from deployments.server_process import ServerProcess
+from flows.server import _free_port
 
 BIN = Path(sys.executable).parent
 
@@ -35,30 +34,6 @@ def _quiet_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _stop(process: subprocess.Popen | None, grace: float = 10.0, group: bool = False) -> None:
-    if process is None or process.poll() is not None:
-        if process is not None and group:
-            _kill_group(process.pid)
-        return
-    try:
-        (os.killpg if group else os.kill)(process.pid, signal.SIGTERM)
-        process.wait(timeout=grace)
-    except (subprocess.TimeoutExpired, ProcessLookupError):
-        pass
-    if group:
-        _kill_group(process.pid)
-    if process.poll() is None:
-        process.kill()
-    process.wait()
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 class PrefectServer:
     """A Prefect server with its services, in ``folder``, on 127.0.0.1."""
 
@@ -68,40 +43,31 @@ class PrefectServer:
         self.port = _free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         self.database_url = database_url or f"sqlite+aiosqlite:///{self.folder / 'prefect.db'}"
-        self.process: subprocess.Popen | None = None
-        self.log = self.folder / "prefect-server.log"
+        self.process = ServerProcess("Prefect server", self.folder / "prefect-server.log")
 
     def start(self) -> PrefectServer:
         self.folder.mkdir(parents=True, exist_ok=True)
         env = _quiet_env(PREFECT_HOME=str(self.folder / "home"), PREFECT_API_DATABASE_CONNECTION_URL=self.database_url,
                          PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_LOGGING_LEVEL="WARNING")
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(self.port),
-                 "--no-ui", "--analytics-off"],
-                env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
-                cwd=self.folder)
+        self.process.spawn([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(self.port),
+                            "--no-ui", "--analytics-off"], env=env, cwd=self.folder, deathsig=signal.SIGTERM)
         return self
 
     def wait(self) -> PrefectServer:
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            if self.process is None or self.process.poll() is not None:
-                self.stop()
-                raise LsqError(f"Prefect server exited during start-up; see {self.log}")
-            try:
-                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise LsqError(f"Prefect server did not answer within {self.timeout:g} s; see {self.log}")
+        try:
+            self.process.wait_until(self._healthy, self.timeout, f"answer at {self.api_url}/health")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _healthy(self) -> bool:
+        with contextlib.suppress(OSError), urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
+            return response.status == 200
+        return False
 
     def stop(self) -> None:
-        _stop(self.process)
-        self.process = None
+        self.process.stop(signal.SIGTERM, grace=10.0)
 
     def __enter__(self) -> PrefectServer:
         return self.start().wait()
@@ -118,8 +84,7 @@ class Worker:
         self.name, self.folder, self.pool, self.api_url = name, Path(folder), pool, api_url
         self.env, self.device, self.cpus, self.heartbeat = dict(env or {}), device, cpus, heartbeat
         self.poll = poll  # seconds between the worker's polls of its pool (Prefect's default: 10)
-        self.process: subprocess.Popen | None = None
-        self.log = self.folder / "worker.log"
+        self.process = ServerProcess(f"worker {name}", self.folder / "worker.log")
 
     def start(self) -> Worker:
         home = self.folder / "home"
@@ -137,17 +102,14 @@ class Worker:
         if self.cpus is not None:  # pinned (benchmarks): the worker and its flow runs on these cores only
             command = ["taskset", "-c", self.cpus, *command]
             env["OMP_NUM_THREADS"] = str(len(self.cpus.split(",")))
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(command, cwd=self.folder, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True,
-                                            preexec_fn=_die_with_parent)
+        self.process.spawn(command, env=env, cwd=self.folder, deathsig=signal.SIGTERM)
         return self
 
     def pids(self) -> list[int]:
         """The worker and every process under it (its flow runs)."""
         import psutil
 
-        if self.process is None or self.process.poll() is not None:
+        if self.process.pid is None or self.process.exited() is not None:
             return []
         try:
             root = psutil.Process(self.process.pid)
@@ -157,12 +119,11 @@ class Worker:
 
     def kill(self) -> None:
         """SIGKILL the worker and its flow runs at once: a machine lost."""
-        if self.process is not None:
-            _kill_group(self.process.pid)
-            self.process.wait()
+        self.process.stop(signal.SIGKILL, grace=0.0)
 
     def stop(self) -> None:
-        _stop(self.process, grace=10.0, group=True)
+        """SIGTERM, 10 s, then SIGKILL to the worker's whole process group (its flow runs too)."""
+        self.process.stop(signal.SIGTERM, grace=10.0)
 
     def __enter__(self) -> Worker:
         return self.start()

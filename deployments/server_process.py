@@ -10,7 +10,6 @@ whatever is left of its process group.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import pwd
 import signal
@@ -19,20 +18,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from flows.server import _free_port
+from flows.server import _free_port, die_with_parent_by
 from lsq.errors import LsqError
-
-
-def die_with_parent_by(sig: int) -> Callable[[], None]:
-    """A ``preexec_fn`` asking the kernel to send ``sig`` when the parent dies (after any user switch,
-    which clears the setting). ``flows.server._die_with_parent`` always sends SIGTERM; PostgreSQL
-    wants SIGINT (fast shutdown) and weed SIGKILL (its SIGTERM shutdown hangs)."""
-    def preexec() -> None:
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
-        except OSError:  # not Linux: stop() still ends it
-            pass
-    return preexec
 
 
 class ServerProcess:

@@ -32,21 +32,27 @@ def default_slots() -> int:
     return max(1, torch.cuda.device_count())
 
 
-def setup(pool: str = POOL, slots: int | None = None) -> dict[str, object]:
-    """Create the work pool (if missing) and set the ``lsq-compute`` tag limit; what the server now holds."""
+def create_pool(name: str, description: str) -> bool:
+    """A process work pool named ``name`` (left as it is when it exists); True if it was created now."""
     from prefect.workers.process import ProcessWorker
 
-    slots = default_slots() if slots is None else slots
-    if slots < 1:
-        raise ValueError(f"slots: {slots} must be at least 1")
     with get_client(sync_client=True) as client:
         try:
             client.create_work_pool(WorkPoolCreate(
-                name=pool, type="process", base_job_template=ProcessWorker.get_default_base_job_template(),
-                description="lsq flow runs as local subprocesses of `prefect worker start --pool lsq-process`"))
-            created = True
+                name=name, type="process", base_job_template=ProcessWorker.get_default_base_job_template(),
+                description=description))
+            return True
         except ObjectAlreadyExists:
-            created = False
+            return False
+
+
+def setup(pool: str = POOL, slots: int | None = None) -> dict[str, object]:
+    """Create the work pool (if missing) and set the ``lsq-compute`` tag limit; what the server now holds."""
+    slots = default_slots() if slots is None else slots
+    if slots < 1:
+        raise ValueError(f"slots: {slots} must be at least 1")
+    created = create_pool(pool, f"lsq flow runs as local subprocesses of `prefect worker start --pool {pool}`")
+    with get_client(sync_client=True) as client:
         client.create_concurrency_limit(tag=COMPUTE_TAG, concurrency_limit=slots)  # an upsert on the server
         limit = client.read_concurrency_limit_by_tag(COMPUTE_TAG)
         return {"pool": client.read_work_pool(pool).name, "pool_created": created,

@@ -23,25 +23,10 @@ import argparse
 from datetime import timedelta
 from typing import Any
 
+from deployments.setup import create_pool
+
 UNIT_POOL = "lsq-gpu"
 ZOMBIES = "lsq: crash flow runs without heartbeats"
-
-
-def create_pool(name: str, description: str) -> bool:
-    """A process work pool named ``name``; True if it was created now."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectAlreadyExists
-    from prefect.workers.process import ProcessWorker
-
-    with get_client(sync_client=True) as client:
-        try:
-            client.create_work_pool(WorkPoolCreate(
-                name=name, type="process", base_job_template=ProcessWorker.get_default_base_job_template(),
-                description=description))
-            return True
-        except ObjectAlreadyExists:
-            return False
 
 
 def deploy_unit(pool: str = UNIT_POOL) -> str:

@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from lsq.errors import LsqError
@@ -42,11 +42,19 @@ def is_temporary(api_url: str | None) -> bool:
     return bool(api_url) and api_url in _TEMPORARY_URLS
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:  # not Linux: stop() and atexit still end it
-        pass
+def die_with_parent_by(sig: int) -> Callable[[], None]:
+    """A ``preexec_fn`` (or a call in the process itself) asking the kernel to send ``sig`` when the
+    parent dies (``PR_SET_PDEATHSIG``; after any user switch, which clears it). Not Linux: nothing,
+    and ``stop()`` and ``atexit`` still end the child."""
+    def preexec() -> None:
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)
+        except OSError:
+            pass
+    return preexec
+
+
+_die_with_parent = die_with_parent_by(signal.SIGTERM)
 
 
 def _free_port() -> int:

@@ -18,13 +18,11 @@ from lsq.steps import Unit, run_unit
 
 if os.environ.get("LSQ_EXIT_WITH_WORKER") == "1":  # set by deployments.processes.Worker: a lost worker
     # takes its flow runs with it, silently, as a lost machine would (else they would finish as orphans)
-    import ctypes
     import signal
 
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    from flows.server import die_with_parent_by
+
+    die_with_parent_by(signal.SIGKILL)()
 
 
 @flow(name="lsq-unit", log_prints=False, persist_result=False)

@@ -258,7 +258,7 @@ def run_unit(unit: Unit, data=None, log: Log | None = None) -> UnitResult:
     publishing = time.perf_counter()
     result = UnitResult(name=unit.name, variant=variant.model_copy(update={"worker": worker, "device": device}),
                         evaluations=evaluations)
-    storage.put_adapters(result)  # uploads first, so the record can say how long they took
+    result = storage.put_adapters(result)  # uploads first, so the record can say how long they took
     ended = time.perf_counter()
     result = result.model_copy(update={"wall_seconds": ended - started,
                                        "exchange_seconds": fetched + (ended - publishing)})

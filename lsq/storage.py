@@ -120,16 +120,15 @@ class Storage:
             folder.mkdir(parents=True, exist_ok=True)
             atomic_write(folder / f"{name}.json", (record.model_dump_json(indent=1) + "\n").encode())
             return record
-        published = _rewrite(record, self._upload)
+        published = self.put_adapters(record)
         self._put_bytes(f"{self.root}/units/{name}.json", (published.model_dump_json(indent=1) + "\n").encode())
         return published
 
     # --- adapters -----------------------------------------------------------------------------
-    def put_adapters(self, record: BaseModel) -> None:
-        """Upload the adapters ``record`` names (shared root; nothing otherwise). :meth:`put` does it too,
-        skipping what is there already."""
-        if self.shared:
-            _rewrite(record, self._upload)
+    def put_adapters(self, record: R) -> R:
+        """Upload the adapters ``record`` names (shared root; nothing otherwise): ``record`` as others
+        will read it. :meth:`put` does this first for a record that still names local folders."""
+        return _rewrite(record, self._upload) if self.shared else record
 
     def localize(self, record: R) -> R:
         """``record`` with every adapter it names on this machine (fetched into the cache when a URI)."""
@@ -145,14 +144,8 @@ class Storage:
         uri = self.adapter_uri(digest)
         if not self.fs.exists(f"{uri}/{COMPLETE}"):
             started = time.perf_counter()
-            files = [p for p in sorted(Path(folder).rglob("*")) if p.is_file()]
-            for path in files:
-                target = f"{uri}/{path.relative_to(folder).as_posix()}"
-                if _is_local(self.fs):
-                    self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-                self.fs.put_file(str(path), target)
-            self._put_bytes(f"{uri}/{COMPLETE}", digest.encode())
-            log.info("uploaded adapter %s (%d files) in %.2f s", uri, len(files), time.perf_counter() - started)
+            files = self._put_tree(Path(folder), uri, digest)
+            log.info("uploaded adapter %s (%d files) in %.2f s", uri, files, time.perf_counter() - started)
         return _moved(variant, folder, uri)
 
     def _fetch(self, variant: dict[str, Any]) -> dict[str, Any]:
@@ -167,13 +160,7 @@ class Storage:
                 fs = self.fs if self.shared and uri.startswith(self.root) else _fs_for(uri)
                 if not fs.exists(f"{uri}/{COMPLETE}"):
                     raise LsqError(f"adapter {uri}: not in the storage root (no {COMPLETE} marker)")
-                for remote in fs.find(uri):
-                    relative = remote[len(fs._strip_protocol(uri)):].lstrip("/")
-                    if relative == COMPLETE:
-                        continue
-                    local = tmp / relative
-                    local.parent.mkdir(parents=True, exist_ok=True)
-                    fs.get_file(remote, str(local))
+                _get_tree(fs, uri, tmp)
                 if adapter_digest(tmp) != digest:
                     raise LsqError(f"adapter {uri}: its files do not have the digest {digest[:12]} it is named by")
                 (tmp / COMPLETE).write_text(digest)
@@ -195,13 +182,7 @@ class Storage:
             return
         started = time.perf_counter()
         base = f"{self.root}/checkpoints/{run}"
-        target = f"{base}/{checkpoint.name}"
-        for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
-            remote = f"{target}/{path.relative_to(checkpoint).as_posix()}"
-            if _is_local(self.fs):
-                self.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
-            self.fs.put_file(str(path), remote)
-        self._put_bytes(f"{target}/{COMPLETE}", checkpoint.name.encode())
+        self._put_tree(checkpoint, f"{base}/{checkpoint.name}", checkpoint.name)
         for older in self._checkpoints(base):
             if older != checkpoint.name:
                 self.fs.rm(f"{base}/{older}", recursive=True)
@@ -219,12 +200,7 @@ class Storage:
         into.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=into, prefix=f".{name}-"))
         try:
-            prefix = self.fs._strip_protocol(f"{base}/{name}")
-            for remote in self.fs.find(f"{base}/{name}"):
-                relative = remote[len(prefix):].lstrip("/")
-                if relative != COMPLETE:
-                    (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
-                    self.fs.get_file(remote, str(tmp / relative))
+            _get_tree(self.fs, f"{base}/{name}", tmp)
             os.rename(tmp, into / name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -242,6 +218,17 @@ class Storage:
                  and self.fs.exists(f"{base}/{n}/{COMPLETE}")]
         return sorted(whole, key=lambda n: int(n.split("-")[-1]))
 
+    def _put_tree(self, folder: Path, uri: str, marker: str) -> int:
+        """Every file under ``folder`` to ``uri``, then ``uri/COMPLETE`` (holding ``marker``); the file count."""
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        for path in files:
+            target = f"{uri}/{path.relative_to(folder).as_posix()}"
+            if _is_local(self.fs):
+                self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.put_file(str(path), target)
+        self._put_bytes(f"{uri}/{COMPLETE}", marker.encode())
+        return len(files)
+
     def _put_bytes(self, uri: str, data: bytes) -> None:
         """One object, visible whole or not at all: one PUT on an object store, tmp + rename on a disk."""
         if _is_local(self.fs):
@@ -250,6 +237,16 @@ class Storage:
             atomic_write(path, data)
         else:
             self.fs.pipe_file(uri, data)
+
+
+def _get_tree(fs, uri: str, into: Path) -> None:
+    """Every file under ``uri`` but the ``COMPLETE`` marker, into folder ``into``."""
+    prefix = fs._strip_protocol(uri)
+    for remote in fs.find(uri):
+        relative = remote[len(prefix):].lstrip("/")
+        if relative != COMPLETE:
+            (into / relative).parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(remote, str(into / relative))
 
 
 def _fs_for(uri: str):

@@ -17,10 +17,9 @@ from prefect.cache_policies import NO_CACHE
 from lsq.evaluate import evaluate_adapter
 from lsq.pipeline_config import PipelineConfig
 from lsq.records import Champion, Decision, Evaluation, Registered, Variant, variant_metrics
-from lsq.storage import Storage
 from lsq.variants import decide
 from tasks import tracking
-from tasks.steps import COMPUTE_TAG
+from tasks.steps import COMPUTE_TAG, storage_of
 
 _NO_RESULTS = {"cache_policy": NO_CACHE, "persist_result": False}
 
@@ -59,7 +58,7 @@ def log_and_register(uri: str, cfg: PipelineConfig, parent_run_id: str, variant:
     experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
     metrics = variant_metrics(variant, evaluation)
     stored = variant.adapter_dir
-    variant = Storage(cfg.storage.root, cfg.output_dir, cfg.storage.cache).localize(variant)  # fetched when a URI
+    variant = storage_of(cfg).localize(variant)  # fetched into this machine's cache when a URI
     params = {"adapter_uri": stored} if stored != variant.adapter_dir else {}
     run_id = tracking.log_variant_run(uri, experiment_id, parent_run_id, variant,
                                       {**variant_params(cfg, variant, data_fingerprint), **params}, metrics)

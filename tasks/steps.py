@@ -25,8 +25,10 @@ from lsq.errors import LsqError
 from lsq.pipeline_config import PipelineConfig, SqueezeStep
 from lsq.records import Squeezed, UnitResult, Variant
 from lsq.steps import Unit, code_version
+from lsq.storage import Storage
 
-__all__ = ["COMPUTE_TAG", "code_version", "dispatch_unit", "make_unit", "prepare_data", "run_unit", "squeeze_source"]
+__all__ = ["COMPUTE_TAG", "code_version", "dispatch_unit", "make_unit", "prepare_data", "run_unit", "squeeze_source",
+           "storage_of"]
 
 COMPUTE_TAG = "lsq-compute"
 _NO_RESULTS = {"cache_policy": NO_CACHE, "persist_result": False}
@@ -41,6 +43,11 @@ def retry_unless_bad_input(task, task_run, state) -> bool:
     except BaseException:
         return True
     return True
+
+
+def storage_of(cfg: PipelineConfig) -> Storage:
+    """Where this machine keeps and finds the results of ``cfg``'s units (:mod:`lsq.storage`)."""
+    return Storage(cfg.storage.root, cfg.output_dir, cfg.storage.cache)
 
 
 def make_unit(cfg: PipelineConfig, data_fingerprint: str, code: str, method: str | None = None, rank: int = 0,
@@ -74,8 +81,7 @@ def run_unit(unit: Unit) -> UnitResult:
 def squeeze_source(source: Variant, ranks: tuple[int, ...], step: SqueezeStep, cfg: PipelineConfig,
                    code: str) -> Squeezed:
     """Post-Squeeze: one decomposition of the source, one adapter per target rank, kept in the storage."""
-    storage = steps.Storage(cfg.storage.root, cfg.output_dir, cfg.storage.cache)
-    return steps.squeeze_unit(source, ranks, step.model_dump(), storage, code)
+    return steps.squeeze_unit(source, ranks, step.model_dump(), storage_of(cfg), code)
 
 
 @task(retries=0, task_run_name="dispatch {unit.kind} {unit.label}", **_NO_RESULTS)
