@@ -64,6 +64,9 @@ class RankScheduleCallback(TrainerCallback):
 
     ``schedule`` maps a global step to the rank that starts after it, e.g. ``{50: 32, 100: 16}``.
     ``log`` (optional) receives ``({"rank": k, "retained_energy": e}, step)`` at every resize.
+    Data parallelism passes ``replicas`` (:class:`lsq.distributed.Replicas`): before a resize it
+    checks that every process holds the same state (the gradients were synced), after it syncs the
+    new factors and rebuilds the DDP wrapper; the event keeps the per-process digests of both.
     """
 
     def __init__(
@@ -72,23 +75,29 @@ class RankScheduleCallback(TrainerCallback):
         optimizer_state: str = "project",
         alpha_policy: str = "keep-scale",
         log: Callable[[Mapping[str, float], int], None] | None = None,
+        replicas=None,
     ):
         self.schedule = dict(schedule)
         self.optimizer_state = optimizer_state
         self.alpha_policy = alpha_policy
         self.log = log
-        self.events: list[dict[str, float]] = []
+        self.replicas = replicas
+        self.events: list[dict[str, Any]] = []
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         k = self.schedule.get(state.global_step)
         if k is None:
             return control
+        before = self.replicas.check() if self.replicas is not None else None
         changes = resize_lora_(model, k, alpha_policy=self.alpha_policy)
         swap_optimizer_params(optimizer, changes, self.optimizer_state)
         energy = sum(c.retained_energy for c in changes) / len(changes)
-        event = {"step": state.global_step, "rank": k, "mean_retained_energy": energy}
+        event: dict[str, Any] = {"step": state.global_step, "rank": k, "mean_retained_energy": energy}
+        if self.replicas is not None:
+            event["replica_digests_before"] = before
+            event["replica_digests"] = self.replicas.sync(changes)
         self.events.append(event)
-        if self.log is not None:
+        if self.log is not None and state.is_world_process_zero:
             self.log({"rank": float(k), "resize_retained_energy": energy}, state.global_step)
         return control
 

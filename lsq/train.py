@@ -48,10 +48,16 @@ class TrainResult:
     train_seconds: float
     train_loss: float
     dataset_fingerprint: str
-    rank_events: list[dict[str, float]] = field(default_factory=list)
+    rank_events: list[dict[str, Any]] = field(default_factory=list)
+    processes: int = 1
+    replica_digests: list[str] = field(default_factory=list)  # per process, at the end (data parallelism)
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "adapter_dir": str(self.adapter_dir)}
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> TrainResult:
+        return cls(**{**raw, "adapter_dir": Path(raw["adapter_dir"])})
 
 
 def num_labels_of(dsd) -> int:
@@ -91,6 +97,8 @@ class LogCallback(TrainerCallback):
         self.log = log
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
         numbers = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
         if numbers:
             self.log(numbers, state.global_step)
@@ -117,12 +125,29 @@ class CheckpointMarkCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        _barrier()  # under data parallelism every rank writes its RNG state into the folder first
         if args.should_save and folder.is_dir():
             tmp = folder / f".{COMPLETE_MARK}.tmp"
             tmp.write_text(f"{state.global_step}\n")
             os.replace(tmp, folder / COMPLETE_MARK)  # the mark appears whole or not at all
             if self.on_checkpoint is not None:
                 self.on_checkpoint(folder)
+
+
+class LsqTrainer(Trainer):
+    """The ``Trainer``, stepping through ``self.model_wrapped`` rather than the training loop's local
+    reference, so that a DDP wrapper rebuilt by In-Squeeze (:meth:`lsq.distributed.Replicas.sync`)
+    is the one that runs. With one process both are the same object."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        return super().training_step(self.model_wrapped, inputs, num_items_in_batch)
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def _checkpoints(folder: Path) -> dict[int, Path]:
@@ -169,14 +194,35 @@ def _cont_ranks(cfg: TrainConfig) -> dict[str, int]:
         raise LsqError(f"cont.adapter: {exc}") from None
 
 
-def _check_checkpoint_config(folder: Path, cfg: TrainConfig, resuming: bool) -> None:
-    """Resume only the same run: checkpoints of another config (lr, steps, data...) are refused."""
-    digest = hashlib.sha256(json.dumps(cfg.model_dump(mode="json", exclude={"resume"}), sort_keys=True).encode()).hexdigest()
+def _check_checkpoint_config(folder: Path, cfg: TrainConfig, resuming: bool, write: bool = True) -> None:
+    """Resume only the same run: checkpoints of another config (lr, steps, data...) are refused.
+
+    The number of processes is not part of it: the global batch, hence the run, is the same."""
+    raw = cfg.model_dump(mode="json", exclude={"resume": True, "train": {"processes"}})
+    digest = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
     stamp = folder.parent / "checkpoints.config.sha256"  # beside, not in, the Trainer's folder
     if resuming and stamp.is_file() and stamp.read_text().strip() != digest:
         raise LsqError(f"{folder}: checkpoints of a different config; pass resume=false or another output_dir")
-    stamp.parent.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(digest + "\n")
+    if write:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(digest + "\n")
+
+
+def check_resources(cfg: TrainConfig) -> None:
+    """One-line LsqError, before any loading, when this machine cannot run ``cfg`` as asked."""
+    from lsq import distributed
+
+    device = device_of(cfg.model)
+    if cfg.model.quantization == "4bit":
+        if device.type != "cuda":
+            raise LsqError(f"model.quantization: 4bit (QLoRA) needs a CUDA device; this run is on {device.type}")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise LsqError("model.quantization: 4bit needs the bitsandbytes package (pip install bitsandbytes)") from None
+    if cfg.train.processes > 1 and not distributed.in_worker():
+        cuda = torch.cuda.device_count() if device.type == "cuda" else 0
+        distributed.check_processes(cfg.train.processes, cfg.train.batch_size, device.type, cuda)
 
 
 def train(cfg: TrainConfig, log: Log | None = None, data=None,
@@ -186,7 +232,15 @@ def train(cfg: TrainConfig, log: Log | None = None, data=None,
     ``data`` (the DatasetDict of ``load_data(cfg.data)``) saves re-reading and re-splitting the data
     when one process trains many adapters on it. ``on_checkpoint`` is called with each whole
     checkpoint folder (e.g. to copy it where another machine can resume from it).
+
+    With ``train.processes > 1`` it launches the data-parallel workers (:mod:`lsq.distributed`) and
+    returns rank 0's result; ``data`` is then read again by each worker from ``cfg.data``.
     """
+    from lsq import distributed
+
+    check_resources(cfg)
+    if cfg.train.processes > 1 and not distributed.in_worker():
+        return distributed.launch(cfg, log=log, on_checkpoint=on_checkpoint)
     out = Path(cfg.output_dir)
     set_seed(cfg.train.seed)
     cont_ranks = _cont_ranks(cfg) if cfg.method == "cont" else {}
@@ -197,6 +251,8 @@ def train(cfg: TrainConfig, log: Log | None = None, data=None,
     model = build_model(cfg, base)
     tokenize = tokenize_classification if is_cls else tokenize_causal_lm
     train_set = tokenize(data["train"], tokenizer, cfg.data.max_length)
+    if len(train_set) < distributed.world()[1]:
+        raise LsqError(f"train.processes: {distributed.world()[1]} processes but the training split has {len(train_set)} rows")
 
     steps, lr, warmup = cfg.train.steps, cfg.train.lr, cfg.train.warmup_steps
     if cfg.method == "cont":
@@ -210,41 +266,57 @@ def train(cfg: TrainConfig, log: Log | None = None, data=None,
         seed=cfg.train.seed, data_seed=cfg.train.seed, report_to="none", use_cpu=device.type == "cpu",
         bf16=device.type == "cuda" and torch.cuda.is_bf16_supported(), dataloader_num_workers=0,
         remove_unused_columns=False, save_only_model=False,
+        # data parallelism: each of the N processes takes 1/N of the global batch (train.batch_size)
+        accelerator_config={"split_batches": True}, ddp_find_unused_parameters=False,
+        # token losses (SFT) are summed over the global batch's answer tokens and divided by their count, as
+        # with one process; a classification loss is already a mean over equal shares of rows
+        average_tokens_across_devices=not is_cls,
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.train.gradient_checkpointing else None,
     )  # save_total_limit=2: the last whole checkpoint survives while the next one is written
     callbacks: list[TrainerCallback] = [CheckpointMarkCallback(on_checkpoint), *([LogCallback(log)] if log else [])]
     schedule = None
     if cfg.method == "in":
         schedule = RankScheduleCallback(
-            boundaries(cfg.stage_ranks, cfg.stage_steps), cfg.insqueeze.optimizer_state, log=log
+            boundaries(cfg.stage_ranks, cfg.stage_steps), cfg.insqueeze.optimizer_state, log=log,
+            replicas=distributed.Replicas(lambda: trainer) if distributed.world()[1] > 1 else None,
         )
         callbacks.append(schedule)
     if cfg.method == "adalora":
         callbacks.append(AdaLoraCallback())
-    trainer = Trainer(
+    trainer = LsqTrainer(
         model=model, args=args, train_dataset=train_set, data_collator=PadCollator(tokenizer.pad_token_id),
         callbacks=callbacks,
     )
     checkpoint = _last_checkpoint(out / "checkpoints") if cfg.resume else None
-    _check_checkpoint_config(out / "checkpoints", cfg, resuming=checkpoint is not None)
-    _discard_checkpoints_after(out / "checkpoints", checkpoint)
+    main = trainer.is_world_process_zero()  # under data parallelism rank 0 alone manages files
+    _check_checkpoint_config(out / "checkpoints", cfg, resuming=checkpoint is not None, write=main)
+    if main:
+        _discard_checkpoints_after(out / "checkpoints", checkpoint)
+    _barrier()
     if checkpoint is not None and cfg.method == "in":
         _match_checkpoint_ranks(model, checkpoint)
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - start
+    world = distributed.world()[1]
+    replica_digests = distributed.Replicas(lambda: trainer).check() if world > 1 else []
     loss = float(output.training_loss)
     if not torch.isfinite(torch.tensor(loss)):
         raise TrainingDiverged(f"training diverged: final loss {loss}; lower train.lr ({lr})")
 
-    with AtomicFolder(out / "adapter", force=True) as tmp:
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
+    if main:
+        with AtomicFolder(out / "adapter", force=True) as tmp:
+            model.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
     result = TrainResult(
         adapter_dir=out / "adapter", method=cfg.method,
         rank=max(cont_ranks.values()) if cont_ranks else cfg.source_rank if cfg.method == "source" else cfg.rank,
         steps=steps, train_seconds=seconds, train_loss=loss, dataset_fingerprint=fingerprint(data),
-        rank_events=schedule.events if schedule else [],
+        rank_events=schedule.events if schedule else [], processes=world, replica_digests=replica_digests,
     )
-    summary = {**result.to_json(), "config": cfg.model_dump(mode="json")}
-    (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=1) + "\n")
+    if main:
+        summary = {**result.to_json(), "config": cfg.model_dump(mode="json")}
+        (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=1) + "\n")
+    _barrier()  # the adapter is whole before any rank reports the run done
     return result

@@ -48,6 +48,11 @@ class OptimSettings(BaseModel):
     logging_steps: int = Field(10, ge=1, description="Log every N steps.")
     save_steps: int = Field(50, ge=1, description="Checkpoint every N steps (a killed run resumes from the last).")
     seed: int = Field(0, description="Seed of initialisation, data order and dropout.")
+    processes: int = Field(
+        1, ge=1, description="Data-parallel processes (torchrun; gloo on CPU, NCCL on CUDA, one GPU each). "
+        "The global batch stays batch_size: each process takes batch_size/processes rows per step.",
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (less memory, ~30% slower).")
 
 
 class ContSettings(BaseModel):

