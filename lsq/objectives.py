@@ -13,6 +13,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from lsq.errors import LsqError
+
 IGNORE = -100
 
 
@@ -34,16 +36,37 @@ def _map_fingerprint(dataset, tokenizer, max_length: int, kind: str) -> str:
     import hashlib
 
     vocab = getattr(tokenizer, "vocab_size", 0)
-    text = f"{dataset._fingerprint}|{tokenizer.name_or_path}|{type(tokenizer).__name__}|{vocab}|{len(tokenizer)}|{max_length}|{kind}"
+    text = f"{dataset._fingerprint}|{tokenizer.name_or_path}|{type(tokenizer).__name__}|{vocab}|{len(tokenizer)}|{max_length}|{kind}|{getattr(tokenizer, 'chat_template', None)}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def chat_texts(tokenizer, prompt: str, answer: str) -> tuple[str, str]:
+    """``(prompt text, answer text)`` in the tokenizer's chat template: the user turn with the assistant
+    header, then the rest of the rendered conversation (the answer and the template's end-of-turn)."""
+    user = [{"role": "user", "content": prompt}]
+    head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    whole = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": answer}], tokenize=False)
+    if not whole.startswith(head):
+        raise LsqError("model.chat_template: the tokenizer's template renders the prompt differently inside a "
+                       "conversation; set model.chat_template=off")
+    return head, whole[len(head):]
+
+
 def _sft_ids(tokenizer, prompt: str, answer: str, max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids of prompt + answer (+ eos) and labels masking the prompt; the answer is kept on truncation."""
-    p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    a = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        a = a + [tokenizer.eos_token_id]
+    """Token ids of prompt + answer (+ eos) and labels masking the prompt; the answer is kept on truncation.
+
+    A tokenizer with a chat template (instruction-tuned decoders) gets the prompt as a user turn and the
+    answer as the assistant's reply, the template's own special tokens included; the loss covers the
+    reply and its end-of-turn. Without one: the raw prompt, then the answer and eos."""
+    if getattr(tokenizer, "chat_template", None):
+        head, tail = chat_texts(tokenizer, prompt, answer)
+        p = tokenizer(head, add_special_tokens=False)["input_ids"]
+        a = tokenizer(tail, add_special_tokens=False)["input_ids"]
+    else:
+        p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        a = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            a = a + [tokenizer.eos_token_id]
     a = a[:max_length]
     p = p[-(max_length - len(a)) :] if max_length > len(a) else []
     return p + a, [IGNORE] * len(p) + a
