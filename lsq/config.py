@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lsq.policies import SERVING_RANKS, Target, parse_targets
 
@@ -47,7 +47,26 @@ class SqueezeConfig(BaseModel):
     out_dtype: Literal["source", "float32", "float16", "bfloat16"] = Field(
         "source", description="dtype of the written factors (source: that of each source tensor)."
     )
-    device: str = Field("cpu", description="torch device for the maths (cpu, cuda, cuda:1, ...).")
+    device: str = Field("cpu", description="torch device for the maths: auto (cuda when present), cpu, cuda, cuda:1, ...")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value == "auto":
+            return value
+        try:
+            device = torch.device(value)
+        except RuntimeError:
+            raise ValueError(f"unknown torch device {value!r}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"{value} asked for but torch sees no CUDA device (use cpu or auto)")
+        return value
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
 
     @model_validator(mode="after")
     def _check(self) -> SqueezeConfig:

@@ -88,7 +88,7 @@ def decompose(A: Tensor, B: Tensor, module: LoraModule, config: SqueezeConfig, k
     The factors' NaN/Inf check happens inside the decomposition (:class:`lsq.linalg.NonFiniteFactor`)
     and comes out as an :class:`LsqError` naming the module.
     """
-    A, B = A.to(config.device), B.to(config.device)
+    A, B = A.to(config.torch_device), B.to(config.torch_device)
     try:
         if config.method == "rsvd" and not exact:
             return randomized_factored_svd(

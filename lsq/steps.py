@@ -47,9 +47,10 @@ def trained_label(cfg: TrainConfig, parent: Variant | None = None) -> str:
 
 
 def train_folder(cfg: TrainConfig, data_fingerprint: str, code: str, parent: Variant | None = None) -> Path:
-    """``<cfg.output_dir>/<label>-<key>``; the key covers the whole config except where it goes,
-    the data, the code and (cont) the digest of the adapter it starts from, not that adapter's path."""
-    config = cfg.model_dump(mode="json", exclude={"output_dir", "resume"})
+    """``<cfg.output_dir>/<label>-<key>``; the key covers the whole config except where it goes and
+    how many processes train it (the same global batch, the same run), the data, the code and (cont)
+    the digest of the adapter it starts from, not that adapter's path."""
+    config = cfg.model_dump(mode="json", exclude={"output_dir": True, "resume": True, "train": {"processes"}})
     config["cont"].pop("adapter", None)
     key = step_key({"step": "train", "config": config, "data": data_fingerprint, "code": code,
                     "parent": parent.adapter_sha256 if parent else None})

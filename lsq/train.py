@@ -208,6 +208,16 @@ def _check_checkpoint_config(folder: Path, cfg: TrainConfig, resuming: bool, wri
         stamp.write_text(digest + "\n")
 
 
+def _fsdp_arguments(cfg: TrainConfig) -> dict[str, Any]:
+    """FSDP2 (``fully_shard``) through the Trainer: every decoder layer sharded over the processes."""
+    if not cfg.train.fsdp:
+        return {}
+    config = {"version": 2, "reshard_after_forward": True, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+              # FSDP's own activation checkpointing: the Trainer's would add an all-gather to every backward
+              "activation_checkpointing": cfg.train.gradient_checkpointing}
+    return {"fsdp": True, "fsdp_config": config}
+
+
 def check_resources(cfg: TrainConfig) -> None:
     """One-line LsqError, before any loading, when this machine cannot run ``cfg`` as asked."""
     from lsq import distributed
@@ -220,6 +230,8 @@ def check_resources(cfg: TrainConfig) -> None:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise LsqError("model.quantization: 4bit needs the bitsandbytes package (pip install bitsandbytes)") from None
+    if cfg.train.fsdp and device.type != "cuda":
+        raise LsqError(f"train.fsdp: FSDP shards over CUDA devices; this run is on {device.type} (use train.fsdp=false)")
     if cfg.train.processes > 1 and not distributed.in_worker():
         cuda = torch.cuda.device_count() if device.type == "cuda" else 0
         distributed.check_processes(cfg.train.processes, cfg.train.batch_size, device.type, cuda)
@@ -271,7 +283,8 @@ def train(cfg: TrainConfig, log: Log | None = None, data=None,
         # token losses (SFT) are summed over the global batch's answer tokens and divided by their count, as
         # with one process; a classification loss is already a mean over equal shares of rows
         average_tokens_across_devices=not is_cls,
-        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        gradient_checkpointing=cfg.train.gradient_checkpointing and not cfg.train.fsdp,
+        **_fsdp_arguments(cfg),
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.train.gradient_checkpointing else None,
     )  # save_total_limit=2: the last whole checkpoint survives while the next one is written
     callbacks: list[TrainerCallback] = [CheckpointMarkCallback(on_checkpoint), *([LogCallback(log)] if log else [])]
@@ -288,6 +301,8 @@ def train(cfg: TrainConfig, log: Log | None = None, data=None,
         model=model, args=args, train_dataset=train_set, data_collator=PadCollator(tokenizer.pad_token_id),
         callbacks=callbacks,
     )
+    if cfg.train.fsdp and not trainer.is_fsdp_enabled:  # accelerate ignores the plugin where it cannot shard
+        raise LsqError("train.fsdp: FSDP was not enabled on this machine (accelerate shards over CUDA devices only)")
     checkpoint = _last_checkpoint(out / "checkpoints") if cfg.resume else None
     main = trainer.is_world_process_zero()  # under data parallelism rank 0 alone manages files
     _check_checkpoint_config(out / "checkpoints", cfg, resuming=checkpoint is not None, write=main)

@@ -52,6 +52,10 @@ class OptimSettings(BaseModel):
         1, ge=1, description="Data-parallel processes (torchrun; gloo on CPU, NCCL on CUDA, one GPU each). "
         "The global batch stays batch_size: each process takes batch_size/processes rows per step.",
     )
+    fsdp: bool = Field(
+        False, description="Shard the base model over the processes with FSDP2 (fully_shard) when it does not fit one "
+        "device; needs train.processes > 1. Not with method in or adalora (they resize or mask whole factors).",
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (less memory, ~30% slower).")
 
 
@@ -110,6 +114,11 @@ class TrainConfig(BaseModel):
             raise ValueError(f"data.task: {self.data.task!r} disagrees with model.task {self.model.task!r}")
         if self.method in ("in", "adalora") and self.rank >= self.source_rank:
             raise ValueError(f"rank: target rank {self.rank} must be below source_rank {self.source_rank}")
+        if self.train.fsdp and self.train.processes < 2:
+            raise ValueError("train.fsdp: sharding needs train.processes of 2 or more")
+        if self.train.fsdp and self.method in ("in", "adalora"):
+            raise ValueError(f"train.fsdp: method {self.method} resizes or masks whole LoRA factors, which FSDP shards; "
+                             "use data parallelism without fsdp (the factors are small)")
         if self.method == "cont" and not self.cont.adapter:
             raise ValueError("cont.adapter: method cont needs the squeezed adapter folder to start from")
         if self.method == "adalora":  # PEFT's AdaLoraConfig refuses a schedule without a budgeting phase

@@ -205,6 +205,9 @@ def test_kill_9_of_a_two_process_run_then_rerun(bert_no_dropout, cls_csv, tmp_pa
         (["train.processes=2", "train.batch_size=15"], "train.batch_size 15 does not split into 2 equal parts"),
         (["model.quantization=4bit"], "model.quantization: 4bit (QLoRA) needs a CUDA device; this run is on cpu"),
         (["model.device=cuda", "train.processes=2"], "train.processes: 2 processes need 2 CUDA devices; this machine has 0"),
+        (["train.processes=2", "train.fsdp=true"], "train.fsdp: FSDP shards over CUDA devices; this run is on cpu"),
+        (["train.fsdp=true"], "train.fsdp: sharding needs train.processes of 2 or more"),
+        (["method=in", "train.processes=2", "train.fsdp=true"], "train.fsdp: method in resizes or masks whole LoRA factors"),
     ],
 )
 def test_bad_input_is_refused_with_one_line(overrides, message, bert_no_dropout, cls_csv, tmp_path, capsys):
@@ -224,3 +227,20 @@ def test_a_worker_error_comes_back_as_one_line(bert_no_dropout, tmp_path, capsys
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("lsq: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_a_pipeline_training_step_on_two_processes(bert_no_dropout, cls_csv, tmp_path):
+    """The pipeline's training step (lsq.steps.train_step, what every unit and task calls) with
+    ``train.processes=2``: the workers read the same data the step was given, the variant records 2 processes'
+    adapter, and the curves reach the step's log."""
+    from lsq.data import fingerprint, load_data
+    from lsq.steps import code_version, train_step
+
+    cfg = TrainConfig.model_validate(cls_config(bert_no_dropout, cls_csv, tmp_path / "unused", method="source",
+                                                train__steps=4, train__processes=2))
+    data = load_data(cfg.data)
+    logs: list = []
+    variant = train_step(cfg, fingerprint(data), code_version(), data=data, log=lambda m, s: logs.append(s))
+    assert variant.method == "source" and variant.rank == 16 and variant.steps == 4
+    assert json.loads((Path(variant.adapter_dir).parent / SUMMARY_NAME).read_text())["processes"] == 2
+    assert sorted(set(logs)) == [1, 2, 3, 4]
