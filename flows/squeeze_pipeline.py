@@ -15,17 +15,80 @@ Prefect persists no results.
 
 from __future__ import annotations
 
+import argparse
 import sys
 
-if __name__ == "__main__" and not {"-h", "--help"} & set(sys.argv[1:]):
-    # Entry point only: the temporary Prefect server starts before the imports below (torch,
-    # transformers, mlflow: about 9 s on 2 cores) and boots on the other core meanwhile. Measured
-    # with benchmarks/orchestration_overhead.py: flow start 0.5 s this way, about 10 s after them.
+PROG = "squeeze_pipeline"
+
+_EPILOG = """\
+examples:
+  python -m flows.squeeze_pipeline configs/demo.yaml                # what make demo runs (~5 min on 2 CPU cores)
+  python -m flows.squeeze_pipeline configs/demo.yaml train.seed=1 target_ranks=[8,4]
+  python -m flows.squeeze_pipeline configs/demo.yaml promotion.metric=macro_f1 promotion.tolerance=0.02
+  python -m flows.squeeze_pipeline source_rank=32 baselines.direct=true   # the built-in defaults, overridden
+  python -m flows.squeeze_pipeline configs/demo.yaml --settings     # every key with its value and meaning
+
+overrides: key=value with dotted keys for nested settings; values are read as YAML (8, true, [8,4], null).
+
+promotion.metric (scored on eval_split, logged as test_<metric> or val_<metric>):
+  accuracy, macro_f1                        classification
+  answer_accuracy, choice_accuracy, loss    causal LM (choice_accuracy: data with choices; loss: with
+                                            promotion.greater_is_better=false)
+
+Without PREFECT_API_URL the run uses a temporary Prefect server of its own, gone when it ends."""
+
+
+def command_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.squeeze_pipeline", epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train high, squeeze, recover, evaluate, register in MLflow, promote one: the pipeline as a "
+                    "Prefect flow.")
+    parser.add_argument("config", nargs="?", help="pipeline YAML (configs/demo.yaml); omitted: the built-in defaults")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="settings that differ from the file")
+    parser.add_argument("--settings", action="store_true",
+                        help="print every setting (dotted key=value, then its meaning) of the config and exit")
+    parser.error = lambda message: parser.exit(2, f"{PROG}: error: {message} (see --help)\n")  # one line
+    return parser
+
+
+def parse_command(argv: list[str]) -> tuple[str | None, list[str]]:
+    """The command line as (config file, overrides), checked before any server starts: ``--help`` and
+    ``--settings`` answer and exit 0, bad input (no such file, a malformed override, an unknown key,
+    a bad value) prints one line ``squeeze_pipeline: error: ...`` and exits 2. Imports no Prefect."""
+    parser = command_parser()
+    args = parser.parse_args(argv)
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        config, overrides = None, [config, *overrides]
+    from lsq.errors import LsqError
+    from lsq.pipeline_config import load_pipeline_config
+
+    try:
+        cfg = load_pipeline_config(config, overrides)
+    except LsqError as exc:
+        parser.exit(2, f"{PROG}: error: {_one_line(exc)}\n")
+    if args.settings:
+        from lsq.cli import settings_lines
+
+        print("\n".join(settings_lines(cfg)))
+        parser.exit(0)
+    return config, overrides
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
+if __name__ == "__main__":
+    # Entry point only. The command line is checked first (help, settings and bad input never start a
+    # server), then the temporary Prefect server starts before the imports below (prefect,
+    # transformers, mlflow: about 6 s on 2 cores) and boots on the other core meanwhile. Measured with
+    # benchmarks/orchestration_overhead.py: flow start 0.5 s this way, about 10 s after the imports.
+    _COMMAND = parse_command(sys.argv[1:])
     from flows.server import start_unless_configured
 
     _SERVER = start_unless_configured()
 
-import argparse  # noqa: E402
 import logging  # noqa: E402
 import threading  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
@@ -165,23 +228,16 @@ def squeeze_pipeline(config: str | dict[str, Any] | None = None, overrides: list
     return pipeline_run.with_options(task_runner=task_runner(cfg.orchestration))(cfg)
 
 
-def main(argv: list[str], server=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m flows.squeeze_pipeline", description="Train high, squeeze, recover, register, promote.",
-        epilog="example: python -m flows.squeeze_pipeline configs/demo.yaml train.seed=1 target_ranks=[8,4]")
-    parser.add_argument("config", nargs="?", help="pipeline YAML (configs/demo.yaml); omitted: the defaults")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="settings that differ from the file")
-    args = parser.parse_args(argv)
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
-        config, overrides = None, [config, *overrides]
+def main(command: tuple[str | None, list[str]], server=None) -> int:
+    """Run ``command`` (:func:`parse_command`'s answer) against ``server`` (started by the caller) or
+    the configured Prefect API, and print where to look at the result."""
+    config, overrides = command
     terminate_on_sigterm()
     try:
-        load_pipeline_config(config, overrides)  # one line for a bad config, before any server waits
         with prefect_api(server) as api_url:
             result = squeeze_pipeline(config, overrides)
-    except LsqError as exc:
-        print(f"lsq: error: {exc}", file=sys.stderr)
+    except LsqError as exc:  # e.g. preflight: a store that does not answer
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     finally:
         if server is not None:
@@ -200,4 +256,4 @@ def main(argv: list[str], server=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:], globals().get("_SERVER")))
+    sys.exit(main(_COMMAND, _SERVER))

@@ -24,10 +24,24 @@ import signal
 import sys
 from collections.abc import Sequence
 
+_SQUEEZE_HELP = """\
+Squeeze a PEFT LoRA adapter to lower ranks: one exact decomposition per module serves every target,
+and each target becomes a PEFT adapter folder OUT/<name> with squeeze_report.json and spectrum.png.
+Ends with one summary line per output: ranks, retained energy, relative error, size, folder."""
+
+_SQUEEZE_EXAMPLES = """\
+examples:
+  lsq squeeze SRC --ranks 8 16 32 --out OUT              # OUT/r8, OUT/r16, OUT/r32
+  lsq squeeze SRC --energy 0.95 --out OUT                # per-module ranks (rank_pattern): OUT/energy0.95
+  lsq squeeze SRC --budget 2000000 --out OUT             # a global LoRA parameter budget: OUT/budget2000000
+  lsq squeeze SRC --energy 0.9 --serving vllm --out OUT  # snapped to one rank vLLM accepts
+  lsq squeeze SRC --ranks 8 --out OUT --json             # the summary as JSON, for scripts
+  lsq squeeze --schema                                   # JSON schema of the settings"""
+
 
 def _squeeze_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("squeeze", help="compress a LoRA adapter to lower ranks", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("squeeze", help="compress a LoRA adapter to lower ranks", description=_SQUEEZE_HELP,
+                       epilog=_SQUEEZE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", nargs="?", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--out", help="output folder; one adapter folder per target inside it")
     p.add_argument("--ranks", type=int, nargs="+", default=[], metavar="K", help="uniform target ranks")
@@ -45,15 +59,49 @@ def _squeeze_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="torch device for the maths (default cpu)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-plot", action="store_true", help="skip spectrum.png")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON (one object per output)")
     p.add_argument("--schema", action="store_true", help="print the JSON schema of the settings and exit")
 
 
+_TRAIN_HELP = """\
+Train one adapter from a YAML preset and key=value overrides (dotted keys, values read as YAML).
+Prints the result (adapter folder, ranks, steps, loss) as JSON on stdout; progress goes to stderr.
+
+methods (method=...):
+  direct   LoRA trained at rank: today's practice, the baseline
+  source   LoRA trained at source_rank: the high-rank source that lsq squeeze compresses
+  cont     Cont-Squeeze: continue a squeezed adapter (cont.adapter=FOLDER) for cont.steps at its rank
+  in       In-Squeeze: start at source_rank, resize in place at each stage boundary down to rank
+  adalora  PEFT's AdaLoRA from source_rank to an average of rank in the same steps (second baseline)"""
+
+_TRAIN_EXAMPLES = """\
+examples:
+  lsq train configs/quick.yaml                            # the quick preset: a minute on 2 CPU cores
+  lsq train configs/quick.yaml method=in rank=4           # In-Squeeze from source_rank down to 4
+  lsq train configs/quick.yaml method=cont rank=8 cont.adapter=squeezed/r8
+  lsq train method=direct rank=8 train.steps=100          # the built-in defaults, overridden
+  lsq train configs/quick.yaml --settings                 # every key with its value and meaning
+  lsq train --schema                                      # the same settings as a JSON schema"""
+
+_EVALUATE_EXAMPLES = """\
+examples:
+  lsq evaluate squeezed/r8 configs/quick.yaml                  # scores and size on the test split
+  lsq evaluate squeezed/r8 configs/quick.yaml --split validation --json
+  lsq evaluate squeezed/r8 data.max_eval=200                   # the built-in defaults, overridden"""
+
+
 def _train_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train one adapter (direct, source, cont, in, adalora)")
+    p = sub.add_parser("train", help="train one adapter (direct, source, cont, in, adalora)", description=_TRAIN_HELP,
+                       epilog=_TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", help="YAML preset (configs/); omitted: the built-in defaults")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method=in train.steps=100")
     p.add_argument("--schema", action="store_true", help="print the JSON schema of the config and exit")
-    p = sub.add_parser("evaluate", help="score an adapter folder on a data split")
+    p.add_argument("--settings", action="store_true",
+                   help="print every setting (dotted key=value, then its meaning) of the config and exit")
+    p = sub.add_parser("evaluate", help="score an adapter folder on a data split",
+                       description="Score a PEFT adapter folder on a split of the data a config names: the task "
+                       "metrics\n(accuracy, macro_f1; or loss, answer_accuracy, choice_accuracy) and the adapter's size.",
+                       epilog=_EVALUATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("adapter", help="PEFT adapter folder")
     p.add_argument("config", nargs="?", help="YAML preset naming the model and data (as for train)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.max_eval=200")
@@ -78,6 +126,9 @@ def _run_train(args: argparse.Namespace) -> int:
         print(json.dumps(TrainConfig.model_json_schema(), indent=2))
         return 0
     cfg = _config_and_overrides(args)
+    if args.settings:
+        print("\n".join(settings_lines(cfg)))
+        return 0
     from lsq.train import train
 
     _imports_done()
@@ -85,6 +136,34 @@ def _run_train(args: argparse.Namespace) -> int:
         result = train(cfg)
     print(json.dumps(result.to_json(), indent=1))
     return 0
+
+
+def settings_lines(config) -> list[str]:
+    """Every setting of the pydantic ``config`` (nested models flattened), one line each: the dotted
+    ``key=value`` as an override would write it, then the field's description, in aligned columns."""
+    import yaml
+
+    rows = []
+
+    def walk(model, prefix: str) -> None:
+        for name, field in type(model).model_fields.items():
+            value = getattr(model, name)
+            if hasattr(type(value), "model_fields"):  # a nested settings model
+                walk(value, f"{prefix}{name}.")
+                continue
+            rows.append((f"{prefix}{name}={as_override(value)}", field.description or ""))
+
+    def as_override(value) -> str:
+        try:
+            if isinstance(value, str) and yaml.safe_load(value) == value:
+                return value  # reads back as itself: no quotes needed
+        except yaml.YAMLError:
+            pass
+        return json.dumps(list(value) if isinstance(value, tuple) else value, default=str, separators=(",", ": "))
+
+    walk(config, "")
+    width = min(max(len(setting) for setting, _ in rows), 48)
+    return [f"{setting:<{width}}  {meaning}".rstrip() for setting, meaning in rows]
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
@@ -153,9 +232,25 @@ def _squeeze(args: argparse.Namespace, plotter) -> int:
                                   plotter=plotter, workers=workers, progress=_progress("squeeze"))
     finally:
         torch.set_num_threads(threads)  # main() may run inside a longer process (tests, notebooks)
-    for name, out in written.items():
-        print(f"{name}\t{out.folder}")
+    print_summary(written, as_json=args.json)
     return 0
+
+
+def print_summary(written, as_json: bool = False) -> None:
+    """What a squeeze made, one row per output (:func:`lsq.report.summary_table`; ``as_json``: a JSON
+    list of the same rows, with every module count per rank and the parameter count)."""
+    from lsq.adapter import WEIGHTS_NAME
+    from lsq.api import REPORT_NAME
+    from lsq.report import rank_summary, summary_table
+
+    rows = []
+    for name, out in written.items():
+        totals = json.loads((out.folder / REPORT_NAME).read_text())["totals"]
+        rows.append({"name": name, "ranks": rank_summary(totals["rank_counts"]), "rank_counts": totals["rank_counts"],
+                     "lora_params": out.lora_params, "retained_energy": out.retained_energy,
+                     "relative_error": out.relative_error, "adapter_bytes": (out.folder / WEIGHTS_NAME).stat().st_size,
+                     "folder": str(out.folder)})
+    print(json.dumps(rows, indent=1) if as_json else summary_table(rows))
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
@@ -192,11 +287,47 @@ def _one_line(exc: Exception) -> str:
     return str(exc).splitlines()[0]
 
 
+_INSPECT_EXAMPLES = """\
+examples:
+  lsq inspect path/to/adapter         # ranks, parameters, the rank each energy threshold picks
+  lsq inspect path/to/adapter --json  # the same for every module, as JSON"""
+
+_LSQ_EXAMPLES = """\
+examples:
+  lsq squeeze SRC --ranks 8 16 32 --out OUT   # squeeze an adapter to three ranks
+  lsq inspect SRC                             # what each rank policy would pick
+  lsq train configs/quick.yaml method=in      # train one adapter
+  lsq evaluate OUT/r8 configs/quick.yaml      # score it
+  lsq COMMAND --help                          # each command's options and examples"""
+
+
+class _Version(argparse.Action):
+    """``--version``: the installed distribution's version, looked up only when asked for."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = version("lsq")
+        except PackageNotFoundError:  # a source tree that was never installed
+            found = "unknown (not installed)"
+        print(f"lsq {found}")  # stdout, as argparse's own version action
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lsq", description="LoRA-Squeeze: train high, squeeze, recover, register.")
+    parser = argparse.ArgumentParser(prog="lsq", description="LoRA-Squeeze: train high, squeeze, recover, register.",
+                                     epilog=_LSQ_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action=_Version, help="print the installed version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     _squeeze_parser(sub)
-    p = sub.add_parser("inspect", help="spectrum summary of an adapter and the rank each policy picks")
+    p = sub.add_parser("inspect", help="spectrum summary of an adapter and the rank each policy picks",
+                       description="Spectrum summary of a PEFT LoRA adapter: source ranks, parameters, and the rank "
+                       "each\nenergy threshold (uniform, and snapped for vLLM) would pick. Writes nothing.",
+                       epilog=_INSPECT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="PEFT adapter folder")
     p.add_argument("--json", action="store_true", help="print everything as JSON")
     _train_parsers(sub)

@@ -16,6 +16,8 @@ import hashlib
 import json
 import math
 import re
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -137,6 +139,8 @@ def split_and_cap(dsd: DatasetDict, *, seed: int, val_fraction: float, test_frac
         train, val = _split(train, max(1, round(val_fraction * n)), seed, stratify, "validation")
     out = DatasetDict(train=_cap(train, max_train, seed, stratify), validation=_cap(val, max_eval, seed, stratify),
                       test=_cap(test, max_eval, seed, stratify))
+    with _no_progress_bars():  # contiguous rows: later reads (label values, tokenising) flatten nothing, draw no bar
+        out = DatasetDict({name: ds.flatten_indices() if ds._indices is not None else ds for name, ds in out.items()})
     for name, ds in out.items():
         if len(ds) == 0:
             raise LsqError(f"split {name!r} is empty")
@@ -147,15 +151,46 @@ def _split(ds: Dataset, size: int, seed: int, stratify: str | None, what: str) -
     """(rest, part): ``size`` rows cut from ``ds`` by a seeded shuffle; stratified when every class allows."""
     if size >= len(ds):
         raise LsqError(f"split 'train' has {len(ds)} rows: too few to cut a {what} split of {size} rows from")
-    if ds._indices is not None:  # a selection: datasets would read the stratify column row by row (2x slower)
-        ds = ds.flatten_indices()  # the same rows in the same order, so the same split
-    for strat in ([stratify, None] if stratify else [None]):
-        try:
-            parts = ds.train_test_split(test_size=size, seed=seed, stratify_by_column=strat)
-            return parts["train"], parts["test"]
-        except ValueError as exc:
-            error = exc  # too few rows of some class to stratify: fall back to a plain seeded split
+    with _no_progress_bars():
+        if ds._indices is not None:  # a selection: datasets would read the stratify column row by row (2x slower)
+            ds = ds.flatten_indices()  # the same rows in the same order, so the same split
+        for strat in ([stratify, None] if stratify else [None]):
+            try:
+                parts = ds.train_test_split(test_size=size, seed=seed, stratify_by_column=strat)
+                return parts["train"], parts["test"]
+            except ValueError as exc:
+                error = exc  # too few rows of some class to stratify: fall back to a plain seeded split
     raise LsqError(f"split 'train' ({len(ds)} rows) cannot give a {what} split of {size} rows: {error}")
+
+
+_QUIET_LOCK = threading.Lock()
+_quiet = {"holders": 0, "switched": False}
+
+
+@contextmanager
+def _no_progress_bars():
+    """datasets' progress bars off for the body: splitting is bookkeeping of a second or two, and each
+    ``flatten_indices`` would otherwise draw a "Flattening the indices" bar (five per training).
+
+    The switch is process-wide (``datasets.disable_progress_bars``), so it is counted: other threads
+    splitting at the same time share it, and the last one out restores what the caller had (bars
+    that tokenising draws meanwhile in another thread are hidden too; nothing else changes)."""
+    import datasets
+
+    with _QUIET_LOCK:
+        if _quiet["holders"] == 0:  # left alone when off already, or forced on (HF_DATASETS_DISABLE_PROGRESS_BARS=0)
+            forced = datasets.config.HF_DATASETS_DISABLE_PROGRESS_BARS is not None
+            _quiet["switched"] = datasets.is_progress_bar_enabled() and not forced
+            if _quiet["switched"]:
+                datasets.disable_progress_bars()
+        _quiet["holders"] += 1
+    try:
+        yield
+    finally:
+        with _QUIET_LOCK:
+            _quiet["holders"] -= 1
+            if _quiet["holders"] == 0 and _quiet["switched"]:
+                datasets.enable_progress_bars()
 
 
 def _cap(ds: Dataset, cap: int | None, seed: int, stratify: str | None) -> Dataset:

@@ -8,6 +8,9 @@ off unless the config turns it on.
 
 from __future__ import annotations
 
+import logging
+import threading
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -95,14 +98,60 @@ def load_base_model(cfg: ModelConfig, num_labels: int | None = None):
     kwargs = {"trust_remote_code": cfg.trust_remote_code, "dtype": dtype_of(cfg)}
     try:
         if cfg.task == "classification":
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
+            model = _loaded(AutoModelForSequenceClassification, path, new_head=True, num_labels=num_labels, **kwargs)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            model = _loaded(AutoModelForCausalLM, path, **kwargs)
     except (OSError, ValueError) as exc:
         raise LsqError(f"model.name: cannot load {cfg.name!r} offline ({_first_line(exc)})") from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = getattr(model.config, "eos_token_id", None) or 0
     return model.to(device_of(cfg))
+
+
+_HELD = threading.local()
+
+
+class _HoldLoadReport(logging.Filter):
+    """On transformers' model-loading logger: a load report logged while this thread is inside
+    :func:`_loaded` with ``new_head`` is kept in ``_HELD.records`` instead of printed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        held = getattr(_HELD, "records", None)
+        if held is None or "LOAD REPORT" not in str(record.msg):
+            return True
+        held.append(record)
+        return False
+
+
+def _loaded(auto, path: str, new_head: bool = False, **kwargs):
+    """``auto.from_pretrained(path, **kwargs)`` without the messages that mislead.
+
+    - ``new_head``: the classification head is new by design, so transformers' load report lists its
+      weights as MISSING on every load (training, scoring, loading the registered model). The report is
+      shown only when it says more: missing weights outside the head, unexpected or mismatched ones,
+      or a load that failed.
+    - PEFT reads ``is_gradient_checkpointing``, deprecated in transformers 5, when it wraps the model:
+      that FutureWarning (this message only, process-wide) is silenced.
+    """
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    if not new_head:
+        return auto.from_pretrained(path, **kwargs)
+    log = logging.getLogger("transformers.modeling_utils")
+    if not any(isinstance(f, _HoldLoadReport) for f in log.filters):
+        log.addFilter(_HoldLoadReport())
+    held: list[logging.LogRecord] = []
+    _HELD.records, expected = held, False
+    try:
+        model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
+        base = f"{model.base_model_prefix}."  # missing keys outside the base model are the new head's
+        expected = not (info["unexpected_keys"] or info["mismatched_keys"]
+                        or any(key.startswith(base) for key in info["missing_keys"]))
+    finally:
+        _HELD.records = None
+        if not expected:
+            for record in held:
+                log.handle(record)
+    return model
 
 
 def default_targets(model) -> list[str] | str:

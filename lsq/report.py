@@ -66,6 +66,38 @@ def adapter_report(result: SqueezeResult, adapter: SqueezedAdapter, source: str,
     }
 
 
+def rank_summary(rank_counts: Mapping[str, int]) -> str:
+    """The ranks of one output in a few characters: ``8`` when every module has rank 8, else the range
+    and the mean over modules, ``1-13 (mean 9.6)``. ``rank_counts``: ``{rank: modules}`` as in the
+    report's totals."""
+    counts = {int(k): int(n) for k, n in rank_counts.items() if int(n) > 0}
+    if not counts:
+        return "-"
+    if len(counts) == 1:
+        return str(next(iter(counts)))
+    mean = sum(k * n for k, n in counts.items()) / sum(counts.values())
+    return f"{min(counts)}-{max(counts)} (mean {mean:.1f})"
+
+
+SUMMARY_COLUMNS = ("output", "ranks", "retained energy", "relative error", "size (bytes)", "folder")
+
+
+def summary_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The outputs of one squeeze as an aligned text table, one line per output under a header.
+
+    ``rows``: mappings with ``name``, ``ranks`` (:func:`rank_summary`), ``retained_energy``,
+    ``relative_error``, ``adapter_bytes`` and ``folder``. Numbers are right-aligned; the folder comes
+    last, so a folder name with spaces stays readable."""
+    cells = [SUMMARY_COLUMNS] + [
+        (str(r["name"]), str(r["ranks"]), f"{r['retained_energy']:.4f}", f"{r['relative_error']:.4f}",
+         f"{int(r['adapter_bytes']):,}", str(r["folder"])) for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(SUMMARY_COLUMNS) - 1)]
+    right = (False, False, True, True, True)
+    return "\n".join(
+        "  ".join(cell.rjust(w) if r else cell.ljust(w) for cell, w, r in zip(row, widths, right)) + "  " + row[-1]
+        for row in cells)
+
+
 def spectra_lists(result: SqueezeResult) -> list[list[float]]:
     """Every module's singular values as plain floats (what :mod:`lsq.plotting` draws)."""
     return [S.double().tolist() for S in result.singular_values.values()]

@@ -8,7 +8,9 @@ runs tasks in worker threads). Registry writes retry on the decorator and inside
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -38,7 +40,7 @@ def variant_params(cfg: PipelineConfig, variant: Variant, data_fingerprint: str)
     }
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 10], **_NO_RESULTS)
+@task(retries=3, retry_delay_seconds=[2, 5, 10], task_run_name="start MLflow run", **_NO_RESULTS)
 def start_run(uri: str, cfg: PipelineConfig, data_fingerprint: str, flow_run: str) -> str:
     """The parent run of this pipeline run; RUNNING parents of dead runs of the same model are closed first."""
     params = {"base_model": cfg.model.name, "dataset": str(cfg.data.source), "dataset_fingerprint": data_fingerprint,
@@ -50,8 +52,7 @@ def start_run(uri: str, cfg: PipelineConfig, data_fingerprint: str, flow_run: st
     return run_id
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 10], task_run_name="register {variant.method}-r{variant.rank}",
-      **_NO_RESULTS)
+@task(retries=3, retry_delay_seconds=[2, 5, 10], task_run_name="register {variant.label}", **_NO_RESULTS)
 def log_and_register(uri: str, cfg: PipelineConfig, parent_run_id: str, variant: Variant, evaluation: Evaluation,
                      data_fingerprint: str) -> Registered:
     """One child run with params, metrics and artifacts, and one registered model version."""
@@ -78,7 +79,7 @@ def score_version(uri: str, cfg: PipelineConfig, version: str) -> float:
     return float(evaluation[cfg.promotion.metric])
 
 
-@task(retries=1, tags=[COMPUTE_TAG], **_NO_RESULTS)
+@task(retries=1, tags=[COMPUTE_TAG], task_run_name="score champion", **_NO_RESULTS)
 def champion_score(uri: str, cfg: PipelineConfig) -> Champion:
     """The current champion's metric on this run's data (re-evaluated here, not read from its run)."""
     version = tracking.alias_version(uri, cfg.registered_model, cfg.promotion.champion_alias)
@@ -87,7 +88,7 @@ def champion_score(uri: str, cfg: PipelineConfig) -> Champion:
     return Champion(version=version, score=score_version(uri, cfg, version))
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 10], **_NO_RESULTS)
+@task(retries=3, retry_delay_seconds=[2, 5, 10], task_run_name="promote", **_NO_RESULTS)
 def promote(uri: str, cfg: PipelineConfig, rows: list[Registered], champion: Champion) -> Decision:
     """Decide against the champion as it is when the alias moves (under the registry lock), then move it.
 
@@ -110,18 +111,47 @@ def promote(uri: str, cfg: PipelineConfig, rows: list[Registered], champion: Cha
     return tracking.promote(uri, cfg.registered_model, p.champion_alias, against, versions)
 
 
-@task(**_NO_RESULTS)
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """The MLflow UI page of a run: on the tracking server itself for an http(s) URI (its user info
+    and query left out), else where ``mlflow ui --backend-store-uri URI`` serves a local store by default."""
+    parts = urlsplit(uri)
+    if parts.scheme in ("http", "https"):
+        base = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path.rstrip('/')}"
+    else:
+        base = "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def promotion_markdown(uri: str, experiment_id: str, cfg: PipelineConfig, parent_run_id: str,
+                       rows: Sequence[Registered], decision: Decision) -> str:
+    """The decision, then every variant with its metric, size, version and a link to its MLflow run."""
+    metric = promotion_metric(cfg)
+    lines = [f"## Promotion: `{cfg.registered_model}`", "", f"**{decision.winner}** -> alias **{decision.alias}**", "",
+             decision.reason, "", f"| variant | rank | {metric} | size (bytes) | version | MLflow run |",
+             "|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        score = "-" if r.metric is None else f"{r.metric:.4f}"
+        lines.append(f"| {r.label} | {r.rank} | {score} | {r.adapter_bytes:,} | {r.version} | "
+                     f"[{r.run_id[:8]}]({run_url(uri, experiment_id, r.run_id)}) |")
+    parent = f"[parent run {parent_run_id[:8]}]({run_url(uri, experiment_id, parent_run_id)})"
+    lines += ["", f"MLflow: {parent} in experiment `{cfg.tracking.experiment}` of `{tracking.redact_uri(uri)}`."]
+    if urlsplit(uri).scheme not in ("http", "https"):
+        lines.append(f"The links need `mlflow ui --backend-store-uri {tracking.redact_uri(uri)}` running.")
+    return "\n".join(lines)
+
+
+@task(task_run_name="report", **_NO_RESULTS)
 def report(uri: str, cfg: PipelineConfig, parent_run_id: str, rows: list[Registered], decision: Decision) -> str:
-    """Pareto plot on the parent run; a table and a markdown decision as Prefect artifacts."""
+    """Pareto plot on the parent run; a table and a markdown decision (with links to the MLflow runs)
+    as Prefect artifacts."""
     metric = promotion_metric(cfg)
     tracking.log_pareto(uri, parent_run_id, [{"label": r.label, "adapter_bytes": r.adapter_bytes, "metric": r.metric}
                                              for r in rows], metric, champion_label=decision.winner)
+    experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
     table = [{"variant": r.label, "method": r.method, "rank": r.rank, metric: round(r.metric, 4),
               "adapter_bytes": r.adapter_bytes, "version": r.version, "mlflow_run": r.run_id} for r in rows]
-    create_table_artifact(key="lsq-variants", table=table, description=f"Adapters of MLflow run {parent_run_id}")
-    markdown = (
-        f"## Promotion: `{cfg.registered_model}`\n\n**{decision.winner}** -> alias **{decision.alias}**\n\n"
-        f"{decision.reason}\n\nMLflow parent run `{parent_run_id}` ({tracking.redact_uri(uri)})."
-    )
+    create_table_artifact(key="lsq-variants", table=table, description=(
+        f"Adapters of MLflow [run {parent_run_id[:8]}]({run_url(uri, experiment_id, parent_run_id)})"))
+    markdown = promotion_markdown(uri, experiment_id, cfg, parent_run_id, rows, decision)
     create_markdown_artifact(key="lsq-promotion", markdown=markdown, description="Promotion decision")
     return markdown

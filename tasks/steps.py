@@ -27,11 +27,19 @@ from lsq.records import Squeezed, UnitResult, Variant
 from lsq.steps import Unit, code_version
 from lsq.storage import Storage
 
-__all__ = ["COMPUTE_TAG", "code_version", "dispatch_unit", "make_unit", "prepare_data", "run_unit", "squeeze_source",
-           "storage_of"]
+__all__ = ["COMPUTE_TAG", "code_version", "dispatch_unit", "finished", "make_unit", "prepare_data", "run_unit",
+           "squeeze_source", "storage_of"]
 
 COMPUTE_TAG = "lsq-compute"
 _NO_RESULTS = {"cache_policy": NO_CACHE, "persist_result": False}
+
+
+def finished(result: UnitResult) -> str:
+    """One log line for a finished variant: its scores on the first split asked for, its size, where it ran."""
+    v, e = result.variant, result.evaluations[0]
+    scores = " ".join(f"{e.metric(name)}={value:.4f}" for name, value in e.scores.items())
+    return (f"{v.label} finished: {scores}; {e.adapter_bytes:,} bytes ({e.lora_params:,} LoRA parameters); "
+            f"{result.wall_seconds:.1f} s on {v.worker} ({v.device})")
 
 
 def retry_unless_bad_input(task, task_run, state) -> bool:
@@ -63,7 +71,8 @@ def make_unit(cfg: PipelineConfig, data_fingerprint: str, code: str, method: str
     return Unit(kind="train", train=cfg.step_config(method, rank, adapter), parent=parent, **common)
 
 
-@task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_bad_input, **_NO_RESULTS)
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_bad_input, task_run_name="prepare data",
+      **_NO_RESULTS)
 def prepare_data(data: DataConfig) -> str:
     """Fetch, parse and split the data as it is now; return its content fingerprint."""
     return fingerprint(load_data(data))
@@ -73,7 +82,9 @@ def prepare_data(data: DataConfig) -> str:
       task_run_name="{unit.kind} {unit.label}", **_NO_RESULTS)
 def run_unit(unit: Unit) -> UnitResult:
     """One unit in this flow run (a thread or a Dask worker): train and score, or score."""
-    return steps.run_unit(unit)
+    result = steps.run_unit(unit)
+    get_run_logger().info(finished(result))
+    return result
 
 
 @task(retries=1, retry_condition_fn=retry_unless_bad_input, tags=[COMPUTE_TAG],
@@ -110,8 +121,7 @@ def dispatch_unit(unit: Unit, deployment: str, attempts: int = 3) -> UnitResult:
             if result is None:
                 raise LsqError(f"unit {unit.label}: flow run {run.name} completed but left no record in "
                                f"{storage.describe()}")
-            log.info("%s ran on %s (%s) in %.1f s", unit.label, result.variant.worker, result.variant.device,
-                     time.perf_counter() - started)
+            log.info("%s; flow run %s, %.1f s from dispatch", finished(result), run.name, time.perf_counter() - started)
             return result
         message = f"unit {unit.label}: flow run {run.name} ended {state.name if state else 'without a state'}" + (
             f": {state.message}" if state is not None and state.message else "")

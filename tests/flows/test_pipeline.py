@@ -48,7 +48,8 @@ def versions(cfg: dict) -> list:
 
 
 def task_runs(state) -> dict[str, list]:
-    """Task runs of the flow run behind ``state`` and of its sub-flow runs, by task (the name before a space)."""
+    """Task runs of the flow run behind ``state`` and of its sub-flow runs, by the first word of their name
+    (``train cont-r4``, ``prepare data``, ...)."""
     top = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
         subflows = client.read_flow_runs(
@@ -57,10 +58,7 @@ def task_runs(state) -> dict[str, list]:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
     out = defaultdict(list)
     for r in runs:
-        if r.name.startswith(("train ", "squeeze ", "evaluate ", "register ")):
-            out[r.name.split(" ")[0]].append(r)
-        else:
-            out[r.name.rsplit("-", 1)[0]].append(r)
+        out[r.name.split(" ")[0]].append(r)
     return out
 
 
@@ -108,6 +106,11 @@ def test_pipeline_end_to_end_then_cached_rerun(tiny_config, tiny_csv, monkeypatc
     states = task_runs(state)
     for name in ("train", "squeeze", "evaluate"):
         assert states[name] and {r.state_name for r in states[name]} == {"Completed"}, (name, states[name])
+    # every task run is named after what it does, and the variant it does it to (beside the sub-flow's own)
+    assert sorted(r.name for runs in states.values() for r in runs if not r.name.startswith("lsq-pipeline-run")) == sorted([
+        "prepare data", "start MLflow run", "squeeze source-r8", "score champion", "promote", "report",
+        "train source-r8", "train cont-r4", "train cont-r2", "train in-r2", "evaluate post-r4", "evaluate post-r2",
+        *(f"register {label}" for label in VARIANTS)])
     assert trained == []
     assert sorted(work.rglob("adapter_model.safetensors")) == adapters
     assert [p.stat().st_mtime_ns for p in adapters] == mtimes
@@ -162,7 +165,7 @@ def test_bad_data_fails_fast_without_retries_or_runs(tiny_config, tmp_path):
     cfg = {**tiny_config, "data": {**tiny_config["data"], "source": str(tmp_path / "bad.csv")}}
     state = squeeze_pipeline(cfg, return_state=True)
     assert state.is_failed() and "label_column" in state.message
-    [prep] = task_runs(state)["prepare_data"]
+    [prep] = task_runs(state)["prepare"]
     assert prep.run_count == 1  # an LsqError is not retried
     assert all_runs(tiny_config) == []
 
