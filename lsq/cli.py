@@ -56,7 +56,8 @@ def _squeeze_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="rsvd seed (default 0)")
     p.add_argument("--compute-dtype", choices=["float64", "float32"], default="float64")
     p.add_argument("--out-dtype", choices=["source", "float32", "float16", "bfloat16"], default="source")
-    p.add_argument("--device", default="cpu", help="torch device for the maths (default cpu)")
+    p.add_argument("--device", default="auto", help="torch device for the maths: auto (cuda when present, else cpu; "
+                   "the default), cpu, cuda, cuda:1")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-plot", action="store_true", help="skip spectrum.png")
     p.add_argument("--json", action="store_true", help="print the summary as JSON (one object per output)")
@@ -225,7 +226,7 @@ def _squeeze(args: argparse.Namespace, plotter) -> int:
     # many small decompositions: one module per core beats two cores on each (CPU only)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = torch.get_num_threads()
-    workers = 1 if not config.device.startswith("cpu") else max(1, min(threads, cores))
+    workers = 1 if config.torch_device.type != "cpu" else max(1, min(threads, cores))
     torch.set_num_threads(1 if workers > 1 else threads)
     try:
         written = squeeze_adapter(args.src, args.out, config, force=args.force, plot=not args.no_plot,

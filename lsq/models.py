@@ -43,6 +43,12 @@ class ModelConfig(BaseModel):
         "auto", description="Weights dtype of the frozen base: auto is bfloat16 on CUDA, float32 on CPU."
     )
     trust_remote_code: bool = Field(False, description="Run model code from the model folder (off by default).")
+    chat_template: Literal["auto", "off"] = Field(
+        "auto", description="causal_lm: auto wraps prompt and answer in the tokenizer's chat template when it has one."
+    )
+    quantization: Literal["none", "4bit"] = Field(
+        "none", description="4bit: QLoRA, the frozen base in 4-bit NF4 through bitsandbytes (CUDA only)."
+    )
 
 
 def resolve_model_path(name: str) -> str:
@@ -64,9 +70,13 @@ def resolve_model_path(name: str) -> str:
 
 
 def device_of(cfg: ModelConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
+    """The configured device; ``auto`` and ``cuda`` mean this process's own GPU under torchrun (LOCAL_RANK)."""
+    import os
+
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if name == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(name)
 
 
 def dtype_of(cfg: ModelConfig) -> torch.dtype:
@@ -87,6 +97,8 @@ def load_tokenizer(cfg: ModelConfig):
         tok.pad_token = tok.eos_token or tok.unk_token
     if cfg.task == "causal_lm":
         tok.padding_side = "right"
+    if cfg.chat_template == "off":
+        tok.chat_template = None
     return tok
 
 
@@ -96,6 +108,13 @@ def load_base_model(cfg: ModelConfig, num_labels: int | None = None):
 
     path = resolve_model_path(cfg.name)
     kwargs = {"trust_remote_code": cfg.trust_remote_code, "dtype": dtype_of(cfg)}
+    if cfg.quantization == "4bit":  # QLoRA: NF4 weights, bf16 compute, placed by bitsandbytes (CUDA only)
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True,
+        )
+        kwargs["device_map"] = {"": device_of(cfg)}
     try:
         if cfg.task == "classification":
             model = _loaded(AutoModelForSequenceClassification, path, new_head=True, num_labels=num_labels, **kwargs)
@@ -105,6 +124,10 @@ def load_base_model(cfg: ModelConfig, num_labels: int | None = None):
         raise LsqError(f"model.name: cannot load {cfg.name!r} offline ({_first_line(exc)})") from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = getattr(model.config, "eos_token_id", None) or 0
+    if cfg.quantization == "4bit":
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model.to(device_of(cfg))
 
 

@@ -283,9 +283,9 @@ def train(cfg: TrainConfig, log: Log | None = None, data=None,
         # token losses (SFT) are summed over the global batch's answer tokens and divided by their count, as
         # with one process; a classification loss is already a mean over equal shares of rows
         average_tokens_across_devices=not is_cls,
-        gradient_checkpointing=cfg.train.gradient_checkpointing and not cfg.train.fsdp,
+        activation_checkpointing=cfg.train.gradient_checkpointing and not cfg.train.fsdp,
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.train.gradient_checkpointing else None,
         **_fsdp_arguments(cfg),
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.train.gradient_checkpointing else None,
     )  # save_total_limit=2: the last whole checkpoint survives while the next one is written
     callbacks: list[TrainerCallback] = [CheckpointMarkCallback(on_checkpoint), *([LogCallback(log)] if log else [])]
     schedule = None
