@@ -21,7 +21,7 @@ from prefect import flow, get_run_logger
 from lsq.monitoring import check_dataset, check_metric
 from flows.server import prefect_api, start_unless_configured, terminate_on_sigterm
 from lsq.errors import LsqError
-from lsq.pipeline_config import PipelineConfig, load_pipeline_config
+from lsq.pipeline_config import PipelineConfig, load_pipeline_config, resolve_promotion
 from lsq.records import Emitted, MonitorResult
 from tasks import tracking
 from tasks.monitoring import emit_finding, evaluate_champion, versions_trained_on
@@ -32,6 +32,7 @@ from tasks.steps import prepare_data
 def monitor(config: str | dict[str, Any] | None = None, overrides: list[str] | None = None,
             margin: float = 0.02) -> MonitorResult:
     cfg: PipelineConfig = load_pipeline_config(config, overrides or [])  # a bad config stops here
+    cfg, _ = resolve_promotion(cfg)  # promotion.metric=auto: the metric the pipeline chose on these labels
     if not margin >= 0:
         raise ValueError(f"margin: {margin} must be >= 0")
     log = get_run_logger()
@@ -45,7 +46,7 @@ def monitor(config: str | dict[str, Any] | None = None, overrides: list[str] | N
                               source, trained_on)]
     if champion is not None:
         findings.append(check_metric(name, cfg.promotion.metric, champion.recorded, champion.current, margin,
-                                     cfg.promotion.greater_is_better, champion.version, source))
+                                     cfg.promotion.higher_is_better, champion.version, source))
     findings = [f for f in findings if f is not None]
     events = [emit_finding(f) for f in findings]
 

@@ -30,10 +30,12 @@ examples:
 
 overrides: key=value with dotted keys for nested settings; values are read as YAML (8, true, [8,4], null).
 
-promotion.metric (scored on eval_split, logged as test_<metric> or val_<metric>):
+promotion.metric (chooses on the validation split as val_<metric>; test_<metric> is reported beside it):
+  auto                                      the default: macro_f1 when the rarest class is under 30% of
+                                            the training split, else accuracy (causal LM: answer_accuracy)
   accuracy, macro_f1                        classification
-  answer_accuracy, choice_accuracy, loss    causal LM (choice_accuracy: data with choices; loss: with
-                                            promotion.greater_is_better=false)
+  answer_accuracy, choice_accuracy, loss    causal LM (choice_accuracy: data with choices; loss: lower is better)
+promotion.servable_only=true promotes only adapters vLLM-style servers load as is (tag lsq.serving.vllm).
 
 Without PREFECT_API_URL the run uses a temporary Prefect server of its own, gone when it ends."""
 
@@ -166,6 +168,7 @@ def pipeline_run(cfg: PipelineConfig) -> PipelineResult:
     status = "FAILED"
     try:
         with heartbeat(uri, parent):
+            cfg = registry.choose_metric(uri, cfg, parent)  # promotion.metric=auto resolved on the training labels
             source = run(make_unit(cfg, data, code, "source", cfg.source_rank)).result()
             post = squeeze_source(source.variant, cfg.target_ranks, cfg.squeeze, cfg, code).variants
             units = [make_unit(cfg, data, code, parent=v) for v in post]  # each squeezed adapter scored as it is
@@ -183,7 +186,7 @@ def pipeline_run(cfg: PipelineConfig) -> PipelineResult:
             log.info("units: %s", ", ".join(f"{r.variant.label} on {r.variant.worker} ({r.variant.device})"
                                             for r in results))
             champion = champion_score(uri, cfg)
-            rows = [log_and_register(uri, cfg, parent, r.variant, r.evaluations[0], data) for r in results]
+            rows = [log_and_register(uri, cfg, parent, r.variant, r.evaluations, data) for r in results]
             decision = promote(uri, cfg, rows, champion)
             report(uri, cfg, parent, rows, decision)
         status = "FINISHED"
@@ -197,7 +200,7 @@ def pipeline_run(cfg: PipelineConfig) -> PipelineResult:
     log.info("%s -> %s: %s", decision.winner, decision.alias, decision.reason)
     return PipelineResult(parent_run_id=parent, tracking_uri=tracking.redact_uri(uri),
                           experiment=cfg.tracking.experiment, registered_model=cfg.registered_model,
-                          decision=decision, variants=tuple(rows))
+                          decision=decision, variants=tuple(rows), promotion_metric=cfg.promotion.metric)
 
 
 def task_runner(orchestration: Orchestration):
@@ -228,6 +231,20 @@ def squeeze_pipeline(config: str | dict[str, Any] | None = None, overrides: list
     return pipeline_run.with_options(task_runner=task_runner(cfg.orchestration))(cfg)
 
 
+def variants_table(result: PipelineResult) -> str:
+    """Every variant of the run, one row each: rank, the promotion metric on validation (it chooses) and on
+    test (reported), adapter bytes, and whether vLLM-style servers load it as is; the winner marked."""
+    m = result.promotion_metric or "metric"
+    header = ("variant", "rank", f"val_{m}", f"test_{m}", "bytes", "vLLM")
+    rows = [(("* " if r.label == result.decision.winner else "  ") + r.label, str(r.rank),
+             "-" if r.metric is None else f"{r.metric:.4f}", "-" if r.test_metric is None else f"{r.test_metric:.4f}",
+             f"{r.adapter_bytes:,}", r.serving.split(":")[0] or "-") for r in result.variants]
+    widths = [max(len(row[i]) for row in [("  " + header[0], *header[1:]), *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 or i == 5 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in [("  " + header[0], *header[1:]), *rows]]
+    return "\n".join(line.rstrip() for line in lines)
+
+
 def main(command: tuple[str | None, list[str]], server=None) -> int:
     """Run ``command`` (:func:`parse_command`'s answer) against ``server`` (started by the caller) or
     the configured Prefect API, and print where to look at the result."""
@@ -243,6 +260,7 @@ def main(command: tuple[str | None, list[str]], server=None) -> int:
         if server is not None:
             server.stop()
     d = result.decision
+    print("\n" + variants_table(result))
     print(f"\nwinner: {d.winner} -> {result.registered_model}@{d.alias}\n  {d.reason}")
     print(f"MLflow: {result.tracking_uri} (experiment {result.experiment!r}, registered model {result.registered_model!r})")
     if result.tracking_uri.startswith("sqlite:"):

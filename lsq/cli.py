@@ -88,7 +88,9 @@ _EVALUATE_EXAMPLES = """\
 examples:
   lsq evaluate squeezed/r8 configs/quick.yaml                  # scores and size on the test split
   lsq evaluate squeezed/r8 configs/quick.yaml --split validation --json
-  lsq evaluate squeezed/r8 data.max_eval=200                   # the built-in defaults, overridden"""
+  lsq evaluate squeezed/r8 data.source=builtin:movie data.max_eval=200   # no config: name the data
+
+Without data.source (in the config or as key=value) it refuses: nothing is assumed."""
 
 
 def _train_parsers(sub: argparse._SubParsersAction) -> None:
@@ -130,13 +132,53 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.settings:
         print("\n".join(settings_lines(cfg)))
         return 0
-    from lsq.train import train
+    from lsq.evaluate import evaluate_adapter
+    from lsq.train import SUMMARY_NAME, train
 
     _imports_done()
+    _log_to_stderr()  # In-Squeeze's resize lines
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs; stdout stays pure JSON
         result = train(cfg)
-    print(json.dumps(result.to_json(), indent=1))
+        # the run ends with its score on the validation split (the test split stays unseen)
+        validation = evaluate_adapter(result.adapter_dir, cfg.model, cfg.data, split="validation",
+                                      batch_size=cfg.train.eval_batch_size)
+    validation = {"data": str(cfg.data.source), **validation}
+    summary = result.adapter_dir.parent / SUMMARY_NAME
+    if summary.is_file():
+        summary.write_text(json.dumps({**json.loads(summary.read_text()), "validation": validation}, indent=1) + "\n")
+    print(json.dumps({**result.to_json(), "validation": validation}, indent=1))
+    print("validation: " + _metrics_line(validation), file=sys.stderr)
     return 0
+
+
+def _log_to_stderr() -> None:
+    """The ``lsq`` logger's info lines (e.g. In-Squeeze resizes) on stderr, once."""
+    import logging
+
+    logger = logging.getLogger("lsq")
+    if not any(getattr(h, "_lsq_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler._lsq_cli = True
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+def _metrics_line(metrics) -> str:
+    return "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+
+
+def _names_data(args: argparse.Namespace) -> bool:
+    """True when the command line names the data: ``data.source=`` or a config file with ``data.source``."""
+    from lsq.train_config import read_yaml_mapping
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        config, overrides = None, [config, *overrides]
+    if any(o.split("=", 1)[0].strip() == "data.source" for o in overrides):
+        return True
+    data = read_yaml_mapping(config).get("data") if config is not None else None
+    return isinstance(data, dict) and data.get("source") is not None
 
 
 def settings_lines(config) -> list[str]:
@@ -168,15 +210,31 @@ def settings_lines(config) -> list[str]:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
+    from lsq.errors import LsqError
+
     cfg = _config_and_overrides(args)
+    if not _names_data(args):  # scoring on data the adapter never saw, without a word, is worse than refusing
+        hint = ""
+        from pathlib import Path
+
+        summary = Path(args.adapter).parent / "train_summary.json"
+        if summary.is_file():
+            try:
+                trained_on = json.loads(summary.read_text())["config"]["data"]["source"]
+                hint = f"; {summary} says it was trained on data.source={trained_on}"
+            except (ValueError, KeyError, TypeError):
+                pass
+        raise LsqError("evaluate: name the data to score on: a config with data.source, or data.source=... "
+                       f"(nothing is assumed){hint}")
     from lsq.evaluate import evaluate_adapter
 
     _imports_done()
     metrics = evaluate_adapter(args.adapter, cfg.model, cfg.data, split=args.split, batch_size=cfg.train.eval_batch_size)
+    metrics = {"data": str(cfg.data.source), **metrics}
     if args.json:
         print(json.dumps(metrics, indent=1))
     else:
-        print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        print(_metrics_line(metrics))
     return 0
 
 

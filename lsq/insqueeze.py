@@ -18,6 +18,7 @@ Optimizers with other state (Adafactor's factored moments) are always reset.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -25,6 +26,8 @@ import torch
 from transformers import TrainerCallback
 
 from lsq.live import ModuleResize, resize_lora_
+
+log = logging.getLogger("lsq")
 
 
 def _project_state(state: dict[str, Any], left: torch.Tensor | None, right: torch.Tensor | None, ratio: float) -> dict[str, Any]:
@@ -97,6 +100,9 @@ class RankScheduleCallback(TrainerCallback):
             event["replica_digests_before"] = before
             event["replica_digests"] = self.replicas.sync(changes)
         self.events.append(event)
+        if state.is_world_process_zero:
+            before_rank = max(c.old_rank for c in changes)
+            log.info("in-squeeze: step %d rank %d -> %d, retained energy %.3f", state.global_step, before_rank, k, energy)
         if self.log is not None and state.is_world_process_zero:
             self.log({"rank": float(k), "resize_retained_energy": energy}, state.global_step)
         return control

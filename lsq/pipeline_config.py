@@ -32,6 +32,8 @@ from lsq.train_config import (
 )
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
+# every adapter is scored on both: validation chooses the winner, test is reported beside it (no leak)
+SCORED_SPLITS = ("validation", "test")
 
 
 class SqueezeStep(BaseModel):
@@ -58,14 +60,39 @@ class Baselines(BaseModel):
     adalora_settings: AdaLoraSettings = Field(default_factory=AdaLoraSettings)
 
 
+# promotion.metric per model.task; "auto" resolves when the data is known (resolve_promotion)
+PROMOTION_METRICS = {"classification": ("auto", "accuracy", "macro_f1"),
+                     "causal_lm": ("auto", "answer_accuracy", "choice_accuracy", "loss")}
+LOWER_IS_BETTER = frozenset({"loss"})
+AUTO_MINORITY_SHARE = 0.3  # auto: macro_f1 when the rarest class holds less of the training split than this
+
+
 class Promotion(BaseModel):
     model_config = _FROZEN
 
-    metric: str = Field("accuracy", description="Test metric that ranks adapters (logged as test_<metric>).")
-    greater_is_better: bool = Field(True, description="False for losses.")
+    metric: Literal["auto", "accuracy", "macro_f1", "answer_accuracy", "choice_accuracy", "loss"] = Field(
+        "auto", description="Metric that picks the winner, on the validation split (val_<metric>; test_<metric> is "
+        "reported beside it). classification: accuracy | macro_f1; causal LM: answer_accuracy | choice_accuracy | "
+        f"loss (lower is better). auto: macro_f1 when the rarest class is under {AUTO_MINORITY_SHARE:g} of the "
+        "training split, else accuracy (causal LM: answer_accuracy).")
+    greater_is_better: bool | None = Field(None, description="Leave unset: true for every metric but loss.")
+    servable_only: bool = Field(False, description="Promote only adapters that vLLM-style multi-LoRA servers load as "
+                                "they are (tag lsq.serving.vllm; see lsq/serving.py).")
     tolerance: float = Field(0.01, ge=0, description="Smallest adapter whose metric is within this of the best wins.")
     champion_alias: str = Field("champion", description="Alias of the promoted version.")
     challenger_alias: str = Field("challenger", description="Alias when the winner does not beat the champion.")
+
+    @model_validator(mode="after")
+    def _direction(self) -> Promotion:
+        lower = self.metric in LOWER_IS_BETTER
+        if self.greater_is_better is not None and self.greater_is_better == lower:
+            raise ValueError(f"greater_is_better: {self.metric} is {'lower' if lower else 'higher'} is better "
+                             f"(got {self.greater_is_better}); leave it unset")
+        return self
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric not in LOWER_IS_BETTER
 
 
 class Tracking(BaseModel):
@@ -149,12 +176,24 @@ class PipelineConfig(BaseModel):
     recover: RecoverStep = Field(default_factory=RecoverStep)
     insqueeze: InSqueezeStep = Field(default_factory=InSqueezeStep)
     baselines: Baselines = Field(default_factory=Baselines)
-    eval_split: Literal["validation", "test"] = Field("test", description="Split every adapter is scored on.")
     promotion: Promotion = Field(default_factory=Promotion)
     tracking: Tracking = Field(default_factory=Tracking)
     orchestration: Orchestration = Field(default_factory=Orchestration)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     output_dir: str = Field("runs/pipeline", description="Working folder for adapters and reports.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _metric_of_task(cls, raw: Any) -> Any:
+        """promotion.metric checked against the model's task, before the training (a typo used to surface
+        as a KeyError after all of it)."""
+        promotion, model = (raw.get(k) if isinstance(raw, dict) else None for k in ("promotion", "model"))
+        metric = promotion.get("metric") if isinstance(promotion, dict) else None
+        task = (model.get("task") if isinstance(model, dict) else None) or "classification"
+        allowed = PROMOTION_METRICS.get(task)
+        if metric is not None and allowed and metric not in allowed:
+            raise ValueError(f"promotion.metric: {metric!r} is not a {task} metric; use one of {', '.join(allowed)}")
+        return raw
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:
@@ -167,6 +206,9 @@ class PipelineConfig(BaseModel):
             raise ValueError(f"target_ranks: {list(self.target_ranks)} repeats a rank")
         if self.insqueeze.enabled:
             self.step_config("in", self.insqueeze.rank)  # validates the schedule before any work
+        if self.promotion.servable_only and self.model.task == "classification":
+            raise ValueError("promotion.servable_only: classification adapters save their head (modules_to_save), "
+                             "which vLLM-style servers do not load: no variant could be promoted")
         if self.orchestration.runner == "work-pool" and not self.storage.root:
             raise ValueError("orchestration.runner=work-pool: set storage.root (e.g. s3://bucket/lsq), "
                              "the place units on other machines leave their results")
@@ -196,6 +238,35 @@ class PipelineConfig(BaseModel):
             )
         except ValidationError as exc:
             raise ValueError(f"{method} step: {validation_message(exc)}") from None
+
+
+def resolve_promotion(cfg: PipelineConfig, data=None) -> tuple[PipelineConfig, str]:
+    """``cfg`` with a concrete ``promotion.metric``, and why it is that one (a sentence).
+
+    ``auto`` reads the labels of the training split (``data``, a loaded DatasetDict, or loaded here):
+    macro-F1 when the rarest class holds less than :data:`AUTO_MINORITY_SHARE` of it (accuracy would
+    reward predicting the majority class), else accuracy; causal LM: answer_accuracy.
+    """
+    metric = cfg.promotion.metric
+    if metric != "auto":
+        return cfg, f"promotion.metric={metric} (set in the config)"
+    if cfg.model.task != "classification":
+        metric, why = "answer_accuracy", "promotion.metric=auto: answer_accuracy (causal LM)"
+    else:
+        from collections import Counter
+
+        from lsq.data import load_data
+
+        data = data if data is not None else load_data(cfg.data)
+        counts = Counter(int(x) for x in data["train"]["label"])
+        rarest = min(counts, key=counts.get)
+        share = counts[rarest] / sum(counts.values())
+        names = getattr(data["train"].features["label"], "names", None) or []
+        name = names[rarest] if rarest < len(names) else str(rarest)
+        metric = "macro_f1" if share < AUTO_MINORITY_SHARE else "accuracy"
+        why = (f"promotion.metric=auto: {metric}, because the rarest class ({name}) is {share:.1%} of the training "
+               f"split ({'below' if metric == 'macro_f1' else 'not below'} {AUTO_MINORITY_SHARE:.0%})")
+    return cfg.model_copy(update={"promotion": cfg.promotion.model_copy(update={"metric": metric})}), why
 
 
 def load_pipeline_config(source: str | Path | dict[str, Any] | None = None, overrides: list[str] = ()) -> PipelineConfig:

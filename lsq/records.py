@@ -103,9 +103,12 @@ class Evaluations(BaseModel):
     evaluations: tuple[Evaluation, ...]
 
 
-def variant_metrics(variant: Variant, evaluation: Evaluation) -> dict[str, float]:
-    """The metrics of a variant's MLflow run: its evaluation, training seconds and squeeze numbers."""
-    out = evaluation.logged()
+def variant_metrics(variant: Variant, *evaluations: Evaluation) -> dict[str, float]:
+    """The metrics of a variant's MLflow run: its evaluations (``val_*`` and ``test_*``), training seconds
+    and squeeze numbers."""
+    out = {}
+    for evaluation in evaluations:
+        out.update(evaluation.logged())
     out.update(train_seconds=variant.train_seconds, total_train_seconds=variant.total_train_seconds)
     if variant.retained_energy is not None:
         out["retained_energy"] = variant.retained_energy
@@ -138,8 +141,10 @@ class Registered(BaseModel):
     run_id: str
     version: str
     adapter_bytes: int
-    metric: float | None = Field(description="the promotion metric of this variant")
+    metric: float | None = Field(description="the promotion metric of this variant (validation split: it chooses)")
     metrics: dict[str, float]
+    test_metric: float | None = Field(None, description="the same metric on the test split (reported, never chooses)")
+    serving: str = Field("", description="whether vLLM-style servers load it as is: 'yes ...' or 'no: <why>'")
 
 
 class Champion(BaseModel):
@@ -173,6 +178,7 @@ class PipelineResult(BaseModel):
     registered_model: str
     decision: Decision
     variants: tuple[Registered, ...]
+    promotion_metric: str = Field("", description="the metric that chose (val_<it>), e.g. macro_f1")
 
 
 class StudyRecord(BaseModel):

@@ -63,9 +63,10 @@ class ContSettings(BaseModel):
     model_config = _FROZEN
 
     adapter: str | None = Field(None, description="Squeezed adapter folder to continue from (method cont).")
-    steps: int = Field(50, ge=1, description="Recovery steps at the target rank.")
-    lr: float = Field(2e-4, gt=0, description="Recovery learning rate.")
-    warmup_steps: int = Field(5, ge=0, description="Recovery warm-up steps.")
+    # one set of recovery defaults for lsq train and the pipeline (recover.*): those the demo was tuned with
+    steps: int = Field(30, ge=1, description="Recovery steps at the target rank.")
+    lr: float = Field(1e-3, gt=0, description="Recovery learning rate.")
+    warmup_steps: int = Field(3, ge=0, description="Recovery warm-up steps.")
 
 
 class InSqueezeSettings(BaseModel):

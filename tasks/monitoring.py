@@ -22,7 +22,7 @@ from tasks.steps import COMPUTE_TAG
 
 @task(retries=1, retry_delay_seconds=5, tags=[COMPUTE_TAG], cache_policy=NO_CACHE, persist_result=False)
 def evaluate_champion(uri: str, cfg: PipelineConfig) -> ChampionCheck | None:
-    """The champion's version, tags and recorded ``test_<metric>``, and its metrics on ``cfg.eval_split`` now.
+    """The champion's version, tags and recorded ``test_<metric>``, and its metrics on the test split now.
 
     None when the registered model has no champion. The adapter is downloaded to a temporary folder
     that is removed afterwards.
@@ -32,13 +32,13 @@ def evaluate_champion(uri: str, cfg: PipelineConfig) -> ChampionCheck | None:
         current = tracking.champion(uri, cfg.registered_model, cfg.promotion.champion_alias, dst_path=tmp)
         if current is None:
             return None
-        evaluation = evaluate_adapter(current["adapter_path"], cfg.model, cfg.data, split=cfg.eval_split,
+        evaluation = evaluate_adapter(current["adapter_path"], cfg.model, cfg.data, split="test",
                                       batch_size=cfg.train.eval_batch_size)
     if metric not in evaluation:
         raise KeyError(f"promotion.metric: {metric!r} is not among the evaluation's metrics ({', '.join(evaluation)})")
     return ChampionCheck(version=current["version"], run_id=current["run_id"], tags=current["tags"],
                          recorded=recorded_metric(current["tags"], current["metrics"], metric),
-                         current=float(evaluation[metric]), examples=int(evaluation["examples"]), split=cfg.eval_split)
+                         current=float(evaluation[metric]), examples=int(evaluation["examples"]), split="test")
 
 
 @task(retries=2, retry_delay_seconds=[2, 5], cache_policy=NO_CACHE, persist_result=False)

@@ -12,13 +12,15 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from lsq.errors import LsqError
 from lsq.evaluate import evaluate_adapter
-from lsq.pipeline_config import PipelineConfig
-from lsq.records import Champion, Decision, Evaluation, Registered, Variant, variant_metrics
+from lsq.pipeline_config import PipelineConfig, resolve_promotion
+from lsq.records import SPLIT_PREFIX, Champion, Decision, Evaluation, Registered, Variant, variant_metrics
+from lsq.serving import check_adapter
 from lsq.variants import decide
 from tasks import tracking
 from tasks.steps import COMPUTE_TAG, storage_of
@@ -26,10 +28,30 @@ from tasks.steps import COMPUTE_TAG, storage_of
 _NO_RESULTS = {"cache_policy": NO_CACHE, "persist_result": False}
 
 
+SERVING_TAG = "lsq.serving.vllm"
+
+
 def promotion_metric(cfg: PipelineConfig) -> str:
-    """The logged name of the promotion metric: ``test_accuracy``, ``val_macro_f1``, ..."""
-    return Evaluation(label="-", split=cfg.eval_split, examples=0, scores={}, trainable_params=0, lora_params=0,
-                      adapter_bytes=0).metric(cfg.promotion.metric)
+    """The logged name of the metric that chooses: ``val_<metric>``, on the validation split."""
+    return f"{SPLIT_PREFIX['validation']}_{cfg.promotion.metric}"
+
+
+def reported_metric(cfg: PipelineConfig) -> str:
+    """The logged name of the score reported beside it, never used to choose: ``test_<metric>``."""
+    return f"{SPLIT_PREFIX['test']}_{cfg.promotion.metric}"
+
+
+@task(retries=1, task_run_name="promotion metric", **_NO_RESULTS)
+def choose_metric(uri: str, cfg: PipelineConfig, parent_run_id: str) -> PipelineConfig:
+    """``cfg`` with a concrete promotion metric (``auto`` resolved on the training labels), recorded on the
+    parent run (param ``promotion_metric``, tag ``lsq.promotion_metric_reason``) and in the log."""
+    resolved, why = resolve_promotion(cfg)
+    client = tracking.client_for(uri)
+    tracking.retry(client.log_param, parent_run_id, "promotion_metric", resolved.promotion.metric)
+    tracking.retry(client.set_tag, parent_run_id, "lsq.promotion_metric_reason", why)
+    get_run_logger().info("%s; chosen on %s, %s reported beside it", why, promotion_metric(resolved),
+                          reported_metric(resolved))
+    return resolved
 
 
 def variant_params(cfg: PipelineConfig, variant: Variant, data_fingerprint: str) -> dict[str, Any]:
@@ -53,35 +75,59 @@ def start_run(uri: str, cfg: PipelineConfig, data_fingerprint: str, flow_run: st
 
 
 @task(retries=3, retry_delay_seconds=[2, 5, 10], task_run_name="register {variant.label}", **_NO_RESULTS)
-def log_and_register(uri: str, cfg: PipelineConfig, parent_run_id: str, variant: Variant, evaluation: Evaluation,
-                     data_fingerprint: str) -> Registered:
-    """One child run with params, metrics and artifacts, and one registered model version."""
+def log_and_register(uri: str, cfg: PipelineConfig, parent_run_id: str, variant: Variant,
+                     evaluations: tuple[Evaluation, ...], data_fingerprint: str) -> Registered:
+    """One child run with params, metrics (``val_*`` and ``test_*``) and artifacts, and one registered model
+    version tagged with the promotion metric on both splits and the serving contract (:mod:`lsq.serving`)."""
     experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
-    metrics = variant_metrics(variant, evaluation)
+    evaluation = evaluations[0]
+    metrics = variant_metrics(variant, *evaluations)
     stored = variant.adapter_dir
     variant = storage_of(cfg).localize(variant)  # fetched into this machine's cache when a URI
     params = {"adapter_uri": stored} if stored != variant.adapter_dir else {}
     run_id = tracking.log_variant_run(uri, experiment_id, parent_run_id, variant,
                                       {**variant_params(cfg, variant, data_fingerprint), **params}, metrics)
-    metric = promotion_metric(cfg)
+    metric, test = promotion_metric(cfg), reported_metric(cfg)
+    serving = check_adapter(variant.adapter_dir).tag()
     version = tracking.register_variant(uri, cfg.registered_model, run_id, variant, cfg.model,
-                                        {"lsq.dataset_fingerprint": data_fingerprint, metric: str(metrics.get(metric))})
+                                        {"lsq.dataset_fingerprint": data_fingerprint, "lsq.metric": cfg.promotion.metric,
+                                         metric: str(metrics.get(metric)), test: str(metrics.get(test)),
+                                         SERVING_TAG: serving}, label_names=class_names(cfg, data_fingerprint))
     return Registered(label=variant.label, method=variant.method, rank=variant.rank, run_id=run_id, version=version,
-                      adapter_bytes=evaluation.adapter_bytes, metric=metrics.get(metric), metrics=metrics)
+                      adapter_bytes=evaluation.adapter_bytes, metric=metrics.get(metric), metrics=metrics,
+                      test_metric=metrics.get(test), serving=serving)
+
+
+_CLASS_NAMES: dict[tuple[str, str], tuple[str, ...]] = {}
+
+
+def class_names(cfg: PipelineConfig, data_fingerprint: str) -> tuple[str, ...] | None:
+    """The data's label names, id = position (its ClassLabel: ``label_names``, the built-in names, or the
+    distinct string labels), so the registered model predicts ``spam``, not ``1``; None for causal LM.
+    Read once per data and fingerprint in this process."""
+    if cfg.model.task != "classification":
+        return None
+    key = (cfg.data.model_dump_json(), data_fingerprint)
+    if key not in _CLASS_NAMES:
+        from lsq.data import load_data
+
+        _CLASS_NAMES[key] = tuple(str(n) for n in load_data(cfg.data)["train"].features["label"].names)
+    return _CLASS_NAMES[key]
 
 
 def score_version(uri: str, cfg: PipelineConfig, version: str) -> float:
-    """The promotion metric of registered ``version`` on this run's split (its adapter downloaded, then removed)."""
+    """The promotion metric of registered ``version`` on this run's validation split, where the winner was
+    chosen (its adapter downloaded, then removed)."""
     with tempfile.TemporaryDirectory(prefix="lsq-champion-") as tmp:
         adapter = tracking.download_adapter(uri, cfg.registered_model, version, tmp)
-        evaluation = evaluate_adapter(adapter, cfg.model, cfg.data, split=cfg.eval_split,
+        evaluation = evaluate_adapter(adapter, cfg.model, cfg.data, split="validation",
                                       batch_size=cfg.train.eval_batch_size)
     return float(evaluation[cfg.promotion.metric])
 
 
 @task(retries=1, tags=[COMPUTE_TAG], task_run_name="score champion", **_NO_RESULTS)
 def champion_score(uri: str, cfg: PipelineConfig) -> Champion:
-    """The current champion's metric on this run's data (re-evaluated here, not read from its run)."""
+    """The current champion's metric on this run's validation data (re-evaluated here, not read from its run)."""
     version = tracking.alias_version(uri, cfg.registered_model, cfg.promotion.champion_alias)
     if version is None:
         return Champion()
@@ -95,20 +141,41 @@ def promote(uri: str, cfg: PipelineConfig, rows: list[Registered], champion: Cha
     ``champion`` was scored before registration; if another run moved the alias meanwhile, the new
     champion is scored now and the decision is made against it.
     """
-    p = cfg.promotion
-    scores = {r.label: r.metric for r in rows}
-    sizes = {r.label: r.adapter_bytes for r in rows}
     scored = {champion.version: champion.score} if champion.version is not None else {}
+    decide_promotion(cfg, rows, None)  # bad input (no servable variant, a metric not measured) fails before the lock
 
     def against(version: str | None) -> Decision:
         if version is not None and version not in scored:
             scored[version] = score_version(uri, cfg, version)
         score = scored.get(version) if version is not None else None
-        decision = decide(scores, sizes, p.tolerance, score, p.greater_is_better, p.champion_alias, p.challenger_alias)
-        return decision.model_copy(update={"compared_to": version})
+        return decide_promotion(cfg, rows, score).model_copy(update={"compared_to": version})
 
     versions = {r.label: r.version for r in rows}
-    return tracking.promote(uri, cfg.registered_model, p.champion_alias, against, versions)
+    return tracking.promote(uri, cfg.registered_model, cfg.promotion.champion_alias, against, versions)
+
+
+def decide_promotion(cfg: PipelineConfig, rows: Sequence[Registered], champion_score: float | None) -> Decision:
+    """The winner among ``rows`` by the validation metric (``Registered.metric``), against the champion's
+    validation score; the reason names the metric and gives the winner's test score beside it. With
+    ``promotion.servable_only`` only adapters the serving contract accepts take part."""
+    p, metric, test = cfg.promotion, promotion_metric(cfg), reported_metric(cfg)
+    candidates = [r for r in rows if not p.servable_only or r.serving.startswith("yes")]
+    if not candidates:
+        raise LsqError("promotion.servable_only: no variant is servable by vLLM-style servers ("
+                       + "; ".join(f"{r.label}: {r.serving}" for r in rows) + ")")
+    missing = [r.label for r in candidates if r.metric is None]
+    if missing:
+        raise LsqError(f"promotion.metric: {metric} was not measured for {', '.join(missing)} "
+                       f"(measured: {', '.join(sorted(candidates[0].metrics))})")
+    scores = {r.label: r.metric for r in candidates}
+    sizes = {r.label: r.adapter_bytes for r in candidates}
+    decision = decide(scores, sizes, p.tolerance, champion_score, p.higher_is_better, p.champion_alias,
+                      p.challenger_alias)
+    winner = next(r for r in candidates if r.label == decision.winner)
+    reported = "-" if winner.test_metric is None else f"{winner.test_metric:.4f}"
+    only = ", servable adapters only" if p.servable_only else ""
+    reason = f"by {metric} (validation split{only}): {decision.reason}; {test} {reported} (reported, not used to choose)"
+    return decision.model_copy(update={"reason": reason})
 
 
 def run_url(uri: str, experiment_id: str, run_id: str) -> str:
@@ -125,13 +192,14 @@ def run_url(uri: str, experiment_id: str, run_id: str) -> str:
 def promotion_markdown(uri: str, experiment_id: str, cfg: PipelineConfig, parent_run_id: str,
                        rows: Sequence[Registered], decision: Decision) -> str:
     """The decision, then every variant with its metric, size, version and a link to its MLflow run."""
-    metric = promotion_metric(cfg)
+    metric, test = promotion_metric(cfg), reported_metric(cfg)
     lines = [f"## Promotion: `{cfg.registered_model}`", "", f"**{decision.winner}** -> alias **{decision.alias}**", "",
-             decision.reason, "", f"| variant | rank | {metric} | size (bytes) | version | MLflow run |",
-             "|---|---:|---:|---:|---:|---|"]
+             decision.reason, "", f"| variant | rank | {metric} | {test} | size (bytes) | version | MLflow run |",
+             "|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         score = "-" if r.metric is None else f"{r.metric:.4f}"
-        lines.append(f"| {r.label} | {r.rank} | {score} | {r.adapter_bytes:,} | {r.version} | "
+        tested = "-" if r.test_metric is None else f"{r.test_metric:.4f}"
+        lines.append(f"| {r.label} | {r.rank} | {score} | {tested} | {r.adapter_bytes:,} | {r.version} | "
                      f"[{r.run_id[:8]}]({run_url(uri, experiment_id, r.run_id)}) |")
     parent = f"[parent run {parent_run_id[:8]}]({run_url(uri, experiment_id, parent_run_id)})"
     lines += ["", f"MLflow: {parent} in experiment `{cfg.tracking.experiment}` of `{tracking.redact_uri(uri)}`."]
@@ -149,6 +217,7 @@ def report(uri: str, cfg: PipelineConfig, parent_run_id: str, rows: list[Registe
                                              for r in rows], metric, champion_label=decision.winner)
     experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
     table = [{"variant": r.label, "method": r.method, "rank": r.rank, metric: round(r.metric, 4),
+              reported_metric(cfg): None if r.test_metric is None else round(r.test_metric, 4),
               "adapter_bytes": r.adapter_bytes, "version": r.version, "mlflow_run": r.run_id} for r in rows]
     create_table_artifact(key="lsq-variants", table=table, description=(
         f"Adapters of MLflow [run {parent_run_id[:8]}]({run_url(uri, experiment_id, parent_run_id)})"))

@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from lsq import steps
 from lsq.data import DataConfig, fingerprint, load_data
 from lsq.errors import LsqError
-from lsq.pipeline_config import PipelineConfig, SqueezeStep
+from lsq.pipeline_config import SCORED_SPLITS, PipelineConfig, SqueezeStep
 from lsq.records import Squeezed, UnitResult, Variant
 from lsq.steps import Unit, code_version
 from lsq.storage import Storage
@@ -35,9 +35,9 @@ _NO_RESULTS = {"cache_policy": NO_CACHE, "persist_result": False}
 
 
 def finished(result: UnitResult) -> str:
-    """One log line for a finished variant: its scores on the first split asked for, its size, where it ran."""
+    """One log line for a finished variant: its scores on every split asked for, its size, where it ran."""
     v, e = result.variant, result.evaluations[0]
-    scores = " ".join(f"{e.metric(name)}={value:.4f}" for name, value in e.scores.items())
+    scores = " ".join(f"{x.metric(name)}={value:.4f}" for x in result.evaluations for name, value in x.scores.items())
     return (f"{v.label} finished: {scores}; {e.adapter_bytes:,} bytes ({e.lora_params:,} LoRA parameters); "
             f"{result.wall_seconds:.1f} s on {v.worker} ({v.device})")
 
@@ -62,7 +62,7 @@ def make_unit(cfg: PipelineConfig, data_fingerprint: str, code: str, method: str
               parent: Variant | None = None) -> Unit:
     """The unit that trains ``method`` at ``rank`` (from ``parent`` for cont) and scores it, or, with no
     method, the unit that scores ``parent`` as it is."""
-    common = dict(model=cfg.model, data=cfg.data, splits=(cfg.eval_split,), eval_batch_size=cfg.train.eval_batch_size,
+    common = dict(model=cfg.model, data=cfg.data, splits=SCORED_SPLITS, eval_batch_size=cfg.train.eval_batch_size,
                   data_fingerprint=data_fingerprint, code=code, storage_root=cfg.storage.root,
                   output_dir=cfg.output_dir, cache=cfg.storage.cache)
     if method is None:

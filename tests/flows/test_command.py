@@ -74,6 +74,8 @@ def test_help_starts_no_server_and_imports_no_prefect():
     (("configs/demo.yaml", "no_such_key=1"), "no_such_key"),
     (("configs/demo.yaml", "promotion.no_such_key=1"), "promotion.no_such_key"),
     (("configs/demo.yaml", "target_ranks=[128]"), "target_ranks"),
+    (("configs/demo.yaml", "promotion.metric=f1"),
+     "promotion.metric: 'f1' is not a classification metric; use one of auto, accuracy, macro_f1"),
     (("--no-such-option",), "unrecognized arguments: --no-such-option"),
 ])
 def test_bad_input_is_one_line_and_status_2_before_any_server(args, message):
@@ -96,7 +98,7 @@ def test_settings_list_every_key_of_the_config():
     assert status == 0, err
     assert "SERVER STARTED" not in err and "prefect" not in imported
     settings = dict(re.split(r" {2,}", line)[0].split("=", 1) for line in out.splitlines())
-    assert settings["target_ranks"] == "[8,4]" and settings["promotion.metric"] == "accuracy"
+    assert settings["target_ranks"] == "[8,4]" and settings["promotion.metric"] == "auto"
     assert settings["baselines.adalora_settings.tinit"] == "0.1" and "orchestration.runner" in settings
     from lsq.pipeline_config import load_pipeline_config
 

@@ -27,9 +27,10 @@ from tests.flows.conftest import tiny_pipeline
 from tests.lsq.tiny import write_classification_csv
 
 VARIANTS = {"source-r8", "post-r4", "post-r2", "cont-r4", "cont-r2", "in-r2"}
-EVERY_CHILD_METRIC = {"test_accuracy", "test_macro_f1", "trainable_params", "adapter_bytes", "train_seconds",
+EVERY_CHILD_METRIC = {"val_accuracy", "val_macro_f1", "test_accuracy", "test_macro_f1", "trainable_params", "adapter_bytes", "train_seconds",
                       "retained_energy"}
-VERSION_TAGS = {"lsq.method", "lsq.rank", "lsq.source_rank", "lsq.run_id", "lsq.dataset_fingerprint", "test_accuracy"}
+VERSION_TAGS = {"lsq.method", "lsq.rank", "lsq.source_rank", "lsq.run_id", "lsq.dataset_fingerprint", "lsq.metric",
+                "val_accuracy", "test_accuracy", "lsq.serving.vllm"}
 
 
 def client_of(cfg: dict) -> MlflowClient:
@@ -90,9 +91,18 @@ def test_pipeline_end_to_end_then_cached_rerun(tiny_config, tiny_csv, monkeypatc
         assert v.tags["lsq.run_id"] == v.run_id and v.run_id in {c.info.run_id for c in children}
         run = client_of(cfg).get_run(v.run_id)
         assert math.isclose(float(v.tags["test_accuracy"]), run.data.metrics["test_accuracy"])
+        assert math.isclose(float(v.tags["val_accuracy"]), run.data.metrics["val_accuracy"])
+        assert v.tags["lsq.metric"] == "accuracy" and v.tags["lsq.serving.vllm"].startswith("no: modules_to_save")
     champion = client_of(cfg).get_model_version_by_alias("lsq-tiny", "champion")
     assert client_of(cfg).get_run(champion.run_id).data.tags["lsq.variant"] == result.decision.winner
     assert champion.tags["lsq.decision"] == "champion" and champion.tags["lsq.reason"] == result.decision.reason
+    # balanced labels: auto chose accuracy, on the validation split, and says so on the parent run
+    assert result.decision.reason.startswith("by val_accuracy (validation split): ") and result.promotion_metric == "accuracy"
+    parent_run = client_of(cfg).get_run(result.parent_run_id)
+    assert parent_run.data.params["promotion_metric"] == "accuracy"
+    assert "rarest class" in parent_run.data.tags["lsq.promotion_metric_reason"]
+    winner = next(r for r in result.variants if r.label == result.decision.winner)
+    assert winner.metric == winner.metrics["val_accuracy"] and winner.test_metric == winner.metrics["test_accuracy"]
 
     # the same config again: every training, squeeze and evaluation is reused from its work folder
     work = Path(cfg["output_dir"])
@@ -108,7 +118,7 @@ def test_pipeline_end_to_end_then_cached_rerun(tiny_config, tiny_csv, monkeypatc
         assert states[name] and {r.state_name for r in states[name]} == {"Completed"}, (name, states[name])
     # every task run is named after what it does, and the variant it does it to (beside the sub-flow's own)
     assert sorted(r.name for runs in states.values() for r in runs if not r.name.startswith("lsq-pipeline-run")) == sorted([
-        "prepare data", "start MLflow run", "squeeze source-r8", "score champion", "promote", "report",
+        "prepare data", "start MLflow run", "promotion metric", "squeeze source-r8", "score champion", "promote", "report",
         "train source-r8", "train cont-r4", "train cont-r2", "train in-r2", "evaluate post-r4", "evaluate post-r2",
         *(f"register {label}" for label in VARIANTS)])
     assert trained == []

@@ -20,6 +20,7 @@ from prefect.logging.handlers import APILogWorker
 import lsq.steps
 from lsq.pipeline_config import load_pipeline_config
 from lsq.records import Decision, Evaluation, Squeezed, UnitResult, Variant
+from lsq.serving import ServingCheck
 from tasks import registry, steps, tracking
 
 
@@ -29,21 +30,23 @@ def variant(method: str, rank: int) -> Variant:
 
 
 def result(v: Variant, accuracy: float) -> UnitResult:
-    e = Evaluation(label=v.label, split="test", examples=10, scores={"accuracy": accuracy, "macro_f1": accuracy - 0.1},
-                   trainable_params=2000, lora_params=1536, adapter_bytes=6240 * v.rank)
-    return UnitResult(name=f"{v.label}-key", variant=v, evaluations=(e,), wall_seconds=1.5)
+    e = [Evaluation(label=v.label, split=split, examples=10, scores={"accuracy": accuracy - d, "macro_f1": accuracy - 0.1},
+                    trainable_params=2000, lora_params=1536, adapter_bytes=6240 * v.rank)
+         for split, d in (("validation", 0.05), ("test", 0.0))]
+    return UnitResult(name=f"{v.label}-key", variant=v, evaluations=tuple(e), wall_seconds=1.5)
 
 
 def test_task_runs_log_lines_and_links(tiny_config, monkeypatch):
-    cfg = load_pipeline_config(tiny_config)
+    cfg = load_pipeline_config(tiny_config, ["promotion.metric=accuracy"])
     source, post = variant("source", 8), variant("post", 4)
     scores = {"cont-r4": 0.75, "post-r4": 0.5}
     monkeypatch.setattr(lsq.steps, "squeeze_unit", lambda *a, **k: Squeezed(source=source, variants=(post,)))
-    monkeypatch.setattr(lsq.steps, "run_unit", lambda unit: result(
+    monkeypatch.setattr(lsq.steps, "run_unit", lambda unit, **kw: result(
         variant(unit.train.method, unit.train.rank) if unit.kind == "train" else unit.parent, scores[unit.label]))
     monkeypatch.setattr(tracking, "ensure_experiment", lambda uri, name: "7")
     monkeypatch.setattr(tracking, "log_variant_run", lambda uri, exp, parent, v, params, metrics: f"run{v.label}00")
     monkeypatch.setattr(tracking, "register_variant", lambda *a, **k: "3")
+    monkeypatch.setattr(registry, "check_adapter", lambda folder: ServingCheck(False, reasons=("a head",)))
     monkeypatch.setattr(tracking, "log_pareto", lambda *a, **k: None)
     uri = "http://alice:secret@mlflow.example:5000/"
     decision = Decision(winner="cont-r4", alias="champion", reason="best accuracy")
@@ -53,7 +56,7 @@ def test_task_runs_log_lines_and_links(tiny_config, monkeypatch):
         squeezed = steps.squeeze_source(source, (4,), cfg.squeeze, cfg, "code")
         units = [steps.make_unit(cfg, "fp", "code", "cont", 4, squeezed.variants[0]),
                  steps.make_unit(cfg, "fp", "code", parent=squeezed.variants[0])]
-        rows = [registry.log_and_register(uri, cfg, "parent0123456789", r.variant, r.evaluations[0], "fp")
+        rows = [registry.log_and_register(uri, cfg, "parent0123456789", r.variant, r.evaluations, "fp")
                 for r in (steps.run_unit(u) for u in units)]
         return registry.report(uri, cfg, "parent0123456789", rows, decision)
 
@@ -71,15 +74,15 @@ def test_task_runs_log_lines_and_links(tiny_config, monkeypatch):
 
     assert set(names) == {"squeeze source-r8", "train cont-r4", "evaluate post-r4", "register cont-r4",
                           "register post-r4", "report"}
-    assert "cont-r4 finished: test_accuracy=0.7500 test_macro_f1=0.6500; 24,960 bytes (1,536 LoRA parameters); " \
+    assert "cont-r4 finished: val_accuracy=0.7000 val_macro_f1=0.6500 test_accuracy=0.7500 test_macro_f1=0.6500; 24,960 bytes (1,536 LoRA parameters); " \
            "1.5 s on box (cpu)" in logs["train cont-r4"]
-    assert any(m.startswith("post-r4 finished: test_accuracy=0.5000") for m in logs["evaluate post-r4"])
+    assert any(m.startswith("post-r4 finished: val_accuracy=0.4500") for m in logs["evaluate post-r4"])
 
     markdown = artifacts["lsq-promotion"].data
     link = "http://mlflow.example:5000/#/experiments/7/runs/"
     assert f"[runcont-]({link}runcont-r400)" in markdown
     assert f"[parent run parent01]({link}parent0123456789)" in markdown
-    assert re.search(r"\| cont-r4 \| 4 \| 0\.7500 \| 24,960 \| 3 \| \[", markdown)
+    assert re.search(r"\| cont-r4 \| 4 \| 0\.7000 \| 0\.7500 \| 24,960 \| 3 \| \[", markdown)
     assert "secret" not in markdown and "(http://alice" not in markdown  # links carry no user info
     assert f"]({link}parent0123456789)" in artifacts["lsq-variants"].description
 

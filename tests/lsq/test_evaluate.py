@@ -196,10 +196,22 @@ def test_lsq_evaluate_command(cls_run, tmp_path, capsys):
     assert main(["evaluate", str(result.adapter_dir), str(preset), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     direct = evaluate_adapter(result.adapter_dir, cfg.model, cfg.data)
-    assert printed == pytest.approx(direct)
+    assert printed.pop("data") == str(cfg.data.source) and printed == pytest.approx(direct)
     assert main(["evaluate", str(result.adapter_dir), str(preset), "--split", "validation"]) == 0
     line = capsys.readouterr().out.strip()
-    assert line.startswith("accuracy=") and "split=validation" in line
+    assert line.startswith(f"data={cfg.data.source}  accuracy=") and "split=validation" in line
     assert main(["evaluate", str(tmp_path / "nope"), str(preset)]) == 2
     err = capsys.readouterr().err  # refused before any model is loaded: no progress bars, one line
     assert err.startswith("lsq: error: ") and err.count("\n") == 1 and "nope: adapter folder not found" in err
+
+
+def test_lsq_evaluate_refuses_to_guess_the_data(cls_run, tmp_path, capsys):
+    cfg, result = cls_run
+    preset = tmp_path / "model-only.yaml"
+    preset.write_text(json.dumps({"model": cfg.model.model_dump(mode="json")}))  # names the model, not the data
+    for argv in (["evaluate", str(result.adapter_dir)], ["evaluate", str(result.adapter_dir), str(preset)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("lsq: error: evaluate: name the data to score on") and err.count("\n") == 1, err
+        # the training summary beside the adapter says what it was trained on
+        assert f"trained on data.source={cfg.data.source}" in err

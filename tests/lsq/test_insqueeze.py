@@ -4,6 +4,7 @@ training run whose model is resized at the stage boundaries (ranks, events, loss
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -234,14 +235,18 @@ class Watch(RankScheduleCallback):
         return out
 
 
-def test_in_squeeze_resizes_the_live_model_and_keeps_learning(tiny_llama, lm_jsonl, tmp_path, monkeypatch):
+def test_in_squeeze_resizes_the_live_model_and_keeps_learning(tiny_llama, lm_jsonl, tmp_path, monkeypatch, caplog):
     Watch.seen = []
     monkeypatch.setattr(lsq.train, "RankScheduleCallback", Watch)
     steps, lr = 18, 2e-2
     raw = lm_config(tiny_llama, lm_jsonl, tmp_path / "in", method="in", rank=4, source_rank=16,
                     train__steps=steps, train__lr=lr, insqueeze={"stage_steps": [6, 6, 6]})
     logs: list[tuple[int, dict]] = []
-    result = train(TrainConfig.model_validate(raw), log=lambda m, s: logs.append((s, dict(m))))
+    with caplog.at_level(logging.INFO, logger="lsq"):
+        result = train(TrainConfig.model_validate(raw), log=lambda m, s: logs.append((s, dict(m))))
+    resizes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("in-squeeze:")]
+    assert [m.rsplit(" ", 1)[0] for m in resizes] == ["in-squeeze: step 6 rank 16 -> 8, retained energy",
+                                                      "in-squeeze: step 12 rank 8 -> 4, retained energy"]
 
     # the events: 16 -> 8 at step 6, 8 -> 4 at step 12; logged too
     assert [(e["step"], e["rank"]) for e in result.rank_events] == [(6, 8), (12, 4)]

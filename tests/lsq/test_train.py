@@ -390,6 +390,11 @@ def test_lsq_train_quick_preset_with_overrides(tiny_bert, cls_csv, tmp_path, cap
     start = len(stdout) - 1 - stdout[::-1].index("{")
     printed = json.loads("\n".join(stdout[start:]))
     assert (printed["method"], printed["rank"], printed["steps"]) == ("in", 4, 6)
+    # it ends with its score on the validation split, in the JSON and in the summary file
+    validation = printed["validation"]
+    assert validation["split"] == "validation" and validation["data"] == str(cls_csv)
+    assert 0 <= validation["accuracy"] <= 1 and validation["examples"] > 0
+    assert json.loads((out / SUMMARY_NAME).read_text())["validation"] == validation
     assert [e["rank"] for e in printed["rank_events"]] == [8, 4]
     config = json.loads((out / SUMMARY_NAME).read_text())["config"]
     assert config["train"]["batch_size"] == 16 and config["train"]["lr"] == 1e-3  # kept from the file
