@@ -27,6 +27,7 @@ examples:
   python -m flows.squeeze_pipeline configs/demo.yaml promotion.metric=macro_f1 promotion.tolerance=0.02
   python -m flows.squeeze_pipeline source_rank=32 baselines.direct=true   # the built-in defaults, overridden
   python -m flows.squeeze_pipeline configs/demo.yaml --settings     # every key with its value and meaning
+  python -m flows.squeeze_pipeline --schema                         # the JSON schema of pipeline configs
 
 overrides: key=value with dotted keys for nested settings; values are read as YAML (8, true, [8,4], null).
 
@@ -49,6 +50,7 @@ def command_parser() -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="settings that differ from the file")
     parser.add_argument("--settings", action="store_true",
                         help="print every setting (dotted key=value, then its meaning) of the config and exit")
+    parser.add_argument("--schema", action="store_true", help="print the JSON schema of pipeline configs and exit")
     parser.error = lambda message: parser.exit(2, f"{PROG}: error: {message} (see --help)\n")  # one line
     return parser
 
@@ -63,7 +65,13 @@ def parse_command(argv: list[str]) -> tuple[str | None, list[str]]:
     if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
         config, overrides = None, [config, *overrides]
     from lsq.errors import LsqError
-    from lsq.pipeline_config import load_pipeline_config
+    from lsq.pipeline_config import PipelineConfig, load_pipeline_config
+
+    if args.schema:
+        import json
+
+        print(json.dumps(PipelineConfig.model_json_schema(), indent=2))
+        parser.exit(0)
 
     try:
         cfg = load_pipeline_config(config, overrides)

@@ -104,3 +104,13 @@ def test_settings_list_every_key_of_the_config():
 
     assert load_pipeline_config(None, [f"{k}={v}" for k, v in settings.items()]) == \
         load_pipeline_config(str(REPO / "configs/demo.yaml"), ["target_ranks=[8,4]"])
+
+
+def test_schema_lists_the_promotion_metrics():
+    status, out, err, imported = probe("--schema")
+    assert status == 0, err
+    assert "SERVER STARTED" not in err and "prefect" not in imported
+    schema = json.loads(out)
+    promotion = schema["$defs"]["Promotion"]["properties"]
+    assert promotion["metric"]["enum"] == ["auto", "accuracy", "macro_f1", "answer_accuracy", "choice_accuracy", "loss"]
+    assert "servable_only" in promotion and "eval_split" not in schema["properties"]
