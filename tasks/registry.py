@@ -214,7 +214,8 @@ def report(uri: str, cfg: PipelineConfig, parent_run_id: str, rows: list[Registe
     as Prefect artifacts."""
     metric = promotion_metric(cfg)
     tracking.log_pareto(uri, parent_run_id, [{"label": r.label, "adapter_bytes": r.adapter_bytes, "metric": r.metric}
-                                             for r in rows], metric, champion_label=decision.winner)
+                                             for r in rows], metric, greater_is_better=cfg.promotion.higher_is_better,
+                        champion_label=decision.winner)
     experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
     table = [{"variant": r.label, "method": r.method, "rank": r.rank, metric: round(r.metric, 4),
               reported_metric(cfg): None if r.test_metric is None else round(r.test_metric, 4),
