@@ -167,12 +167,17 @@ def pipeline_run(cfg: PipelineConfig) -> PipelineResult:
     if o.runner == "work-pool":  # each unit a flow run on the pool; its workers hold the devices
 
         def run(unit):
-            return steps.dispatch_unit.submit(unit, o.unit_deployment, o.unit_attempts)
+            return steps.dispatch_unit.submit(unit, o.unit_deployment, o.unit_attempts, children)
     else:
-        run = run_unit.submit
+
+        def run(unit):
+            return run_unit.submit(unit, children)
 
     data = prepare_data(cfg.data)
     parent = start_run(uri, cfg, data, flow_run.get_name() or "local")
+    # each unit opens its variant's child run when it starts and logs its training curves there
+    children = tracking.ChildRuns(tracking_uri=uri, experiment_id=tracking.ensure_experiment(uri, cfg.tracking.experiment),
+                                  parent_run_id=parent)
     status = "FAILED"
     try:
         with heartbeat(uri, parent):
@@ -208,7 +213,8 @@ def pipeline_run(cfg: PipelineConfig) -> PipelineResult:
     log.info("%s -> %s: %s", decision.winner, decision.alias, decision.reason)
     return PipelineResult(parent_run_id=parent, tracking_uri=tracking.redact_uri(uri),
                           experiment=cfg.tracking.experiment, registered_model=cfg.registered_model,
-                          decision=decision, variants=tuple(rows), promotion_metric=cfg.promotion.metric)
+                          decision=decision, variants=tuple(rows), promotion_metric=cfg.promotion.metric,
+                          runs_url=registry.runs_url(uri, children.experiment_id))
 
 
 def task_runner(orchestration: Orchestration):
@@ -272,7 +278,9 @@ def main(command: tuple[str | None, list[str]], server=None) -> int:
     print(f"\nwinner: {d.winner} -> {result.registered_model}@{d.alias}\n  {d.reason}")
     print(f"MLflow: {result.tracking_uri} (experiment {result.experiment!r}, registered model {result.registered_model!r})")
     if result.tracking_uri.startswith("sqlite:"):
-        print(f"  UI: mlflow ui --backend-store-uri {result.tracking_uri}   then open http://127.0.0.1:5000")
+        print(f"  UI: mlflow ui --backend-store-uri {result.tracking_uri}   then open {result.runs_url}")
+    elif result.runs_url:
+        print(f"  UI: {result.runs_url}")
     if server is None and api_url:
         print(f"Prefect UI: {api_url.removesuffix('/api')}")
     else:

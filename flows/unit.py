@@ -3,8 +3,9 @@
 The pipeline (``flows/squeeze_pipeline.py`` with ``orchestration.runner=work-pool``) starts one flow
 run of this flow's deployment per variant (``tasks.steps.dispatch_unit``). The worker that takes it
 fetches the inputs it names from the storage root into its own cache, trains and scores the
-variant on the one device it sees, publishes the adapter and the record back to the storage root,
-and returns nothing through Prefect. Deploy it with ``python -m deployments.team`` (see
+variant on the one device it sees (inside the variant's MLflow child run, with its training
+curves), publishes the adapter and the record back to the storage root, and returns nothing
+through Prefect. Deploy it with ``python -m deployments.team`` (see
 ``deployments/README.md``).
 """
 
@@ -15,6 +16,8 @@ import os
 from prefect import flow, get_run_logger
 
 from lsq.steps import Unit, run_unit
+from tasks.steps import tracked
+from tasks.tracking import ChildRuns
 
 if os.environ.get("LSQ_EXIT_WITH_WORKER") == "1":  # set by deployments.processes.Worker: a lost worker
     # takes its flow runs with it, silently, as a lost machine would (else they would finish as orphans)
@@ -26,9 +29,11 @@ if os.environ.get("LSQ_EXIT_WITH_WORKER") == "1":  # set by deployments.processe
 
 
 @flow(name="lsq-unit", log_prints=False, persist_result=False)
-def lsq_unit(unit: Unit) -> str:
-    """Run ``unit`` here and keep its result in its storage root; returns the record's name."""
-    result = run_unit(unit)
+def lsq_unit(unit: Unit, runs: ChildRuns | None = None) -> str:
+    """Run ``unit`` here and keep its result in its storage root; returns the record's name. With
+    ``runs``, its variant's MLflow child run is open while it works and gets its training curves."""
+    with tracked(unit, runs) as log:
+        result = run_unit(unit, log=log)
     get_run_logger().info("%s: %s on %s (%s), %.1f s; record %s", unit.kind, unit.label, result.variant.worker,
                           result.variant.device, result.wall_seconds, result.name)
     return result.name

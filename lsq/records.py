@@ -179,6 +179,7 @@ class PipelineResult(BaseModel):
     decision: Decision
     variants: tuple[Registered, ...]
     promotion_metric: str = Field("", description="the metric that chose (val_<it>), e.g. macro_f1")
+    runs_url: str = Field("", description="the experiment's runs table in the MLflow UI")
 
 
 class StudyRecord(BaseModel):

@@ -86,7 +86,9 @@ def log_and_register(uri: str, cfg: PipelineConfig, parent_run_id: str, variant:
     variant = storage_of(cfg).localize(variant)  # fetched into this machine's cache when a URI
     params = {"adapter_uri": stored} if stored != variant.adapter_dir else {}
     run_id = tracking.log_variant_run(uri, experiment_id, parent_run_id, variant,
-                                      {**variant_params(cfg, variant, data_fingerprint), **params}, metrics)
+                                      {**variant_params(cfg, variant, data_fingerprint), **params}, metrics,
+                                      dataset=tracking.dataset_input(str(cfg.data.source), data_fingerprint,
+                                                                     "evaluation" if variant.method == "post" else "training"))
     metric, test = promotion_metric(cfg), reported_metric(cfg)
     serving = check_adapter(variant.adapter_dir).tag()
     version = tracking.register_variant(uri, cfg.registered_model, run_id, variant, cfg.model,
@@ -181,12 +183,22 @@ def decide_promotion(cfg: PipelineConfig, rows: Sequence[Registered], champion_s
 def run_url(uri: str, experiment_id: str, run_id: str) -> str:
     """The MLflow UI page of a run: on the tracking server itself for an http(s) URI (its user info
     and query left out), else where ``mlflow ui --backend-store-uri URI`` serves a local store by default."""
+    return f"{_ui_base(uri)}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def runs_url(uri: str, experiment_id: str) -> str:
+    """The runs table of the experiment in the MLflow UI, in the view :func:`log_comparison` shares (every
+    variant a row, grouped by pipeline run, with its metrics). ``workflowType=machine_learning`` makes
+    MLflow 3's UI open the runs view, not the GenAI traces overview, in a browser that never chose."""
+    return (f"{_ui_base(uri)}/#/experiments/{experiment_id}/runs?viewStateShareKey={tracking.runs.VIEW_KEY}"
+            "&workflowType=machine_learning")
+
+
+def _ui_base(uri: str) -> str:
     parts = urlsplit(uri)
     if parts.scheme in ("http", "https"):
-        base = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path.rstrip('/')}"
-    else:
-        base = "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+        return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path.rstrip('/')}"
+    return "http://127.0.0.1:5000"
 
 
 def promotion_markdown(uri: str, experiment_id: str, cfg: PipelineConfig, parent_run_id: str,
@@ -208,6 +220,38 @@ def promotion_markdown(uri: str, experiment_id: str, cfg: PipelineConfig, parent
     return "\n".join(lines)
 
 
+def log_comparison(uri: str, cfg: PipelineConfig, parent_run_id: str, rows: Sequence[Registered],
+                   decision: Decision) -> None:
+    """The parent run as the page that compares the variants (:func:`tracking.describe_pipeline_run`).
+
+    Description: the decision (winner, alias, version, metric, size, why). Metrics: ``best_<metric>``,
+    ``winner_<metric>``, ``winner_rank``, ``winner_adapter_bytes``, ``variants``. Table
+    ``variants_table.json``: variant, method, rank, the chosen and the reported metric, adapter_bytes,
+    train_seconds (this variant's own training), total_train_seconds (the source's share included),
+    version, winner."""
+    metric, test = promotion_metric(cfg), reported_metric(cfg)
+    winner = next(r for r in rows if r.label == decision.winner)
+    scored = [r.metric for r in rows if r.metric is not None]
+    best = (max if cfg.promotion.higher_is_better else min)(scored) if scored else None
+    score = "-" if winner.metric is None else f"{winner.metric:.4f}"
+    note = "\n".join([
+        (f"**{decision.winner}** -> `{cfg.registered_model}@{decision.alias}` (version {winner.version}): "
+         f"{metric} {score}, rank {winner.rank}, {winner.adapter_bytes:,} bytes."), "",
+        f"Why: {decision.reason}", "",
+        (f"{len(rows)} variants compared by {metric}; each child run holds its training curves "
+         "(Model metrics: loss, learning_rate, grad_norm) and its adapter. Artifacts here: "
+         "`variants_table.json` (every variant), `pareto/pareto.png` (size against the metric, the winner circled).")])
+    metrics = {f"best_{metric}": best, f"winner_{metric}": winner.metric, "winner_rank": winner.rank,
+               "winner_adapter_bytes": winner.adapter_bytes, "variants": len(rows)}
+    table = [{"variant": r.label, "method": r.method, "rank": r.rank, metric: r.metric, test: r.metrics.get(test),
+              "adapter_bytes": r.adapter_bytes, "train_seconds": r.metrics.get("train_seconds"),
+              "total_train_seconds": r.metrics.get("total_train_seconds"), "version": r.version,
+              "winner": r.label == decision.winner} for r in rows]
+    tracking.describe_pipeline_run(uri, parent_run_id, note, metrics, table)
+    tracking.share_runs_view(uri, tracking.ensure_experiment(uri, cfg.tracking.experiment),
+                             [metric, test, "adapter_bytes", "train_seconds", "total_train_seconds"])
+
+
 @task(task_run_name="report", **_NO_RESULTS)
 def report(uri: str, cfg: PipelineConfig, parent_run_id: str, rows: list[Registered], decision: Decision) -> str:
     """Pareto plot on the parent run; a table and a markdown decision (with links to the MLflow runs)
@@ -224,4 +268,5 @@ def report(uri: str, cfg: PipelineConfig, parent_run_id: str, rows: list[Registe
         f"Adapters of MLflow [run {parent_run_id[:8]}]({run_url(uri, experiment_id, parent_run_id)})"))
     markdown = promotion_markdown(uri, experiment_id, cfg, parent_run_id, rows, decision)
     create_markdown_artifact(key="lsq-promotion", markdown=markdown, description="Promotion decision")
+    log_comparison(uri, cfg, parent_run_id, rows, decision)
     return markdown

@@ -10,11 +10,17 @@ unpickle. Compute tasks carry the ``lsq-compute`` tag, which a tag concurrency l
 A unit (one variant trained and scored, or one squeezed variant scored) runs either here, in a
 thread or Dask worker of the pipeline's flow run (:func:`run_unit`), or as a flow run of the unit
 deployment on a work pool (:func:`dispatch_unit`, team mode), whose workers own one device each.
+Wherever it runs, the unit opens its variant's MLflow child run when it starts and logs its
+training curves there through lsq's ``log(metrics, step)`` callback (:func:`tracked`).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -24,11 +30,13 @@ from lsq.data import DataConfig, fingerprint, load_data
 from lsq.errors import LsqError
 from lsq.pipeline_config import SCORED_SPLITS, PipelineConfig, SqueezeStep
 from lsq.records import Squeezed, UnitResult, Variant
-from lsq.steps import Unit, code_version
+from lsq.steps import Log, Unit, code_version
 from lsq.storage import Storage
+from tasks import tracking
+from tasks.tracking import ChildRuns
 
 __all__ = ["COMPUTE_TAG", "code_version", "dispatch_unit", "finished", "make_unit", "prepare_data", "run_unit",
-           "squeeze_source", "storage_of"]
+           "squeeze_source", "storage_of", "tracked"]
 
 COMPUTE_TAG = "lsq-compute"
 _NO_RESULTS = {"cache_policy": NO_CACHE, "persist_result": False}
@@ -78,11 +86,54 @@ def prepare_data(data: DataConfig) -> str:
     return fingerprint(load_data(data))
 
 
+@contextmanager
+def tracked(unit: Unit, runs: ChildRuns | None) -> Iterator[Log | None]:
+    """The child run of ``unit``'s variant, open while the body works: yields the ``log(metrics, step)``
+    callback that sends its training curves there (None without ``runs``).
+
+    The run is found or created under ``runs.parent_run_id`` (a retry reopens it, never a second one),
+    gets the data as a dataset input, and ends FINISHED, or FAILED when the body raises (KILLED when
+    interrupted). A URI whose password was left out (a unit on another machine) is replaced by
+    ``$MLFLOW_TRACKING_URI`` where set. Tracking that does not answer costs the curves, not the unit.
+    """
+    if runs is None:
+        yield None
+        return
+    uri = runs.tracking_uri
+    if "***" in uri and os.environ.get("MLFLOW_TRACKING_URI"):
+        uri = os.environ["MLFLOW_TRACKING_URI"]
+    made = unit.train if unit.kind == "train" else unit.parent
+    tags = {"lsq.method": made.method, "lsq.rank": unit.label.rpartition("-r")[2],
+            "lsq.source_rank": str(made.source_rank)}
+    context = "training" if unit.kind == "train" else "evaluation"
+    try:
+        run_id = tracking.open_variant_run(uri, runs.experiment_id, runs.parent_run_id, unit.label, tags,
+                                           tracking.dataset_input(str(unit.data.source), unit.data_fingerprint, context))
+    except Exception as exc:  # noqa: BLE001 - the registration step logs the variant's run in any case
+        logging.getLogger(__name__).warning("%s: child run not opened in MLflow (%s); no training curves", unit.label,
+                                            exc)
+        yield None
+        return
+    status = "FAILED"
+    try:
+        yield tracking.variant_logger(uri, run_id)
+        status = "FINISHED"
+    except (KeyboardInterrupt, SystemExit):
+        status = "KILLED"
+        raise
+    finally:
+        try:
+            tracking.close_variant_run(uri, run_id, status)
+        except Exception as exc:  # noqa: BLE001 - the pipeline's end closes runs left RUNNING
+            logging.getLogger(__name__).warning("%s: child run %s not closed (%s)", unit.label, run_id, exc)
+
+
 @task(retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unless_bad_input, tags=[COMPUTE_TAG],
       task_run_name="{unit.kind} {unit.label}", **_NO_RESULTS)
-def run_unit(unit: Unit) -> UnitResult:
-    """One unit in this flow run (a thread or a Dask worker): train and score, or score."""
-    result = steps.run_unit(unit)
+def run_unit(unit: Unit, runs: ChildRuns | None = None) -> UnitResult:
+    """One unit in this flow run (a thread or a Dask worker): train and score, or score, in its child run."""
+    with tracked(unit, runs) as log:
+        result = steps.run_unit(unit, log=log)
     get_run_logger().info(finished(result))
     return result
 
@@ -96,13 +147,15 @@ def squeeze_source(source: Variant, ranks: tuple[int, ...], step: SqueezeStep, c
 
 
 @task(retries=0, task_run_name="dispatch {unit.kind} {unit.label}", **_NO_RESULTS)
-def dispatch_unit(unit: Unit, deployment: str, attempts: int = 3) -> UnitResult:
+def dispatch_unit(unit: Unit, deployment: str, attempts: int = 3, runs: ChildRuns | None = None) -> UnitResult:
     """One unit as a flow run of ``deployment`` on its work pool: whichever worker is free takes it.
 
     The flow run keeps its result in the storage root, where this task reads it (Prefect moves no
     result between machines). A flow run that crashed (its worker lost: no heartbeat, see
     ``deployments/README.md``) is run again, up to ``attempts`` times in all, on whichever worker is
-    free then; one that failed is bad input or a bug, and stops the pipeline with its message.
+    free then; one that failed is bad input or a bug, and stops the pipeline with its message. The flow
+    run opens the variant's child run in ``runs`` itself (:func:`tracked`), given the tracking URI
+    without its password: a worker connects with its own ``$MLFLOW_TRACKING_URI``.
     """
     from prefect.deployments import run_deployment
 
@@ -111,9 +164,12 @@ def dispatch_unit(unit: Unit, deployment: str, attempts: int = 3) -> UnitResult:
     done = storage.get(unit.name, UnitResult)
     if done is not None:
         return done
+    parameters = {"unit": unit.model_dump(mode="json")}
+    if runs is not None:  # a flow run's parameters are shown in Prefect's UI: no password there
+        parameters["runs"] = runs.model_copy(update={"tracking_uri": tracking.redact_uri(runs.tracking_uri)}).model_dump()
     for attempt in range(1, attempts + 1):
         started = time.perf_counter()
-        run = run_deployment(deployment, parameters={"unit": unit.model_dump(mode="json")}, timeout=None,
+        run = run_deployment(deployment, parameters=parameters, timeout=None,
                              flow_run_name=f"{unit.kind}-{unit.label}", tags=[f"lsq-unit:{unit.name}"])
         state = run.state
         if state is not None and state.is_completed():

@@ -1,7 +1,9 @@
 """MLflow adapter of the pipeline: runs, artifacts, registry, aliases, the Pareto plot.
 
 - :mod:`.store`: the tracking URI, clients, experiments, retries on transient errors, :func:`redact_uri`;
-- :mod:`.runs`: the parent run (with its process and heartbeat), child runs, closing stale parents;
+- :mod:`.runs`: the parent run (with its process and heartbeat, its description, summary metrics and
+  variants table), child runs (opened when a unit starts, with its training curves and dataset input),
+  closing stale parents;
 - :mod:`.registry`: registered versions (one per adapter and data, race-free), aliases, promotion;
 - :mod:`.pareto`: the Pareto plot and table on the parent run.
 
@@ -29,13 +31,20 @@ from tasks.tracking.registry import (
     versions_trained_on,
 )
 from tasks.tracking.runs import (
+    ChildRuns,
     close_stale_runs,
+    close_variant_run,
+    dataset_input,
+    describe_pipeline_run,
     finish_run,
     heartbeat,
     log_folder,
     log_study_record,
     log_variant_run,
+    open_variant_run,
+    share_runs_view,
     start_pipeline_run,
+    variant_logger,
     variant_run_metrics,
 )
 from tasks.tracking.store import (
@@ -49,9 +58,10 @@ from tasks.tracking.store import (
 )
 
 __all__ = [
-    "adapter_digest", "alias_version", "artifact_root", "champion", "client_for", "close_stale_runs",
-    "default_tracking_uri", "download_adapter", "ensure_experiment", "finish_run", "heartbeat", "log_folder", "log_pareto",
-    "log_pyfunc", "log_study_record", "log_variant_run", "promote", "redact_uri", "register_variant",
-    "registry_lock", "retry", "set_alias", "start_pipeline_run", "transient", "variant_run_metrics",
+    "ChildRuns", "adapter_digest", "alias_version", "artifact_root", "champion", "client_for", "close_stale_runs",
+    "close_variant_run", "dataset_input", "default_tracking_uri", "describe_pipeline_run", "download_adapter",
+    "ensure_experiment", "finish_run", "heartbeat", "log_folder", "log_pareto", "log_pyfunc", "log_study_record",
+    "log_variant_run", "open_variant_run", "promote", "redact_uri", "register_variant", "registry_lock", "retry",
+    "set_alias", "share_runs_view", "start_pipeline_run", "transient", "variant_logger", "variant_run_metrics",
     "versions_trained_on",
 ]

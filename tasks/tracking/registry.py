@@ -36,6 +36,7 @@ __all__ = ["adapter_digest", "alias_version", "champion", "download_adapter", "l
 
 PYFUNC_CODE = Path(__file__).resolve().parents[1] / "pyfunc_model.py"
 DIGEST_TAG, RUN_TAG, LAST_RUN_TAG = "lsq.adapter_sha256", "lsq.run_id", "lsq.last_run_id"
+SIZE_TAG = "adapter_bytes"  # the weights file's size, as the runs' metric of the same name
 LOCK_TIMEOUT_S = 1800.0  # a promotion may re-score a champion under the lock
 PROMOTE_TRIES = 5  # compare-and-set rounds when no lock is shared between the promoters
 CAS_SETTLE_S = 1.0  # compare-and-set: wait this long after moving the alias before checking it stayed
@@ -49,7 +50,8 @@ def register_variant(uri: str, model_name: str, run_id: str, variant: Variant, m
 
     Version tags: ``lsq.method``, ``lsq.rank``, ``lsq.source_rank``, ``lsq.run_id``,
     ``lsq.adapter_sha256`` (:func:`lsq.workdir.adapter_digest` of the files logged; a variant whose
-    recorded digest differs from its folder is refused) and ``extra_tags``. ``label_names``
+    recorded digest differs from its folder is refused), ``adapter_bytes`` and ``extra_tags``; a new
+    version's description says what it is (:func:`version_description`). ``label_names``
     (classification) name the predicted classes; without them they are ``"0".."n-1"``, n read from
     the adapter's saved head.
 
@@ -80,6 +82,7 @@ def register_variant(uri: str, model_name: str, run_id: str, variant: Variant, m
                          f"not the {recorded} its record names; refusing to register other files")
     tags = {"lsq.method": variant.method, "lsq.rank": str(variant.rank),
             "lsq.source_rank": str(variant.source_rank), RUN_TAG: run_id, DIGEST_TAG: digest,
+            SIZE_TAG: str(_weights_bytes(Path(variant.adapter_dir))),
             **{k: _tag(v) for k, v in (extra_tags or {}).items()}}
     data = tags.get(FINGERPRINT_TAG)  # without it, "the same scores" cannot be told: register anew
     existing = retry(_version_of_run, client, model_name, run_id)
@@ -95,7 +98,8 @@ def register_variant(uri: str, model_name: str, run_id: str, variant: Variant, m
             return same[0]
     info = log_pyfunc(uri, run_id, variant, model_cfg, label_names)
     retry(_ensure_registered_model, client, model_name)
-    created = retry(_create_version, client, model_name, run_id, info.model_uri, info.model_id, tags)
+    created = retry(_create_version, client, model_name, run_id, info.model_uri, info.model_id, tags,
+                    version_description(variant, tags))
     if data is None:
         return created
     return _canonical_for(client, model_name, created, digest, data, run_id, created_now=True)
@@ -394,14 +398,42 @@ def _ensure_registered_model(client: mlflow.MlflowClient, model_name: str) -> No
 
 
 def _create_version(client: mlflow.MlflowClient, model_name: str, run_id: str, source: str, model_id: str,
-                    tags: Mapping[str, str]) -> str:
+                    tags: Mapping[str, str], description: str | None = None) -> str:
     """Find-or-create, so that a retry after a commit that reported an error does not duplicate."""
     existing = _version_of_run(client, model_name, run_id)
     if existing is not None:
         return existing
     with tracking_uri(client.tracking_uri):  # the sqlite registry resolves models:/m-... with MlflowClient()
         return str(client.create_model_version(model_name, source, run_id=run_id, tags=dict(tags),
-                                               model_id=model_id).version)
+                                               model_id=model_id, description=description).version)
+
+
+def version_description(variant: Variant, tags: Mapping[str, str]) -> str:
+    """What a version is, in one line for the registry's version page: method, rank, size, metrics.
+
+    ``cont-r4: cont at rank 4 from the rank-8 source; 12,345 bytes; val_accuracy 0.8125, test_accuracy 0.7500``
+    (the metrics are the ``val_*`` / ``test_*`` tags of the version)."""
+    made = {"source": f"the rank-{variant.rank} source", "post": f"squeezed from the rank-{variant.source_rank} source",
+            "cont": f"squeezed from the rank-{variant.source_rank} source, then recovered",
+            "in": f"In-Squeeze from rank {variant.source_rank}", "direct": "trained directly at this rank",
+            "adalora": "AdaLoRA with this rank budget"}.get(variant.method, variant.method)
+    scores = ", ".join(f"{k} {_number(v)}" for k, v in tags.items() if k.startswith(("val_", "test_")))
+    size = tags.get(SIZE_TAG)
+    return "; ".join(part for part in (f"{variant.label}: {made}", f"rank {variant.rank}",
+                                       f"{int(size):,} bytes" if size and size.isdigit() else "", scores) if part)
+
+
+def _number(text: str) -> str:
+    try:
+        return f"{float(text):.4f}"
+    except ValueError:
+        return text
+
+
+def _weights_bytes(adapter: Path) -> int:
+    """Size of the adapter's weights file on disk: what ``adapter_bytes`` measures (lsq.evaluate)."""
+    weights = [adapter / name for name in ("adapter_model.safetensors", "adapter_model.bin")]
+    return next((w.stat().st_size for w in weights if w.is_file()), 0)
 
 
 def _set_version_tags(client: mlflow.MlflowClient, model_name: str, version: str, tags: Mapping[str, str]) -> None:

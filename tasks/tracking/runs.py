@@ -9,15 +9,19 @@ leaves such a run RUNNING; :func:`close_stale_runs`, called by the next pipeline
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric
+from mlflow.entities import DatasetInput, InputTag, Metric, RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+from pydantic import BaseModel, ConfigDict
 
 from lsq.variants import Variant
 from tasks.tracking.store import _params, _quote, _tag, client_for, ensure_experiment, retry
@@ -31,6 +35,10 @@ STUDY_PARAMS = ("task", "method", "rank", "seed", "lr", "steps")
 STALE_AFTER_S = 900.0
 HOST_TAG, PID_TAG, STARTED_TAG, NS_TAG = "lsq.host", "lsq.pid", "lsq.pid_started", "lsq.pid_ns"
 HEARTBEAT_TAG, CLOSED_BY_TAG, CLOSED_REASON_TAG = "lsq.heartbeat", "lsq.closed_by", "lsq.closed_reason"
+KIND_TAG = "mlflow.experimentKind"
+SHARED_VIEW_PREFIX, VIEW_KEY = "mlflow.sharedViewState.", "lsq"  # the runs view the pipeline's URL opens
+NOTE_TAG, TABLE_FILE = "mlflow.note.content", "variants_table.json"
+LOGGED_TAG = "lsq.logged"  # a child run whose params, metrics and artifacts are all logged
 
 
 # ----------------------------------------------------------------------------------- parent runs
@@ -41,7 +49,10 @@ def start_pipeline_run(uri: str, experiment: str, run_name: str, params: Mapping
     Besides ``tags`` it carries this process's identity and a first heartbeat (see the module doc).
     """
     client = client_for(uri)
-    run = client.create_run(ensure_experiment(uri, experiment), run_name=run_name,
+    experiment_id = ensure_experiment(uri, experiment)
+    if KIND_TAG not in client.get_experiment(experiment_id).tags:  # the UI then opens on runs, not GenAI traces
+        retry(client.set_experiment_tag, experiment_id, KIND_TAG, "custom_model_development")
+    run = client.create_run(experiment_id, run_name=run_name,
                             tags={**{k: _tag(v) for k, v in tags.items()}, **process_tags()})
     client.log_batch(run.info.run_id, params=_params(params))
     return run.info.run_id
@@ -53,10 +64,69 @@ def heartbeat(uri: str, run_id: str) -> None:
 
 
 def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
-    """End ``run_id`` (the parent run) as FINISHED, FAILED or KILLED."""
+    """End ``run_id`` (the parent run) as FINISHED, FAILED or KILLED; child runs still RUNNING (a unit
+    whose worker was lost) end with the same status."""
     if status not in RUN_STATUSES:
         raise ValueError(f"status: {status!r} is not one of {', '.join(RUN_STATUSES)}")
-    client_for(uri).set_terminated(run_id, status)
+    client = client_for(uri)
+    experiment_id = client.get_run(run_id).info.experiment_id
+    for child in _all_runs(client, experiment_id,
+                           f"tags.mlflow.parentRunId = '{run_id}' AND attributes.status = 'RUNNING'"):
+        retry(client.set_terminated, child.info.run_id, "KILLED" if status == "FINISHED" else status)
+    client.set_terminated(run_id, status)
+
+
+def describe_pipeline_run(uri: str, run_id: str, note: str, metrics: Mapping[str, float],
+                          table: Sequence[Mapping[str, Any]], table_file: str = TABLE_FILE) -> None:
+    """Make the parent run the comparison page: ``note`` as its description (``mlflow.note.content``,
+    markdown, shown on the run page and in the runs table), summary ``metrics``, and one row per
+    variant as an MLflow table (``table_file``, shown in the run's artifacts and the evaluation view).
+    The table is written once: ``log_table`` appends to an existing file."""
+    client = client_for(uri)
+    now = int(time.time() * 1000)
+    retry(client.log_batch, run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None],
+          tags=[RunTag(NOTE_TAG, note)])
+    folder, _, _ = table_file.rpartition("/")
+    if table and table_file not in {f.path for f in client.list_artifacts(run_id, folder or None)}:
+        client.log_table(run_id, {k: [row.get(k) for row in table] for k in table[0]}, table_file)
+
+
+def share_runs_view(uri: str, experiment_id: str, metrics: Sequence[str], params: Sequence[str] = ("method", "rank"),
+                    curves: Sequence[str] = ("loss", "learning_rate", "grad_norm"), key: str = VIEW_KEY) -> None:
+    """A view of the experiment's runs that the MLflow UI opens with ``?viewStateShareKey=<key>``.
+
+    MLflow 3.17's UI keeps its view state in the browser; a shared view is the one part of it stored
+    on the server (experiment tag ``mlflow.sharedViewState.<key>``, JSON of the UI state). By default
+    the table shows each pipeline run as one collapsed parent with no metric columns, and the charts
+    draw only the first 10 runs (``runsHiddenMode`` FIRST_10_RUNS and ``runsCountToCompare`` 10 per
+    chart): with the parent taking a row, the 10th variant of a demo run (the source, created first)
+    was hidden. This view groups the runs by their parent (every variant a row, each pipeline run a
+    group), shows ``metrics`` and ``params`` as columns, shows every run, and opens the charts on a
+    section comparing the variants (rank, size and the first metric on parallel axes, size against
+    that metric, one bar chart per metric) and one of their training ``curves``. (The UI's state format is not a documented API;
+    ``docs/screenshots.py`` checks this view in a browser.)
+    """
+    m = metrics[0]
+    base = {"runsCountToCompare": 100, "metricSectionId": "lsq-variants", "deleted": False, "isGenerated": False}
+    charts = [
+        {**base, "uuid": "lsq-parallel", "type": "PARALLEL", "selectedParams": list(params),
+         "selectedMetrics": ["adapter_bytes", *metrics[:2]], "showAllRuns": True},
+        {**base, "uuid": "lsq-size", "type": "SCATTER", "xaxis": {"key": "adapter_bytes", "type": "METRIC"},
+         "yaxis": {"key": m, "type": "METRIC"}},
+        *({**base, "uuid": f"lsq-bar-{k}", "type": "BAR", "metricKey": k, "displayName": k} for k in metrics),
+        *({**base, "metricSectionId": "lsq-training", "uuid": f"lsq-line-{k}", "type": "LINE", "metricKey": k,
+           "displayName": k, "xAxisKey": "step", "lineSmoothness": 0, "xAxisScaleType": "linear",
+           "scaleType": "linear"} for k in curves),
+    ]
+    state = {
+        "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": "mlflow.parentRunId"}]},
+        "useGroupedValuesInCharts": False, "runsHiddenMode": "SHOW_ALL",
+        "selectedColumns": [*(f"metrics.`{k}`" for k in metrics), *(f"params.`{k}`" for k in params)],
+        "compareRunCharts": charts,
+        "compareRunSections": [{"uuid": "lsq-variants", "name": "Compare variants", "display": True, "isReordered": False},
+                               {"uuid": "lsq-training", "name": "Training curves", "display": True, "isReordered": False}],
+    }
+    retry(client_for(uri).set_experiment_tag, experiment_id, f"{SHARED_VIEW_PREFIX}{key}", json.dumps(state))
 
 
 def close_stale_runs(uri: str, experiment_id: str, tags: Mapping[str, str], stale_after_s: float = STALE_AFTER_S,
@@ -218,30 +288,120 @@ def variant_run_metrics(variant: Variant, metrics: Mapping[str, Any]) -> dict[st
     return out
 
 
-def log_variant_run(uri: str, experiment_id: str, parent_run_id: str, variant: Variant,
-                    params: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
-    """One child run per variant: params, metrics (see :func:`variant_run_metrics`), artifacts; ends FINISHED.
+class ChildRuns(BaseModel):
+    """Where a unit logs its child run: the store, the experiment and the pipeline's parent run.
 
-    Artifacts: the adapter folder unchanged under ``adapter/``, ``squeeze_report.json`` and
-    ``spectrum.png`` when the variant has them. A retry with the same parent and variant returns the
-    run that already finished; a failure marks the new run FAILED.
+    Passed to each unit (a thread, a Dask worker, or a flow run on a work pool, which gets the URI
+    without its password: see :func:`tasks.steps.tracked`), so the child run of a variant is opened
+    when its work starts and its training curves are logged while it trains.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+
+
+def dataset_input(source: str, fingerprint: str, context: str) -> DatasetInput:
+    """The data as an MLflow dataset input: named after its source, its content fingerprint as digest
+    (no data uploaded); ``context`` (``training``, ``evaluation``) becomes the input's context tag."""
+    import warnings
+
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    try:
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": a path is a local source
+            warnings.simplefilter("ignore")
+            where = resolve_dataset_source(source)
+    except Exception:  # noqa: BLE001 - builtin:NAME and the like: named, not resolvable
+        where = CodeDatasetSource(tags={"lsq.data.source": source})
+    entity = MetaDataset(where, name=source[-500:], digest=fingerprint[:36])._to_mlflow_entity()
+    return DatasetInput(dataset=entity, tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)])
+
+
+def _child_of(client, experiment_id: str, parent_run_id: str, label: str):
+    found = client.search_runs(
+        [experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' AND tags.`lsq.variant` = '{_quote(label)}'",
+        max_results=1, order_by=["attributes.start_time ASC"])
+    return found[0] if found else None
+
+
+def open_variant_run(uri: str, experiment_id: str, parent_run_id: str, label: str, tags: Mapping[str, str],
+                     dataset: DatasetInput | None = None) -> str:
+    """The child run of variant ``label`` under ``parent_run_id``, RUNNING from now: found or created.
+
+    Called when the variant's work starts (:func:`tasks.steps.tracked`), so the run's duration is that
+    work's. Idempotent: a retry of the unit, or a unit run again on another worker, reopens the run it
+    left (FAILED or KILLED) instead of creating a second one; a FINISHED one is left as it is.
     """
     client = client_for(uri)
-    done = client.search_runs(
-        [experiment_id],
-        f"tags.mlflow.parentRunId = '{parent_run_id}' AND tags.`lsq.variant` = '{_quote(variant.label)}' "
-        "AND attributes.status = 'FINISHED'",
-        max_results=1,
-    )
-    if done:
-        return done[0].info.run_id
+    run = retry(_child_of, client, experiment_id, parent_run_id, label)
+    if run is None:
+        run_id = retry(client.create_run, experiment_id, run_name=label, tags={
+            "mlflow.parentRunId": parent_run_id, "lsq.variant": label, **{k: _tag(v) for k, v in tags.items()}}
+        ).info.run_id
+    else:
+        run_id = run.info.run_id
+        if run.info.status not in ("RUNNING", "FINISHED"):
+            retry(client.update_run, run_id, "RUNNING")
+    if dataset is not None:
+        retry(client.log_inputs, run_id, [dataset])
+    return run_id
+
+
+def variant_logger(uri: str, run_id: str) -> Callable[[Mapping[str, float], int], None]:
+    """``log(metrics, step)`` for :func:`lsq.train.train`: each call one batch of points on ``run_id``
+    (loss, learning_rate, grad_norm, eval_* at every logging step: MLflow draws them as curves). A point
+    that cannot be logged is a warning, not a failed training."""
+    client = client_for(uri)
+
+    def log_metrics(metrics: Mapping[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        points = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+        try:
+            if points:
+                client.log_batch(run_id, metrics=points)
+        except Exception as exc:  # noqa: BLE001 - a lost point of a curve is not a failed training
+            log.warning("metrics at step %d not logged to run %s: %s", step, run_id, exc)
+
+    return log_metrics
+
+
+def close_variant_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    """End the child run ``run_id`` when its unit's work ends."""
+    if status not in RUN_STATUSES:
+        raise ValueError(f"status: {status!r} is not one of {', '.join(RUN_STATUSES)}")
+    retry(client_for(uri).set_terminated, run_id, status)
+
+
+def log_variant_run(uri: str, experiment_id: str, parent_run_id: str, variant: Variant,
+                    params: Mapping[str, Any], metrics: Mapping[str, Any],
+                    dataset: DatasetInput | None = None) -> str:
+    """Params, metrics (see :func:`variant_run_metrics`) and artifacts of a variant on its child run.
+
+    The child run is the one its unit opened (:func:`open_variant_run`, with the training curves), or,
+    when no unit ran for it (its result was kept from an earlier run), one created here. Artifacts:
+    the adapter folder unchanged under ``adapter/``, ``squeeze_report.json`` and ``spectrum.png`` when
+    the variant has them. The run ends FINISHED if still RUNNING (a run its unit ended keeps its end
+    time). Done once: a retry returns the run already logged (tag ``lsq.logged``); a failure marks a
+    run created here FAILED.
+    """
+    client = client_for(uri)
+    found = retry(_child_of, client, experiment_id, parent_run_id, variant.label)
+    if found is not None and found.data.tags.get(LOGGED_TAG) == "1":
+        return found.info.run_id
     adapter = Path(variant.adapter_dir)
     if not adapter.is_dir():
         raise FileNotFoundError(f"variant {variant.label}: adapter folder {adapter} does not exist")
-    tags = {"mlflow.parentRunId": parent_run_id, "lsq.variant": variant.label, "lsq.method": variant.method,
-            "lsq.rank": str(variant.rank), "lsq.source_rank": str(variant.source_rank)}
+    tags = {"lsq.method": variant.method, "lsq.rank": str(variant.rank), "lsq.source_rank": str(variant.source_rank)}
     tags.update({f"lsq.{k}": v for k in ("worker", "device") if (v := getattr(variant, k, None))})
-    run_id = client.create_run(experiment_id, run_name=variant.label, tags=tags).info.run_id
+    created = found is None
+    run_id = open_variant_run(uri, experiment_id, parent_run_id, variant.label, tags, dataset) if created \
+        else found.info.run_id
     try:
         defaults = {"method": variant.method, "rank": variant.rank, "source_rank": variant.source_rank,
                     "steps": variant.steps, "learning_rate": variant.lr}
@@ -249,16 +409,21 @@ def log_variant_run(uri: str, experiment_id: str, parent_run_id: str, variant: V
         client.log_batch(
             run_id,
             metrics=[Metric(k, v, now, 0) for k, v in variant_run_metrics(variant, metrics).items()],
-            params=_params({**defaults, **params}),
+            params=_params({**defaults, **params}), tags=[RunTag(k, _tag(v)) for k, v in tags.items()],
         )
+        if dataset is not None and not created:
+            client.log_inputs(run_id, [dataset])
         client.log_artifacts(run_id, str(adapter), "adapter")
         for extra in (variant.report, variant.plot):
             if extra and Path(extra).is_file():
                 client.log_artifact(run_id, extra)
+        client.set_tag(run_id, LOGGED_TAG, "1")
     except BaseException:
-        client.set_terminated(run_id, "FAILED")
+        if created:
+            client.set_terminated(run_id, "FAILED")
         raise
-    client.set_terminated(run_id, "FINISHED")
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, "FINISHED")
     return run_id
 
 

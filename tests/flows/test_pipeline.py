@@ -103,6 +103,7 @@ def test_pipeline_end_to_end_then_cached_rerun(tiny_config, tiny_csv, monkeypatc
     assert "rarest class" in parent_run.data.tags["lsq.promotion_metric_reason"]
     winner = next(r for r in result.variants if r.label == result.decision.winner)
     assert winner.metric == winner.metrics["val_accuracy"] and winner.test_metric == winner.metrics["test_accuracy"]
+    what_people_see(cfg, result, children, registered, data_fp)
 
     # the same config again: every training, squeeze and evaluation is reused from its work folder
     work = Path(cfg["output_dir"])
@@ -140,6 +141,35 @@ def test_pipeline_end_to_end_then_cached_rerun(tiny_config, tiny_csv, monkeypatc
     assert state.is_completed(), state.message
     assert (source_adapter / "adapter_model.safetensors").is_file()
     assert [c.method for c in trained] == ["source"]
+
+
+def what_people_see(cfg: dict, result, children: list, registered: list, data_fp: str) -> None:
+    """Training curves, real durations and the dataset on each child run; the parent run as the comparison
+    page; versions that say what they are (issue 12)."""
+    client = client_of(cfg)
+    for child in children:
+        label, m = child.data.tags["lsq.variant"], child.data.metrics
+        if not label.startswith("post-"):  # trained by its unit: one point per logging step (logging_steps=1)
+            history = client.get_metric_history(child.info.run_id, "loss")
+            assert len({h.step for h in history}) > 1, (label, history)
+        assert (child.info.end_time - child.info.start_time) / 1000 > m["train_seconds"], label
+        assert m["total_train_seconds"] >= m["train_seconds"], label
+        [data] = client.get_run(child.info.run_id).inputs.dataset_inputs
+        assert (data.dataset.name, data.dataset.digest) == (cfg["data"]["source"], data_fp), label
+    by_label = {c.data.tags["lsq.variant"]: c.data.metrics for c in children}
+    assert by_label["post-r4"]["train_seconds"] == 0 < by_label["post-r4"]["total_train_seconds"]
+    assert by_label["cont-r4"]["total_train_seconds"] > by_label["source-r8"]["train_seconds"]
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.tags["mlflow.note.content"].startswith(f"**{result.decision.winner}** -> `lsq-tiny@champion`")
+    assert parent.data.metrics["variants"] == len(VARIANTS)
+    assert "variants_table.json" in {f.path for f in client.list_artifacts(result.parent_run_id)}
+    assert result.runs_url.endswith("/runs?viewStateShareKey=lsq&workflowType=machine_learning")
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert {"mlflow.sharedViewState.lsq", "mlflow.experimentKind"} <= set(experiment.tags)
+    for v in registered:
+        label = client.get_run(v.run_id).data.tags["lsq.variant"]
+        assert v.description.startswith(f"{label}: ") and f"{int(v.tags['adapter_bytes']):,} bytes" in v.description
+        assert int(v.tags["adapter_bytes"]) == client.get_run(v.run_id).data.metrics["adapter_bytes"]
 
 
 def test_new_data_retrains_in_a_fresh_folder(tiny_model, tmp_path):
@@ -194,8 +224,10 @@ def test_failing_training_retries_then_fails_the_flow(tiny_config, monkeypatch, 
     state = squeeze_pipeline(tiny_config, return_state=True)
     assert state.is_failed() and str(error) in state.message
     assert calls == ["source"] * attempts
-    [parent] = all_runs(tiny_config)
+    [parent, child] = sorted(all_runs(tiny_config), key=lambda r: "mlflow.parentRunId" in r.data.tags)
     assert parent.info.status == "FAILED"
+    # the unit's child run was opened when it started and ended FAILED; a retry reopened it, not a second one
+    assert child.data.tags["lsq.variant"] == "source-r8" and child.info.status == "FAILED"
     assert versions(tiny_config) == []
 
 

@@ -44,10 +44,14 @@ def test_task_runs_log_lines_and_links(tiny_config, monkeypatch):
     monkeypatch.setattr(lsq.steps, "run_unit", lambda unit, **kw: result(
         variant(unit.train.method, unit.train.rank) if unit.kind == "train" else unit.parent, scores[unit.label]))
     monkeypatch.setattr(tracking, "ensure_experiment", lambda uri, name: "7")
-    monkeypatch.setattr(tracking, "log_variant_run", lambda uri, exp, parent, v, params, metrics: f"run{v.label}00")
+    monkeypatch.setattr(tracking, "log_variant_run", lambda uri, exp, parent, v, params, metrics, **kw: f"run{v.label}00")
     monkeypatch.setattr(tracking, "register_variant", lambda *a, **k: "3")
     monkeypatch.setattr(registry, "check_adapter", lambda folder: ServingCheck(False, reasons=("a head",)))
     monkeypatch.setattr(tracking, "log_pareto", lambda *a, **k: None)
+    described = []
+    monkeypatch.setattr(tracking, "describe_pipeline_run", lambda uri, run, note, metrics, table: described.append(
+        (run, note, metrics, table)))
+    monkeypatch.setattr(tracking, "share_runs_view", lambda *a, **k: None)
     uri = "http://alice:secret@mlflow.example:5000/"
     decision = Decision(winner="cont-r4", alias="champion", reason="best accuracy")
 
@@ -85,6 +89,12 @@ def test_task_runs_log_lines_and_links(tiny_config, monkeypatch):
     assert re.search(r"\| cont-r4 \| 4 \| 0\.7000 \| 0\.7500 \| 24,960 \| 3 \| \[", markdown)
     assert "secret" not in markdown and "(http://alice" not in markdown  # links carry no user info
     assert f"]({link}parent0123456789)" in artifacts["lsq-variants"].description
+    [(run, note, metrics, table)] = described  # the parent run as the comparison page
+    assert run == "parent0123456789" and note.startswith("**cont-r4** -> `lsq-tiny@champion` (version 3): val_accuracy 0.7000")
+    assert metrics == {"best_val_accuracy": 0.7, "winner_val_accuracy": 0.7, "winner_rank": 4,
+                       "winner_adapter_bytes": 24960, "variants": 2}
+    assert [(r["variant"], r["test_accuracy"], r["winner"]) for r in table] == [("cont-r4", 0.75, True),
+                                                                               ("post-r4", 0.5, False)]
 
 
 def test_run_url_of_a_local_store_points_at_mlflow_ui():

@@ -112,6 +112,7 @@ def test_register_alias_champion_and_predict_in_new_process(mlflow_uri, variants
     assert mv.run_id == run_id and mv.source.startswith("models:/m-")
     assert mv.tags == {"lsq.method": "post", "lsq.rank": "4", "lsq.source_rank": "16", "lsq.run_id": run_id,
                        "lsq.adapter_sha256": tracking.adapter_digest(v.adapter_dir),
+                       "adapter_bytes": str((Path(v.adapter_dir) / "adapter_model.safetensors").stat().st_size),
                        "lsq.dataset_fingerprint": "abc123", "test_accuracy": "0.75"}
     logged = client.get_logged_model(mv.source.removeprefix("models:/"))
     assert logged.source_run_id == run_id and logged.status == LoggedModelStatus.READY
@@ -304,7 +305,7 @@ def test_concurrent_pipelines_register_into_one_model(mlflow_uri, variants, base
         assert (mv.tags["lsq.rank"], mv.tags["lsq.pipeline"]) == runs[mv.run_id]
         assert client.get_run(mv.run_id).data.params["rank"] == mv.tags["lsq.rank"]
         assert mv.tags.keys() == {"lsq.method", "lsq.rank", "lsq.source_rank", "lsq.run_id", "lsq.pipeline",
-                                  "lsq.adapter_sha256"}
+                                  "lsq.adapter_sha256", "adapter_bytes"}
 
 
 def test_causal_lm_pyfunc_answers_greedily(mlflow_uri, tmp_path_factory):
