@@ -254,8 +254,8 @@ def log_comparison(uri: str, cfg: PipelineConfig, parent_run_id: str, rows: Sequ
 
 @task(task_run_name="report", **_NO_RESULTS)
 def report(uri: str, cfg: PipelineConfig, parent_run_id: str, rows: list[Registered], decision: Decision) -> str:
-    """Pareto plot on the parent run; a table and a markdown decision (with links to the MLflow runs)
-    as Prefect artifacts."""
+    """Pareto plot on the parent run, which becomes the comparison page (:func:`log_comparison`); a table
+    and a markdown decision (with links to the MLflow runs) as Prefect artifacts."""
     metric = promotion_metric(cfg)
     tracking.log_pareto(uri, parent_run_id, [{"label": r.label, "adapter_bytes": r.adapter_bytes, "metric": r.metric}
                                              for r in rows], metric, greater_is_better=cfg.promotion.higher_is_better,

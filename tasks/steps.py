@@ -118,8 +118,8 @@ def tracked(unit: Unit, runs: ChildRuns | None) -> Iterator[Log | None]:
     try:
         yield tracking.variant_logger(uri, run_id)
         status = "FINISHED"
-    except (KeyboardInterrupt, SystemExit):
-        status = "KILLED"
+    except BaseException as exc:  # Ctrl-C, SystemExit, Prefect's TerminationSignal (SIGTERM): KILLED
+        status = "FAILED" if isinstance(exc, Exception) else "KILLED"
         raise
     finally:
         try:

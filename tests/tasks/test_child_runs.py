@@ -128,3 +128,27 @@ def test_the_printed_url_opens_the_shared_runs_view(mlflow_uri):
         "http://127.0.0.1:5000/#/experiments/3/runs?viewStateShareKey=lsq&workflowType=machine_learning"
     assert runs_url("https://user:pw@mlflow.example/base/", "3").startswith("https://mlflow.example/base/#/")
     assert run_url("sqlite:///tmp/mlflow.db", "1", "abc") == "http://127.0.0.1:5000/#/experiments/1/runs/abc"
+
+
+def test_a_unit_runs_inside_its_child_run(mlflow_uri, variants):
+    from lsq.data import DataConfig
+    from lsq.steps import Unit
+    from tasks.steps import tracked
+
+    client = tracking.client_for(mlflow_uri)
+    exp, parent = _parent(mlflow_uri)
+    runs = tracking.ChildRuns(tracking_uri=mlflow_uri, experiment_id=exp, parent_run_id=parent)
+    unit = Unit(kind="evaluate", parent=variants[0], model=ModelConfig(name="tiny"), data=DataConfig(source="builtin:movie"),
+                splits=("test",), eval_batch_size=8, data_fingerprint="fp0123", code="c", output_dir="out")
+    with tracked(unit, None) as log:
+        assert log is None  # no tracking asked for
+    with tracked(unit, runs) as log:
+        log({"loss": 0.5}, 1)
+    [run] = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'")
+    assert (run.info.status, run.info.run_name, run.data.tags["lsq.rank"]) == ("FINISHED", "post-r2", "2")
+    assert [(i.dataset.name, i.dataset.digest) for i in run.inputs.dataset_inputs] == [("builtin:movie", "fp0123")]
+    for error, status in ((RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")):
+        with pytest.raises(type(error)), tracked(unit, runs):
+            raise error
+        assert client.get_run(run.info.run_id).info.status == status  # the same run, reopened and ended again
+    assert len(client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'")) == 1
