@@ -18,7 +18,6 @@ Light module: prefect's settings are imported only inside the functions.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shutil
 import signal
@@ -29,9 +28,10 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
+from lsq.distributed import die_with_parent_by  # noqa: F401  (re-exported: flows.unit, deployments)
 from lsq.errors import LsqError
 
 _TEMPORARY_URLS: set[str] = set()
@@ -40,18 +40,6 @@ _TEMPORARY_URLS: set[str] = set()
 def is_temporary(api_url: str | None) -> bool:
     """True when ``api_url`` is a server of this module (per process, no other flow runs, no limits)."""
     return bool(api_url) and api_url in _TEMPORARY_URLS
-
-
-def die_with_parent_by(sig: int) -> Callable[[], None]:
-    """A ``preexec_fn`` (or a call in the process itself) asking the kernel to send ``sig`` when the
-    parent dies (``PR_SET_PDEATHSIG``; after any user switch, which clears it). Not Linux: nothing,
-    and ``stop()`` and ``atexit`` still end the child."""
-    def preexec() -> None:
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)
-        except OSError:
-            pass
-    return preexec
 
 
 _die_with_parent = die_with_parent_by(signal.SIGTERM)
