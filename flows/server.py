@@ -31,7 +31,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from lsq.distributed import die_with_parent_by  # noqa: F401  (re-exported: flows.unit, deployments)
+from lsq.distributed import die_with_parent_by  # also imported from here by flows.unit and deployments
 from lsq.errors import LsqError
 
 _TEMPORARY_URLS: set[str] = set()
