@@ -1,6 +1,7 @@
 """The evidence study as a Prefect flow: every trained adapter is a child run in MLflow.
 
     python -m flows.study [--preset quick|full] [key=value ...]
+    python -m flows.study --sweep [--preset quick|full] [--keep-code] [key=value ...]   # the budget sweep
 
 One Prefect task per method: it chooses the method's learning rate per rank on the validation split
 of the first (or ``select_task``) task and trains every task, rank and seed (lsq/study.py holds the rules; ``benchmarks/study.py`` runs the same study without
@@ -29,6 +30,8 @@ from lsq.pipeline_config import Tracking
 from lsq.records import StudyRecord
 from lsq.study import Study, StudyConfig, load_study_config
 from lsq.study_report import write_report
+from lsq.sweep import Sweep, SweepConfig, load_sweep_config
+from lsq.sweep_report import write_report as write_sweep_report
 from tasks import tracking
 from tasks.steps import COMPUTE_TAG
 
@@ -72,15 +75,72 @@ def study_flow(preset: str = "quick", overrides: list[str] | None = None, out: s
         tracking.finish_run(uri, parent, status)
 
 
+@task(tags=[COMPUTE_TAG], cache_policy=NO_CACHE, persist_result=False, task_run_name="sweep {budget} steps")
+def run_budget(config: SweepConfig, root: str, budget: int, keep_code: bool, uri: str, experiment_id: str,
+               parent_run_id: str) -> list[StudyRecord]:
+    """One budget of the sweep: its validation choices, then every task, method, rank and seed."""
+    log = get_run_logger()
+    sweep = Sweep(config, root, log=log.info, keep_code=keep_code,
+                  on_record=lambda rec: tracking.log_study_record(uri, experiment_id, parent_run_id, rec))
+    return [StudyRecord.model_validate(r) for r in sweep.study(budget).run_all()]
+
+
+@task(tags=[COMPUTE_TAG], cache_policy=NO_CACHE, persist_result=False, task_run_name="sweep ladder")
+def run_ladder(config: SweepConfig, root: str, keep_code: bool, uri: str, experiment_id: str,
+               parent_run_id: str) -> dict | None:
+    """The ladder (every rank trained directly against one source squeezed to all): records and costs (JSON)."""
+    log = get_run_logger()
+    sweep = Sweep(config, root, log=log.info, keep_code=keep_code,
+                  on_record=lambda rec: tracking.log_study_record(uri, experiment_id, parent_run_id, rec))
+    return sweep.run_ladder()
+
+
+@flow(name="lsq-budget-sweep", log_prints=False, persist_result=False)
+def sweep_flow(preset: str = "quick", overrides: list[str] | None = None, out: str | None = None,
+               tracking_uri: str | None = None, experiment: str = "lsq-sweep", keep_code: bool = False) -> str:
+    """The budget sweep (lsq/sweep.py), smallest budget first, every record a child run of one parent
+    run; the parent gets ``sweep.md`` and ``sweep.png``. Returns the markdown."""
+    config = load_sweep_config(preset, overrides or [])
+    root = out or str(Path("runs/sweep") / preset)
+    sweep = Sweep(config, root, log=lambda _: None, keep_code=keep_code)  # pins or checks the code version first
+    uri = tracking_uri or tracking.default_tracking_uri(Tracking())
+    experiment_id = tracking.ensure_experiment(uri, experiment)
+    parent = tracking.start_pipeline_run(uri, experiment, f"sweep-{preset}", config.model_dump(mode="json"),
+                                         {"lsq.kind": "sweep", "lsq.preset": preset})
+    status = "FAILED"
+    started = time.perf_counter()
+    try:
+        records = []
+        for budget in sorted(config.budgets):
+            records += [r.model_dump() for r in run_budget(config, root, budget, keep_code, uri, experiment_id, parent)]
+        ladder = run_ladder(config, root, keep_code, uri, experiment_id, parent)
+        with tempfile.TemporaryDirectory() as tmp:
+            text = write_sweep_report(config, records, tmp, f"python -m flows.study --sweep --preset {preset}",
+                                      time.perf_counter() - started, sweep.code_note(), ladder)
+            tracking.log_folder(uri, parent, tmp)
+        create_markdown_artifact(text, key="lsq-sweep", description=f"lsq budget sweep ({preset})")
+        status = "FINISHED"
+        return text
+    finally:
+        tracking.finish_run(uri, parent, status)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m flows.study", description=__doc__.splitlines()[0])
+    p.add_argument("--sweep", action="store_true", help="the budget sweep (lsq/sweep.py) instead of the study")
     p.add_argument("--preset", default="quick")
     p.add_argument("--out")
+    p.add_argument("--keep-code", action="store_true", help="sweep: resume a sweep begun with other lsq code")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     terminate_on_sigterm()
     try:
-        load_study_config(args.preset, args.overrides)  # one line for bad settings, before any server
+        if args.sweep:
+            load_sweep_config(args.preset, args.overrides)  # one line for bad settings, before any server
+            with prefect_api(start_unless_configured()):
+                print(sweep_flow(preset=args.preset, overrides=args.overrides, out=args.out, keep_code=args.keep_code))
+            return 0
+        load_study_config(args.preset, args.overrides)
         with prefect_api(start_unless_configured()):
             print(study_flow(preset=args.preset, overrides=args.overrides, out=args.out))
     except LsqError as exc:

@@ -207,6 +207,8 @@ class StudyRecord(BaseModel):
     relative_error: float | None = None
     diverged: bool = False
     chosen: bool = False
+    budget: int | None = Field(None, description="the step budget T of the study the job belongs to")
+    fraction: float | None = Field(None, description="in: share of the budget at the source rank (None: equal stages)")
 
 
 class ChampionCheck(BaseModel):

@@ -72,6 +72,9 @@ class StudyConfig(BaseModel):
     in_first_fraction: float | None = Field(
         None, gt=0, lt=1, description="In-Squeeze: share of the budget at the source rank, the rest split evenly "
                                       "over the later stages; None: all stages equal.")
+    in_fractions: tuple[float | None, ...] | None = Field(
+        None, description="In-Squeeze: first-stage shares tried on validation (null: equal stages) at the rate "
+                          "chosen with equal stages, per rank; None: in_first_fraction only.")
     batch_size: int = Field(16, ge=1)
     lrs: tuple[float, ...] = Field((1e-3, 3e-3, 1e-2), description="Learning rates tried on validation, per method.")
     method_lrs: dict[Method, tuple[float, ...]] = Field(
@@ -102,6 +105,11 @@ class StudyConfig(BaseModel):
             raise ValueError(f"select_task: {self.select_task!r} is not one of tasks {list(self.tasks)}")
         if self.recover_steps >= self.steps:
             raise ValueError(f"recover_steps: {self.recover_steps} must be below steps {self.steps}")
+        if self.in_fractions is not None:
+            if not self.in_fractions or any(f is not None and not 0 < f < 1 for f in self.in_fractions):
+                raise ValueError(f"in_fractions: {list(self.in_fractions)} must be shares in (0, 1) or null")
+            if self.in_first_fraction is not None:
+                raise ValueError("in_fractions: give either in_fractions (a grid) or in_first_fraction (one share)")
         if not self.lrs or not all(self.method_lrs.values()):
             raise ValueError("lrs: give at least one learning rate (also in each method_lrs grid)")
         return self
@@ -110,6 +118,11 @@ class StudyConfig(BaseModel):
     def selection_task(self) -> str:
         """The task whose validation split chooses the learning rates."""
         return self.select_task or self.tasks[0]
+
+    @property
+    def fraction_grid(self) -> tuple[float | None, ...]:
+        """In-Squeeze first-stage shares chosen from on validation (one: nothing to choose)."""
+        return self.in_fractions if self.in_fractions is not None else (self.in_first_fraction,)
 
     def grid(self, method: str) -> tuple[float, ...]:
         """The learning rates ``method`` is tuned over (sources: their squeezed method's grid)."""
@@ -135,6 +148,7 @@ class Job:
 
     ``method`` is one of :data:`METHODS` or ``source`` (T steps at the source rank, feeding post) or
     ``source-cont`` (``T - R`` steps, feeding cont); sources have ``rank`` = the source rank.
+    ``fraction`` (in only): the share of the budget at the source rank (None: the config's own).
     """
 
     task: str
@@ -142,38 +156,42 @@ class Job:
     method: str
     rank: int
     lr: float
+    fraction: float | None = None
 
     @property
     def key(self) -> str:
-        return f"{self.task}/s{self.seed}/{self.method}-r{self.rank}/lr{self.lr:g}"
+        key = f"{self.task}/s{self.seed}/{self.method}-r{self.rank}/lr{self.lr:g}"
+        return key if self.fraction is None else f"{key}/f{self.fraction:g}"
 
 
 class Study:
     """Runs each job once per study (steps reuse finished work across studies), chooses learning rates."""
 
     def __init__(self, config: StudyConfig, root: str | os.PathLike, log: Callable[[str], None] = print,
-                 on_record: Callable[[dict[str, Any]], None] | None = None):
+                 on_record: Callable[[dict[str, Any]], None] | None = None, *, steps_root: str | os.PathLike | None = None,
+                 code: str | None = None, key_prefix: str = "", data_cache: dict[str, Any] | None = None):
         self.config = config
         self.root = Path(root)
         self.log = log
         self.on_record = on_record
         self.records: dict[str, dict[str, Any]] = {}
-        self._data: dict[str, Any] = {}
+        self._data: dict[str, Any] = {} if data_cache is None else data_cache
         self._fingerprints: dict[str, str] = {}
-        self.code = code_version()
+        self.code = code or code_version()
+        self.key_prefix = key_prefix
+        # where the steps work (shared by every job: the same step of two jobs is done once)
+        self.steps_root = Path(steps_root) if steps_root is not None else self.root / "steps"
         self.root.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ jobs
-    @property
-    def steps_root(self) -> Path:
-        """Where the steps work (shared by every job: the same step of two jobs is done once)."""
-        return self.root / "steps"
 
     def data(self, task: str):
         from lsq.data import fingerprint, load_data
 
         if task not in self._data:
-            self._data = {task: load_data(self.config.data(task))}  # one task in memory at a time
+            self._data.clear()  # one task in memory at a time
+            self._data[task] = load_data(self.config.data(task))
+        if task not in self._fingerprints:
             self._fingerprints[task] = fingerprint(self._data[task])
         return self._data[task]
 
@@ -190,11 +208,11 @@ class Study:
             self.run(source)  # first, so that this job's wall time is its own
         started = time.perf_counter()
         rec = run_job(job, self)
-        rec.update(key=job.key, wall_seconds=round(time.perf_counter() - started, 2), **asdict(job))
+        rec.update(key=self.key_prefix + job.key, budget=self.config.steps, wall_seconds=round(time.perf_counter() - started, 2), **asdict(job))
         with open(self.root / RECORDS_NAME, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
         self.records[job.key] = rec
-        self.log(f"{job.key}: val {rec['val_accuracy']:.3f} test {rec['test_accuracy']:.3f} "
+        self.log(f"{self.key_prefix}{job.key}: val {rec['val_accuracy']:.3f} test {rec['test_accuracy']:.3f} "
                  f"({rec['wall_seconds']:.0f} s){' DIVERGED' if rec.get('diverged') else ''}")
         if self.on_record:
             self.on_record(rec)
@@ -215,6 +233,23 @@ class Study:
         finite = {lr: v for lr, v in scores.items() if math.isfinite(v)} or scores  # a diverged run never wins
         return max(sorted(finite), key=lambda lr: finite[lr])
 
+    def choose_fraction(self, rank: int, lr: float) -> float | None:
+        """In-Squeeze's first-stage share at target ``rank``: best validation accuracy on the selection
+        task and seed at the rate chosen with the config's own stages (``fraction_grid``; ties go to the
+        earlier entry)."""
+        c = self.config
+        grid = c.fraction_grid
+        if len(grid) == 1:
+            return grid[0]
+        scores = {f: self.run(Job(c.selection_task, c.select_seed, "in", rank, lr, f))["val_accuracy"] for f in grid}
+        finite = [f for f in grid if math.isfinite(scores[f])] or list(grid)
+        return max(finite, key=lambda f: (scores[f], -finite.index(f)))
+
+    def chosen_fractions(self, lrs: dict[tuple[str, int], float]) -> dict[int, float | None]:
+        """``{rank: share}`` of In-Squeeze (empty when ``in`` is not studied)."""
+        c = self.config
+        return {k: self.choose_fraction(k, lrs[("in", k)]) for k in c.ranks} if "in" in c.methods else {}
+
     def chosen_lrs(self) -> dict[tuple[str, int], float]:
         """``{(method, rank): rate}`` for every method and rank, plus ``("source", source_rank)`` when
         post runs (the reference row, chosen on its own validation accuracy)."""
@@ -229,12 +264,14 @@ class Study:
         c = self.config
         chosen = []
         lrs = self.chosen_lrs()
+        fractions = self.chosen_fractions(lrs)
         for task in c.tasks:
             for method in (*c.methods, "source"):
                 for seed in c.seeds:
                     for rank in ([c.source_rank] if method == "source" else c.ranks):
                         if (method, rank) in lrs:
-                            rec = self.run(Job(task, seed, method, rank, lrs[(method, rank)]))
+                            fraction = fractions.get(rank) if method == "in" else None
+                            rec = self.run(Job(task, seed, method, rank, lrs[(method, rank)], fraction))
                             chosen.append({**rec, "chosen": True})
         return chosen
 
@@ -245,7 +282,9 @@ def _train_config(study: Study, job: Job, method: str, rank: int, steps: int):
 
     c = study.config
     train = {"steps": steps, "batch_size": c.batch_size, "lr": job.lr, "seed": job.seed,
-             "warmup_steps": int(c.warmup_fraction * steps), "save_steps": steps + 1, "logging_steps": max(steps, 1)}
+             "warmup_steps": int(c.warmup_fraction * steps),
+             # long runs keep whole checkpoints, so that an interrupted study resumes inside them
+             "save_steps": steps + 1 if steps <= 100 else steps // 4, "logging_steps": max(steps, 1)}
     raw: dict[str, Any] = {
         "method": method, "rank": rank, "source_rank": c.source_rank, "model": {"name": c.model},
         "data": c.data(job.task).model_dump(), "train": train, "output_dir": str(study.steps_root),
@@ -254,8 +293,9 @@ def _train_config(study: Study, job: Job, method: str, rank: int, steps: int):
         raw["cont"] = {"adapter": "(the squeezed parent)", "steps": steps, "lr": job.lr,
                        "warmup_steps": int(c.warmup_fraction * steps)}
     cfg = TrainConfig.model_validate(raw)
-    if method == "in" and c.in_first_fraction is not None:
-        raw["insqueeze"] = {"stage_steps": front_loaded(steps, len(cfg.stage_ranks), c.in_first_fraction)}
+    first = job.fraction if job.fraction is not None else c.in_first_fraction
+    if method == "in" and first is not None:
+        raw["insqueeze"] = {"stage_steps": front_loaded(steps, len(cfg.stage_ranks), first)}
         cfg = TrainConfig.model_validate(raw)
     return cfg
 

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 SIZE_METRICS = ("trainable_params", "lora_params", "adapter_bytes")
 VARIANT_METRICS = ("retained_energy", "relative_error", "train_seconds")
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
-STUDY_PARAMS = ("task", "method", "rank", "seed", "lr", "steps")
+STUDY_PARAMS = ("task", "method", "rank", "seed", "lr", "steps", "budget", "fraction")
 STALE_AFTER_S = 900.0
 HOST_TAG, PID_TAG, STARTED_TAG, NS_TAG = "lsq.host", "lsq.pid", "lsq.pid_started", "lsq.pid_ns"
 HEARTBEAT_TAG, CLOSED_BY_TAG, CLOSED_REASON_TAG = "lsq.heartbeat", "lsq.closed_by", "lsq.closed_reason"
@@ -447,7 +447,7 @@ def log_study_record(uri: str, experiment_id: str, parent_run_id: str, record: M
     now = int(time.time() * 1000)
     metrics = [Metric(k, float(v), now, 0) for k, v in record.items()
                if k not in STUDY_PARAMS and isinstance(v, (int, float)) and not isinstance(v, bool)]
-    client.log_batch(run_id, metrics=metrics, params=_params({k: record[k] for k in STUDY_PARAMS if k in record}))
+    client.log_batch(run_id, metrics=metrics, params=_params({k: record[k] for k in STUDY_PARAMS if record.get(k) is not None}))
     client.set_terminated(run_id, "FINISHED")
     return run_id
 

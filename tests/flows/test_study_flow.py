@@ -40,3 +40,27 @@ def test_study_flow_logs_every_record_to_mlflow(tmp_path, monkeypatch, mlflow_in
     assert len(calls) == 2 * len(keys)
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     assert len([r for r in runs if "mlflow.parentRunId" in r.data.tags]) == 2 * len(keys)
+
+
+def test_sweep_flow_logs_every_budgets_records_to_mlflow(tmp_path, monkeypatch, mlflow_in_tmp):
+    from flows.study import sweep_flow
+    from tests.lsq.test_sweep import validation_runner
+
+    calls = []
+    monkeypatch.setattr(study_mod, "run_job", validation_runner(calls))
+    overrides = ["budgets=[8, 20]", "ladder_budget=null", "tasks=[movie, nyt]", "seeds=[0, 1]", "lrs=[0.001, 0.003]",
+                 "method_lrs={post: [0.001, 0.003], cont: [0.001, 0.003], in: [0.001, 0.003]}"]
+    text = sweep_flow(preset="quick", overrides=overrides, out=str(tmp_path / "sweep"), tracking_uri=mlflow_in_tmp)
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_in_tmp)
+    exp = client.get_experiment_by_name("lsq-sweep")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert parent.info.status == "FINISHED" and parent.data.tags["lsq.kind"] == "sweep"
+    keys = {c.data.tags["lsq.study_key"] for c in children}
+    assert len(keys) == len(children) == len(calls)  # one child run per job, keys unique across budgets
+    assert {c.data.params["budget"] for c in children} == {"8", "20"}
+    assert {c.data.params.get("fraction") for c in children if c.data.params["method"] == "in"} == {None, "0.5"}
+    assert {"sweep.md", "sweep.png", "sweep_summary.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert "| 1 | 20 |" in text and "Where the order changes" in text

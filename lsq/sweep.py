@@ -1,0 +1,283 @@
+"""The budget sweep: the study (:mod:`lsq.study`) at several step budgets, to see whether the
+methods' order changes as training gets longer.
+
+For each budget ``T`` in ``budgets`` the sweep runs one :class:`~lsq.study.Study` with ``steps=T``
+and ``recover_steps = round(recover_fraction * T)`` (Cont-Squeeze's recovery inside the budget).
+Every choice is made per budget on validation data, exactly as in a single study: each method's
+learning rate per rank from its grid, then In-Squeeze's first-stage share (``in_fractions``) at
+that rate. The test split is read only for the report.
+
+Resuming: every adapter is made by the pipeline's steps in ``<root>/steps`` (shared by all budgets),
+so a sweep run again reuses every finished step and resumes the cut one from its last checkpoint.
+Steps are keyed by the lsq code version; the sweep pins the version it started with in
+``<root>/sweep.json`` and refuses to mix versions unless asked (``keep_code=True``: finished steps
+stay valid, and the report says the code changed). Budgets run from the smallest up, so an
+interrupted sweep has whole budgets to show.
+
+Pure lsq: no prefect, no mlflow. ``benchmarks/budget_sweep.py`` is the command and
+``flows/study.py`` (``sweep_flow``) logs every record to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lsq.errors import LsqError
+from lsq.steps import code_version
+from lsq.study import Study, StudyConfig, source_of
+from lsq.train_config import apply_overrides, validation_message
+
+SWEEP_FILE = "sweep.json"
+
+
+class SweepConfig(BaseModel):
+    """Budgets and the study run at each. ``study.steps`` and ``study.recover_steps`` are set per budget."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    budgets: tuple[int, ...] = Field((50, 200, 600), description="Step budgets T, every method's optimizer steps.")
+    recover_fraction: float = Field(0.2, gt=0, lt=1, description="Cont-Squeeze recovery steps as a share of T.")
+    study: StudyConfig = Field(default_factory=StudyConfig, description="The study run at each budget.")
+    ladder_budget: int | None = Field(
+        200, ge=4, description="The ladder: every rank of ladder_ranks trained directly for this many steps, against "
+                               "one source squeezed to all of them and recovered (Cont-Squeeze); None: no ladder.")
+    ladder_ranks: tuple[int, ...] = Field((1, 2, 4, 8, 16), description="Ranks of the ladder.")
+
+    @model_validator(mode="after")
+    def _check(self) -> SweepConfig:
+        if not self.budgets or any(t < 4 for t in self.budgets) or len(set(self.budgets)) != len(self.budgets):
+            raise ValueError(f"budgets: {list(self.budgets)} must be distinct step counts of at least 4")
+        bad = [k for k in self.ladder_ranks if not 1 <= k < self.study.source_rank]
+        if bad or not self.ladder_ranks:
+            raise ValueError(f"ladder_ranks: {list(self.ladder_ranks)} must be ranks in 1..{self.study.source_rank - 1}")
+        return self
+
+    def ladder(self) -> StudyConfig | None:
+        """The study of the ladder: direct and cont at every ladder rank, rates chosen as at the sweep's
+        budgets (at ``select_rank`` when it is one of the ladder's ranks)."""
+        if self.ladder_budget is None:
+            return None
+        c = self.at(self.ladder_budget)
+        select = c.select_rank if c.select_rank in self.ladder_ranks else None
+        return c.model_copy(update={"methods": ("direct", "cont"), "ranks": self.ladder_ranks, "select_rank": select,
+                                    "in_fractions": None, "in_first_fraction": None})
+
+    def at(self, budget: int) -> StudyConfig:
+        """The study config of one budget."""
+        recover = min(max(1, round(self.recover_fraction * budget)), budget - 1)
+        return self.study.model_copy(update={"steps": budget, "recover_steps": recover})
+
+
+_SWEEP_STUDY = dict(
+    tasks=("movie", "tweets"), methods=("direct", "post", "cont", "in"), ranks=(1, 8), seeds=(0, 1, 2),
+    max_train=4000, max_eval=250, max_length=32, batch_size=16,
+    in_fractions=(None, 0.5),
+)
+
+PRESETS: dict[str, SweepConfig] = {
+    # 2 tasks x ranks 1, 8 x direct/post/cont/in x 3 seeds at 50, 200 and 600 steps; rates chosen per
+    # method at rank 8 on movie's validation split (the first round found no rank dependence)
+    "full": SweepConfig(study=StudyConfig(**_SWEEP_STUDY, select_rank=8)),
+    # the same machinery in a few minutes: one task, one rank, one seed, tiny budgets, one rate per method
+    "quick": SweepConfig(budgets=(8, 16), recover_fraction=0.25, ladder_budget=16, ladder_ranks=(1, 2, 4), study=StudyConfig(
+        tasks=("movie",), methods=("direct", "post", "cont", "in"), ranks=(1,), seeds=(0,), lrs=(2e-3,),
+        method_lrs={"post": (1e-3,), "cont": (1e-3,), "in": (1e-3,)}, in_fractions=(None, 0.5),
+        max_train=500, max_eval=60, max_length=32, batch_size=16)),
+}
+
+
+class Sweep:
+    """Runs the study at every budget, smallest first, with one steps folder and one pinned code version."""
+
+    def __init__(self, config: SweepConfig, root: str | os.PathLike, log: Callable[[str], None] = print,
+                 on_record: Callable[[dict[str, Any]], None] | None = None, keep_code: bool = False):
+        self.config = config
+        self.root = Path(root)
+        self.log = log
+        self.on_record = on_record
+        self.code, self.code_changed = self._pin_code(keep_code)
+        self._data: dict[str, Any] = {}  # one task's data shared by the budgets' studies
+
+    def _pin_code(self, keep_code: bool) -> tuple[str, str | None]:
+        """The code version the sweep's steps are keyed by: the one it started with."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path, now = self.root / SWEEP_FILE, code_version()
+        if path.exists():
+            pinned = json.loads(path.read_text())
+            if pinned.get("config") != self.config.model_dump(mode="json"):
+                raise LsqError(f"{self.root}: holds a sweep of other settings ({path}); use another --out")
+            if pinned["code"] != now:
+                if not keep_code:
+                    raise LsqError(f"{self.root}: the sweep started with lsq code {pinned['code']}, this is {now}; "
+                                   "rerun with --keep-code to reuse its finished steps, or use another --out")
+                return pinned["code"], now
+            return now, None
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"code": now, "config": self.config.model_dump(mode="json")}, indent=1) + "\n")
+        os.replace(tmp, path)
+        return now, None
+
+    def code_note(self) -> str | None:
+        """A line for the report when the sweep was resumed with other lsq code (``keep_code``)."""
+        if self.code_changed is None:
+            return None
+        return (f"The lsq code changed during the sweep (steps keyed by {self.code}, resumed with {self.code_changed}"
+                ", --keep-code): finished steps were reused.")
+
+    def study(self, budget: int) -> Study:
+        return Study(self.config.at(budget), self.root / f"T{budget}", log=self.log, on_record=self.on_record,
+                     steps_root=self.root / "steps", code=self.code, key_prefix=f"T{budget}/", data_cache=self._data)
+
+    def ladder_study(self) -> Study | None:
+        c = self.config.ladder()
+        if c is None:
+            return None
+        return Study(c, self.root / f"ladder-T{c.steps}", log=self.log, on_record=self.on_record,
+                     steps_root=self.root / "steps", code=self.code, key_prefix=f"ladder-T{c.steps}/", data_cache=self._data)
+
+    def run_all(self) -> list[dict[str, Any]]:
+        """Every budget's chosen records (``chosen: True``), each with its ``budget``."""
+        records: list[dict[str, Any]] = []
+        for budget in sorted(self.config.budgets):
+            self.log(f"budget {budget} steps")
+            records += self.study(budget).run_all()
+        return records
+
+    def run_ladder(self) -> dict[str, Any] | None:
+        """The ladder (:meth:`SweepConfig.ladder`): its chosen records and what each route cost
+        (:func:`ladder_costs`); the squeeze is timed here, once per source, on this machine."""
+        study = self.ladder_study()
+        if study is None:
+            return None
+        self.log(f"ladder: ranks {list(self.config.ladder_ranks)} at {study.config.steps} steps")
+        records = study.run_all()
+        sources = {k: r for k, r in study.records.items() if r["method"] == "source-cont"}
+        squeeze = time_squeeze(study, next(iter(sources.values())))
+        return {"records": records, "sources": list(sources.values()), "squeeze_seconds": squeeze,
+                "costs": ladder_costs(records, list(sources.values()), squeeze, study.config)}
+
+    @staticmethod
+    def plan_of(config: SweepConfig) -> dict[str, Any]:
+        """What a run will train, before it trains: jobs and optimizer steps per budget, counting every
+        candidate of the validation choices (sources shared between post and cont counted once)."""
+        out: dict[Any, Any] = {}
+        for budget in sorted(config.budgets):
+            c = config.at(budget)
+            jobs = planned_jobs(c)
+            steps = sum(_job_steps(j, c) for j in jobs)
+            out[budget] = {"jobs": len(jobs), "optimizer_steps": steps}
+        ladder = config.ladder()
+        if ladder is not None:
+            jobs = planned_jobs(ladder)
+            out[f"ladder-{ladder.steps}"] = {"jobs": len(jobs), "optimizer_steps": sum(_job_steps(j, ladder) for j in jobs),
+                                             "note": "shares the steps of the sweep's own jobs at this budget"}
+        out["total_steps"] = sum(v["optimizer_steps"] for v in out.values())
+        return out
+
+
+def time_squeeze(study: Study, source_record: dict[str, Any]) -> float:
+    """Seconds of one squeeze of a ladder source to every ladder rank (median of 3, in this process,
+    into a temporary folder: the step's own folder holds its finished result)."""
+    import statistics
+    import tempfile
+    import time
+
+    from lsq.api import squeeze_adapter
+    from lsq.config import SqueezeConfig
+    from lsq.study import Job, _train
+
+    c = study.config
+    job = Job(source_record["task"], source_record["seed"], "source-cont", c.source_rank, source_record["lr"])
+    source = _train(study, job, "source", c.source_rank, c.steps - c.recover_steps)  # finished: reused
+    times = []
+    for _ in range(3):
+        with tempfile.TemporaryDirectory() as tmp:
+            t = time.perf_counter()
+            squeeze_adapter(source.adapter_dir, Path(tmp) / "out", SqueezeConfig(ranks=list(c.ranks)), plot=False)
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def ladder_costs(records: list[dict[str, Any]], sources: list[dict[str, Any]], squeeze_seconds: float,
+                 c: StudyConfig) -> dict[str, Any]:
+    """Per seed and task, what the ladder of ``c.ranks`` costs (a) trained rank by rank (direct) and (b)
+    from one source: optimizer steps, steps x rank (the GPU-side proxy: LoRA's extra work grows with
+    the rank) and measured training seconds (b: the source, the squeeze, every recovery); then means."""
+    import statistics
+
+    direct = [r for r in records if r["method"] == "direct"]
+    cont = [r for r in records if r["method"] == "cont"]
+    src = {(r["task"], r["seed"]): r for r in sources}
+    rows = []
+    for (task, seed), s in sorted(src.items()):
+        d = [r for r in direct if (r["task"], r["seed"]) == (task, seed)]
+        q = [r for r in cont if (r["task"], r["seed"]) == (task, seed)]
+        if len(d) != len(c.ranks) or len(q) != len(c.ranks):
+            continue
+        source_steps = c.steps - c.recover_steps
+        rows.append({
+            "task": task, "seed": seed,
+            "direct_steps": c.steps * len(c.ranks), "direct_step_rank": c.steps * sum(c.ranks),
+            "direct_seconds": sum(r["train_seconds"] for r in d),
+            "squeeze_steps": source_steps + c.recover_steps * len(c.ranks),
+            "squeeze_step_rank": source_steps * c.source_rank + c.recover_steps * sum(c.ranks),
+            # a cont record's train_seconds include its source's: count the source once
+            "squeeze_seconds": s["train_seconds"] + squeeze_seconds
+            + sum(r["train_seconds"] - s["train_seconds"] for r in q),
+        })
+    mean = {k: statistics.fmean(r[k] for r in rows) for k in rows[0] if k not in ("task", "seed")} if rows else {}
+    return {"rows": rows, "mean": mean}
+
+
+def planned_jobs(c: StudyConfig) -> set:
+    """Every job a study of ``c`` runs (an upper bound: each choice's candidates at every rank)."""
+    from lsq.study import Job
+
+    jobs = set()
+    sel_ranks = [c.select_rank] if c.select_rank else list(c.ranks)
+    for m in c.methods:
+        for k in sel_ranks:
+            for lr in c.grid(m):
+                jobs.add(Job(c.selection_task, c.select_seed, m, k, lr))
+        for t in c.tasks:
+            for s in c.seeds:
+                for k in c.ranks:
+                    jobs.add(Job(t, s, m, k, c.grid(m)[0]))
+        if m == "in":
+            for k in c.ranks:
+                for f in c.fraction_grid:
+                    jobs.add(Job(c.selection_task, c.select_seed, "in", k, c.grid("in")[0], f))
+    for t in c.tasks:
+        for s in c.seeds:
+            if "post" in c.methods:
+                jobs.add(Job(t, s, "source", c.source_rank, c.grid("source")[0]))
+    jobs |= {src for j in list(jobs) if (src := source_of(j, c)) is not None}
+    return jobs
+
+
+def _job_steps(job, c: StudyConfig) -> int:
+    if job.method in ("post",):
+        return 0  # its source is its own job
+    if job.method == "cont":
+        return c.recover_steps
+    if job.method == "source-cont":
+        return c.steps - c.recover_steps
+    return c.steps
+
+
+def load_sweep_config(preset: str, overrides: list[str]) -> SweepConfig:
+    """A preset with ``key=value`` overrides; study fields may be given bare (``seeds=[0]``) or as ``study.seeds``."""
+    if preset not in PRESETS:
+        raise LsqError(f"--preset: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+    own = set(SweepConfig.model_fields) - {"study"}
+    qualified = [o if o.split("=", 1)[0].split(".")[0] in own | {"study"} else f"study.{o}" for o in overrides]
+    try:
+        return SweepConfig.model_validate(apply_overrides(PRESETS[preset].model_dump(), qualified))
+    except ValidationError as exc:
+        raise LsqError(validation_message(exc)) from None

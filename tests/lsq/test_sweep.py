@@ -1,0 +1,173 @@
+"""The budget sweep (lsq/sweep.py): per-budget choices from validation only (rates, In-Squeeze's
+first-stage share), one pinned code version, the plan, crossings and ladder costs checked against
+hand computations, and one real tiny sweep that resumes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import lsq.study as study_mod
+import lsq.sweep as sweep_mod
+import lsq.train
+from lsq.errors import LsqError
+from lsq.study import Job, Study, StudyConfig
+from lsq.sweep import Sweep, SweepConfig, ladder_costs, load_sweep_config
+from lsq.sweep_report import by_budget, crossings, write_report
+from tests.lsq.tiny import built_once, save_tiny_bert, write_classification_csv
+
+
+def small(**changes) -> SweepConfig:
+    study = dict(tasks=("movie", "nyt"), methods=("direct", "post", "cont", "in"), ranks=(1, 4), seeds=(0, 1),
+                 lrs=(1e-3, 3e-3), method_lrs={"post": (1e-3, 3e-3), "cont": (1e-3, 3e-3), "in": (1e-3, 3e-3)},
+                 in_fractions=(None, 0.5), select_rank=4)
+    study.update(changes.pop("study", {}))
+    return SweepConfig(study=StudyConfig(**study), **{"budgets": (8, 20), "ladder_budget": None, **changes})
+
+
+def validation_runner(calls: list[tuple[int, Job]]):
+    """Validation prefers lr 3e-3 at 8 steps and 1e-3 at 20, and the share 0.5; test prefers the others."""
+
+    def run(job: Job, study: Study) -> dict:
+        calls.append((study.config.steps, job))
+        want = 3e-3 if study.config.steps == 8 else 1e-3
+        good = (job.lr == want) + (job.fraction == 0.5)
+        base = 0.6 + 0.01 * job.rank + 0.001 * job.seed + 0.002 * study.config.steps
+        return {"val_accuracy": base + 0.05 * good, "test_accuracy": base + 0.05 * (2 - good), "test_macro_f1": base,
+                "lora_params": 10 * job.rank, "trainable_params": 10 * job.rank, "adapter_bytes": 40 * job.rank,
+                "test_examples": 50, "steps": study.config.steps, "train_seconds": float(study.config.steps)}
+
+    return run
+
+
+def test_each_budget_chooses_rates_and_stage_shares_on_validation(tmp_path, monkeypatch):
+    calls: list[tuple[int, Job]] = []
+    monkeypatch.setattr(study_mod, "run_job", validation_runner(calls))
+    cfg = small()
+    records = Sweep(cfg, tmp_path, log=lambda _: None).run_all()
+
+    for budget, want in ((8, 3e-3), (20, 1e-3)):
+        rows = [r for r in records if r["budget"] == budget]
+        assert {r["lr"] for r in rows if r["method"] != "source"} == {want}  # test would have said the other
+        assert {r["fraction"] for r in rows if r["method"] == "in"} == {0.5}
+        assert {r["fraction"] for r in rows if r["method"] != "in"} == {None}
+        assert {(r["task"], r["method"], r["rank"], r["seed"]) for r in rows if r["method"] != "source"} == {
+            (t, m, k, s) for t in cfg.study.tasks for m in cfg.study.methods for k in cfg.study.ranks
+            for s in cfg.study.seeds}
+        assert all(r["key"].startswith(f"T{budget}/") for r in rows)
+    # recovery inside each budget: 20% of it, at least one step
+    assert [cfg.at(t).recover_steps for t in (8, 20)] == [2, 4]
+    # the share grid ran on the selection task and seed only, at each rank, at the chosen rate
+    equal = {(t, j.task, j.seed, j.rank, j.lr) for t, j in calls if j.method == "in" and j.fraction is None}
+    assert {(task, seed) for _, task, seed, _, _ in equal} == {("movie", 0)}
+    assert {(t, k, lr) for t, _, _, k, lr in equal} >= {(8, 1, 3e-3), (8, 4, 3e-3), (20, 1, 1e-3), (20, 4, 1e-3)}
+    # the plan bounds what ran, budget by budget, and every job that ran was planned
+    plan = Sweep.plan_of(cfg)
+    for budget in (8, 20):
+        ran = {j for t, j in calls if t == budget}
+        planned = sweep_mod.planned_jobs(cfg.at(budget))
+        assert len(ran) <= plan[budget]["jobs"] == len(planned)
+        assert {(j.task, j.seed, j.method, j.rank) for j in ran} == {(j.task, j.seed, j.method, j.rank) for j in planned}
+
+
+def test_the_code_version_is_pinned(tmp_path, monkeypatch):
+    monkeypatch.setattr(study_mod, "run_job", validation_runner([]))
+    cfg = small(budgets=(8,))
+    first = Sweep(cfg, tmp_path, log=lambda _: None)
+    assert first.code_note() is None
+    monkeypatch.setattr(sweep_mod, "code_version", lambda: "other-code")
+    with pytest.raises(LsqError, match="--keep-code"):
+        Sweep(cfg, tmp_path, log=lambda _: None)
+    kept = Sweep(cfg, tmp_path, log=lambda _: None, keep_code=True)
+    assert kept.code == first.code and kept.study(8).code == first.code
+    assert "other-code" in kept.code_note()
+    with pytest.raises(LsqError, match="other settings"):
+        Sweep(small(budgets=(8, 16)), tmp_path, log=lambda _: None, keep_code=True)
+
+
+def test_crossings_against_a_hand_computation():
+    def cell(mean, se=0.005):
+        return {"mean": mean, "se": se, "n": 3, "lr": None, "lora_params": 1}
+
+    summaries = {
+        50: {("mean", "in", 1): cell(0.60), ("mean", "cont", 1): cell(0.70), ("mean", "direct", 1): cell(0.65)},
+        200: {("mean", "in", 1): cell(0.702), ("mean", "cont", 1): cell(0.70), ("mean", "direct", 1): cell(0.66)},
+        600: {("mean", "in", 1): cell(0.75), ("mean", "cont", 1): cell(0.71), ("mean", "direct", 1): cell(0.70)},
+    }
+    lines = crossings(summaries, [1], pairs=(("in", "cont"), ("direct", "cont"), ("direct", "in")))
+    assert lines[0].endswith("in overtakes cont between 50 and 600 steps")  # 200 is a tie: no crossing there
+    assert "-10.0, +0.2, +4.0" in lines[0]
+    assert lines[1].endswith("no crossing in this range")  # direct stays below cont
+    assert lines[2].endswith("in overtakes direct between 50 and 200 steps")
+
+
+def test_ladder_costs_against_a_hand_computation():
+    c = StudyConfig(ranks=(1, 2, 4), steps=100, recover_steps=20, source_rank=64, seeds=(0,), tasks=("movie",))
+    direct = [{"task": "movie", "seed": 0, "method": "direct", "rank": k, "train_seconds": 10.0 + k} for k in (1, 2, 4)]
+    cont = [{"task": "movie", "seed": 0, "method": "cont", "rank": k, "train_seconds": 50.0 + k} for k in (1, 2, 4)]
+    source = [{"task": "movie", "seed": 0, "method": "source-cont", "rank": 64, "train_seconds": 40.0}]
+    costs = ladder_costs(direct + cont, source, 0.5, c)
+    [row] = costs["rows"]
+    assert row["direct_steps"] == 300 and row["direct_step_rank"] == 100 * 7
+    assert row["squeeze_steps"] == 80 + 3 * 20 and row["squeeze_step_rank"] == 80 * 64 + 20 * 7
+    assert row["direct_seconds"] == pytest.approx(37.0)
+    assert row["squeeze_seconds"] == pytest.approx(40.0 + 0.5 + (11 + 12 + 14))  # the source counted once
+    assert costs["mean"]["direct_steps"] == 300
+
+
+def test_bad_sweep_settings_are_refused_in_one_line():
+    for bad, words in ((["budgets=[2]"], "budgets"), (["budgets=[50,50]"], "budgets"),
+                       (["ladder_ranks=[64]"], "ladder_ranks"), (["in_fractions=[1.5]"], "in_fractions"),
+                       (["in_fractions=[0.5]", "in_first_fraction=0.6"], "in_fractions"), (["bogus=1"], "bogus")):
+        with pytest.raises(LsqError, match=words) as err:
+            load_sweep_config("quick", bad)
+        assert "\n" not in str(err.value)
+    assert load_sweep_config("quick", ["seeds=[3]", "select_seed=3"]).study.seeds == (3,)  # study fields bare
+    assert load_sweep_config("quick", ["study.max_eval=20"]).study.max_eval == 20
+    with pytest.raises(LsqError, match="preset"):
+        load_sweep_config("huge", [])
+
+
+@pytest.mark.slow
+def test_a_real_tiny_sweep_with_its_ladder_resumes(tmp_path_factory, tmp_path, monkeypatch):
+    """Two budgets and the ladder really train, squeeze and score on a tiny BERT; a rerun after a
+    cut step trains only that step and gives the same records; the report and plot are written."""
+    model = built_once(tmp_path_factory, "tiny-bert", save_tiny_bert)
+    data = write_classification_csv(tmp_path / "reviews.csv", n=120)
+    cfg = SweepConfig(budgets=(6, 10), ladder_budget=10, ladder_ranks=(1, 2), study=StudyConfig(
+        tasks=("tiny",), sources={"tiny": str(data)}, model=str(model), methods=("direct", "post", "cont", "in"),
+        ranks=(1,), seeds=(0,), source_rank=8, lrs=(5e-3,), method_lrs={"post": (5e-3,), "cont": (5e-3,), "in": (5e-3,)},
+        in_fractions=(None, 0.5), batch_size=8, max_eval=20, max_length=16))
+    sweep = Sweep(cfg, tmp_path / "sweep", log=lambda _: None)
+    records = sweep.run_all()
+    ladder = sweep.run_ladder()
+    assert {r["budget"] for r in records} == {6, 10}
+    assert all(r["steps"] == r["budget"] for r in records if r["method"] != "post")
+    assert ladder["squeeze_seconds"] > 0 and ladder["costs"]["rows"]
+    row = ladder["costs"]["rows"][0]
+    assert row["direct_steps"] == 2 * 10 and row["squeeze_steps"] == 8 + 2 * 2
+    assert row["direct_seconds"] > 0 and row["squeeze_seconds"] > 0
+    # the ladder reused the sweep's own rank-1 direct run at 10 steps (one steps folder)
+    assert len(list((tmp_path / "sweep" / "steps").glob("direct-r1-*"))) == 2  # 6 and 10 steps
+    text = write_report(cfg, records, tmp_path, "cmd", 1.0, sweep.code_note(), ladder)
+    assert (tmp_path / "sweep.png").stat().st_size > 0 and "## What one run saves" in text
+    summary = json.loads((tmp_path / "sweep_summary.json").read_text())
+    assert {row["budget"] for row in summary["summary"]} == {6, 10}
+
+    [cut] = list((tmp_path / "sweep" / "steps").glob("in-r1-*"))[:1]
+    (cut / "record.json").unlink()
+    trained = []
+    real_train = lsq.train.train
+
+    def counting_train(cfg, log=None, data=None, **kw):
+        trained.append(cfg.method)
+        return real_train(cfg, log=log, data=data)
+
+    monkeypatch.setattr(lsq.train, "train", counting_train)
+    again = Sweep(cfg, tmp_path / "sweep", log=lambda _: None).run_all()
+    assert trained == ["in"]
+    strip = lambda recs: sorted(json.dumps({k: v for k, v in r.items() if k not in ("wall_seconds", "train_seconds")},  # noqa: E731
+                                           sort_keys=True) for r in recs)
+    assert strip(again) == strip(records)
+    assert by_budget(again, cfg.study.methods).keys() == {6, 10}
