@@ -28,9 +28,9 @@ for _k, _v in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "
                ("TOKENIZERS_PARALLELISM", "false")):
     os.environ.setdefault(_k, _v)
 
-from lsq.errors import LsqError  # noqa: E402
-from lsq.sweep import PRESETS, Sweep, load_sweep_config  # noqa: E402
-from lsq.sweep_report import write_report  # noqa: E402
+from lsq.errors import LsqError
+from lsq.sweep import PRESETS, Sweep, load_sweep_config
+from lsq.sweep_report import write_report
 
 
 def command_parser(prog: str) -> argparse.ArgumentParser:

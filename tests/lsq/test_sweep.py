@@ -167,7 +167,7 @@ def test_a_real_tiny_sweep_with_its_ladder_resumes(tmp_path_factory, tmp_path, m
     monkeypatch.setattr(lsq.train, "train", counting_train)
     again = Sweep(cfg, tmp_path / "sweep", log=lambda _: None).run_all()
     assert trained == ["in"]
-    strip = lambda recs: sorted(json.dumps({k: v for k, v in r.items() if k not in ("wall_seconds", "train_seconds")},  # noqa: E731
+    strip = lambda recs: sorted(json.dumps({k: v for k, v in r.items() if k not in ("wall_seconds", "train_seconds")},
                                            sort_keys=True) for r in recs)
     assert strip(again) == strip(records)
     assert by_budget(again, cfg.study.methods).keys() == {6, 10}
