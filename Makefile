@@ -10,7 +10,7 @@ export DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo team-demo bench clean
+.PHONY: install test test-slow test-all demo team-demo bench clean
 
 install: $(VENV)/.installed
 
@@ -21,7 +21,16 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@
 
+# `make test`: everything but the tests marked slow (about 15 min on 2 CPU cores); `make test-slow`: those
+# (kill -9 and SIGTERM of real pipelines, two commands at once, N-process training, the team pool, real tiny
+# studies: about 15 min more); `make test-all`: both in one run. CI (.ci/run) runs test, then test-slow.
 test: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
+
+test-all: install
 	$(BIN)/python -m pytest -q
 
 demo: install

@@ -37,9 +37,11 @@ def _quiet_env(**extra: str) -> dict[str, str]:
 class PrefectServer:
     """A Prefect server with its services, in ``folder``, on 127.0.0.1."""
 
-    def __init__(self, folder: str | os.PathLike, timeout: float = 180.0, database_url: str | None = None):
+    def __init__(self, folder: str | os.PathLike, timeout: float = 180.0, database_url: str | None = None,
+                 ui: bool = False):
         self.folder = Path(folder)
         self.timeout = timeout
+        self.ui = ui  # the web UI at http://127.0.0.1:<port>/ (off: the API only)
         self.port = _free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         self.database_url = database_url or f"sqlite+aiosqlite:///{self.folder / 'prefect.db'}"
@@ -50,7 +52,8 @@ class PrefectServer:
         env = _quiet_env(PREFECT_HOME=str(self.folder / "home"), PREFECT_API_DATABASE_CONNECTION_URL=self.database_url,
                          PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_LOGGING_LEVEL="WARNING")
         self.process.spawn([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(self.port),
-                            "--no-ui", "--analytics-off"], env=env, cwd=self.folder, deathsig=signal.SIGTERM)
+                            "--ui" if self.ui else "--no-ui", "--analytics-off"], env=env, cwd=self.folder,
+                           deathsig=signal.SIGTERM)
         return self
 
     def wait(self) -> PrefectServer:

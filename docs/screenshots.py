@@ -1,7 +1,7 @@
-"""What MLflow shows after a pipeline run, photographed in a real browser (headless Chromium).
+"""What MLflow and Prefect show after a pipeline run, photographed in a real browser (headless Chromium).
 
     python docs/screenshots.py                                        # a tiny pipeline in a temporary folder first
-    python docs/screenshots.py --store sqlite:///mlruns/mlflow.db     # a finished store (after make demo)
+    python docs/screenshots.py --store sqlite:///mlruns/mlflow.db     # a finished store (after make demo): MLflow only
 
 Starts ``mlflow server`` on 127.0.0.1 (a free port) over the store, waits until it answers, then runs
 ``chromium --headless --screenshot`` (Debian: ``apt-get install chromium``) on each page, with a fresh
@@ -13,6 +13,14 @@ browser profile (no remembered UI state: what a new visitor sees), into ``docs/s
   parallel axes, size against the metric, a bar chart per metric) and their training curves;
 - ``parent.png``: the parent run (description with the decision, summary metrics, parameters);
 - ``version.png``: the champion's model version (description, ``adapter_bytes`` tag).
+
+With the tiny pipeline, it runs against a Prefect server with its UI (``prefect server start --ui``
+on 127.0.0.1, its own folder), as a team's scheduled run would, and photographs:
+
+- ``prefect-runs.png``: the flow runs (the pipeline and its sub-flow);
+- ``prefect-flow-run.png``: the pipeline's sub-flow run: task runs named after their variant
+  (``train cont-r4``, ``evaluate post-r2``, ``register ...``) and their log lines;
+- ``prefect-artifact.png``: the variants table artifact, with links to the MLflow runs.
 
 Every process it starts (pipeline, MLflow server, browser) ends with it, also on Ctrl-C or an error.
 The tiny pipeline needs the MiniLM tokenizer in the Hugging Face cache (as the tests do).
@@ -35,16 +43,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from deployments.processes import PrefectServer  # noqa: E402
 from deployments.server_process import ServerProcess, child_env, free_ports  # noqa: E402
 from flows.server import die_with_parent_by  # noqa: E402
 
 OUT = REPO / "docs" / "screenshots"
-WINDOW = {"runs": "1800,800", "charts": "1800,2000", "parent": "1400,1800", "version": "1400,1100"}
+WINDOW = {"runs": "1800,800", "charts": "1800,2000", "parent": "1400,1800", "version": "1400,1100",
+          "prefect-runs": "1600,900", "prefect-flow-run": "1600,1400", "prefect-artifact": "1400,1000"}
 BROWSER_WAIT_MS = 60_000  # virtual time for the single-page app to fetch and draw (plots need about 60 s)
 
 
-def tiny_store(folder: Path) -> str:
-    """Run the pipeline on a tiny BERT and 48 rows (ranks 8 -> 4, 2) in ``folder``; its tracking URI."""
+def tiny_store(folder: Path, prefect_api: str | None = None) -> str:
+    """Run the pipeline on a tiny BERT and 48 rows (ranks 8 -> 4, 2) in ``folder`` (against the Prefect
+    server at ``prefect_api``, else a temporary one); its tracking URI."""
     import yaml
 
     from tests.lsq.tiny import save_tiny_bert, write_classification_csv
@@ -62,6 +73,8 @@ def tiny_store(folder: Path) -> str:
     }
     (folder / "tiny.yaml").write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    if prefect_api:
+        env["PREFECT_API_URL"] = prefect_api
     subprocess.run([sys.executable, "-m", "flows.squeeze_pipeline", str(folder / "tiny.yaml")], cwd=REPO, env=env,
                    check=True, start_new_session=True, preexec_fn=die_with_parent_by(signal.SIGTERM), timeout=1800)
     return uri
@@ -86,9 +99,26 @@ def pages(uri: str, base: str) -> dict[str, str]:
     return {
         "runs": runs,
         "charts": runs + "&compareRunsMode=CHART",
-        "parent": run_url(uri, experiment, parent).replace(local, base) + ml,
+        "parent": run_url(uri, experiment, parent).replace(local, base),
         "version": f"{base}/#/models/{model.name}/versions/{champion.version}{ml}",
     }
+
+
+def prefect_pages(api_url: str) -> dict[str, str]:
+    """The Prefect UI pages of the pipeline's run: the flow runs, the sub-flow run with its task runs, the
+    variants table artifact."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    base = api_url.removesuffix("/api")
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        [run] = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["lsq-pipeline-run"])))
+        artifacts = [a for a in client.read_artifacts() if a.flow_run_id == run.id and a.type == "table"]
+    shots = {"prefect-runs": f"{base}/runs", "prefect-flow-run": f"{base}/runs/flow-run/{run.id}"}
+    if artifacts:
+        shots["prefect-artifact"] = f"{base}/artifacts/artifact/{artifacts[0].id}"
+    return shots
 
 
 def screenshot(browser: str, url: str, png: Path, profile: Path, window: str = "1400,900") -> None:
@@ -131,23 +161,33 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="lsq-screenshots-") as tmp:
         work = Path(tmp)
-        uri = args.store or tiny_store(work)
+        prefect = None if args.store else PrefectServer(work / "prefect", ui=True)
         [port] = free_ports(1)
         base = f"http://127.0.0.1:{port}"
         server = ServerProcess("mlflow server", work / "mlflow-server.log")
-        server.spawn([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
-                      "--port", str(port), "--workers", "1"], child_env(), work, signal.SIGTERM)
         try:
+            if prefect is not None:
+                prefect.start().wait()
+            uri = args.store or tiny_store(work, prefect.api_url if prefect else None)
+            server.spawn([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
+                          "--port", str(port), "--workers", "1"], child_env(), work, signal.SIGTERM)
             server.wait_until(lambda: answers(f"{base}/health"), 180, "answer on /health")
             shots = pages(uri, base)
+            if prefect is not None:
+                shots.update(prefect_pages(prefect.api_url))
             for name, url in shots.items():
                 started = time.perf_counter()
                 screenshot(args.browser, url, args.out / f"{name}.png", work / f"profile-{name}", WINDOW[name])
                 print(f"{args.out / (name + '.png')}  {url}  ({time.perf_counter() - started:.0f} s)")
-            (args.out / "pages.json").write_text(json.dumps({k: v.replace(base, "http://127.0.0.1:5000")
-                                                             for k, v in shots.items()}, indent=1) + "\n")
+            stable = {k: v.replace(base, "http://127.0.0.1:5000") for k, v in shots.items()}
+            if prefect is not None:
+                stable = {k: v.replace(prefect.api_url.removesuffix("/api"), "http://127.0.0.1:4200")
+                          for k, v in stable.items()}
+            (args.out / "pages.json").write_text(json.dumps(stable, indent=1) + "\n")
         finally:
             server.stop(signal.SIGTERM, 10)
+            if prefect is not None:
+                prefect.stop()
     return 0
 
 

@@ -90,12 +90,26 @@ class DataConfig(BaseModel):
         return None
 
 
+_BUILTIN_CACHE: dict[DataConfig, DatasetDict] = {}
+_BUILTIN_CACHE_LOCK = threading.Lock()
+
+
 def load_data(cfg: DataConfig) -> DatasetDict:
-    """The validated, normalised train/validation/test splits that ``cfg`` describes."""
+    """The validated, normalised train/validation/test splits that ``cfg`` describes.
+
+    A built-in set (package data: it cannot change under a running process) is built once per process
+    and config (about 2 s each time otherwise; the pipeline's units each load it); callers get their own
+    ``DatasetDict`` over the same immutable datasets."""
     split_args = dict(seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
                       max_train=cfg.max_train, max_eval=cfg.max_eval)
     if cfg.builtin is not None:
-        return builtin_dataset(cfg.builtin, **split_args)
+        key = cfg.model_copy(update={"max_length": 0})  # the length is the trainer's business, not the rows'
+        with _BUILTIN_CACHE_LOCK:
+            if key not in _BUILTIN_CACHE:
+                if len(_BUILTIN_CACHE) >= 4:
+                    _BUILTIN_CACHE.pop(next(iter(_BUILTIN_CACHE)))
+                _BUILTIN_CACHE[key] = builtin_dataset(cfg.builtin, **split_args)
+            return DatasetDict(_BUILTIN_CACHE[key])
     raw = _canonical_splits(_load_source(cfg.source), cfg.source)
     if cfg.task == "classification":
         dsd = _classification(raw, cfg)

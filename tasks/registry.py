@@ -182,8 +182,9 @@ def decide_promotion(cfg: PipelineConfig, rows: Sequence[Registered], champion_s
 
 def run_url(uri: str, experiment_id: str, run_id: str) -> str:
     """The MLflow UI page of a run: on the tracking server itself for an http(s) URI (its user info
-    and query left out), else where ``mlflow ui --backend-store-uri URI`` serves a local store by default."""
-    return f"{_ui_base(uri)}/#/experiments/{experiment_id}/runs/{run_id}"
+    and query left out), else where ``mlflow ui --backend-store-uri URI`` serves a local store by default.
+    ``workflowType=machine_learning``: a browser that never chose gets the run's ML layout (see :func:`runs_url`)."""
+    return f"{_ui_base(uri)}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def runs_url(uri: str, experiment_id: str) -> str:

@@ -84,11 +84,12 @@ def test_task_runs_log_lines_and_links(tiny_config, monkeypatch):
 
     markdown = artifacts["lsq-promotion"].data
     link = "http://mlflow.example:5000/#/experiments/7/runs/"
-    assert f"[runcont-]({link}runcont-r400)" in markdown
-    assert f"[parent run parent01]({link}parent0123456789)" in markdown
+    ml = "?workflowType=machine_learning"
+    assert f"[runcont-]({link}runcont-r400{ml})" in markdown
+    assert f"[parent run parent01]({link}parent0123456789{ml})" in markdown
     assert re.search(r"\| cont-r4 \| 4 \| 0\.7000 \| 0\.7500 \| 24,960 \| 3 \| \[", markdown)
     assert "secret" not in markdown and "(http://alice" not in markdown  # links carry no user info
-    assert f"]({link}parent0123456789)" in artifacts["lsq-variants"].description
+    assert f"]({link}parent0123456789{ml})" in artifacts["lsq-variants"].description
     [(run, note, metrics, table)] = described  # the parent run as the comparison page
     assert run == "parent0123456789" and note.startswith("**cont-r4** -> `lsq-tiny@champion` (version 3): val_accuracy 0.7000")
     assert metrics == {"best_val_accuracy": 0.7, "winner_val_accuracy": 0.7, "winner_rank": 4,
@@ -98,5 +99,6 @@ def test_task_runs_log_lines_and_links(tiny_config, monkeypatch):
 
 
 def test_run_url_of_a_local_store_points_at_mlflow_ui():
-    assert registry.run_url("sqlite:///tmp/mlflow.db", "1", "abc") == "http://127.0.0.1:5000/#/experiments/1/runs/abc"
-    assert registry.run_url("https://u:p@host/mlflow/?token=x", "2", "r") == "https://host/mlflow/#/experiments/2/runs/r"
+    ml = "?workflowType=machine_learning"  # a fresh browser lands on the run's ML layout
+    assert registry.run_url("sqlite:///tmp/mlflow.db", "1", "abc") == "http://127.0.0.1:5000/#/experiments/1/runs/abc" + ml
+    assert registry.run_url("https://u:p@host/mlflow/?token=x", "2", "r") == "https://host/mlflow/#/experiments/2/runs/r" + ml

@@ -127,7 +127,8 @@ def test_the_printed_url_opens_the_shared_runs_view(mlflow_uri):
     assert runs_url("sqlite:///tmp/mlflow.db", "3") == \
         "http://127.0.0.1:5000/#/experiments/3/runs?viewStateShareKey=lsq&workflowType=machine_learning"
     assert runs_url("https://user:pw@mlflow.example/base/", "3").startswith("https://mlflow.example/base/#/")
-    assert run_url("sqlite:///tmp/mlflow.db", "1", "abc") == "http://127.0.0.1:5000/#/experiments/1/runs/abc"
+    assert run_url("sqlite:///tmp/mlflow.db", "1", "abc") == ("http://127.0.0.1:5000/#/experiments/1/runs/abc"
+                                                                "?workflowType=machine_learning")
 
 
 def test_a_unit_runs_inside_its_child_run(mlflow_uri, variants):
