@@ -76,21 +76,21 @@ def study_flow(preset: str = "quick", overrides: list[str] | None = None, out: s
 
 
 @task(tags=[COMPUTE_TAG], cache_policy=NO_CACHE, persist_result=False, task_run_name="sweep {budget} steps")
-def run_budget(config: SweepConfig, root: str, budget: int, keep_code: bool, uri: str, experiment_id: str,
-               parent_run_id: str) -> list[StudyRecord]:
+def run_budget(config: SweepConfig, root: str, budget: int, pinned: tuple[str, str | None], uri: str,
+               experiment_id: str, parent_run_id: str) -> list[StudyRecord]:
     """One budget of the sweep: its validation choices, then every task, method, rank and seed."""
     log = get_run_logger()
-    sweep = Sweep(config, root, log=log.info, keep_code=keep_code,
+    sweep = Sweep(config, root, log=log.info, pinned=pinned,
                   on_record=lambda rec: tracking.log_study_record(uri, experiment_id, parent_run_id, rec))
     return [StudyRecord.model_validate(r) for r in sweep.study(budget).run_all()]
 
 
 @task(tags=[COMPUTE_TAG], cache_policy=NO_CACHE, persist_result=False, task_run_name="sweep ladder")
-def run_ladder(config: SweepConfig, root: str, keep_code: bool, uri: str, experiment_id: str,
+def run_ladder(config: SweepConfig, root: str, pinned: tuple[str, str | None], uri: str, experiment_id: str,
                parent_run_id: str) -> dict | None:
     """The ladder (every rank trained directly against one source squeezed to all): records and costs (JSON)."""
     log = get_run_logger()
-    sweep = Sweep(config, root, log=log.info, keep_code=keep_code,
+    sweep = Sweep(config, root, log=log.info, pinned=pinned,
                   on_record=lambda rec: tracking.log_study_record(uri, experiment_id, parent_run_id, rec))
     return sweep.run_ladder()
 
@@ -103,6 +103,7 @@ def sweep_flow(preset: str = "quick", overrides: list[str] | None = None, out: s
     config = load_sweep_config(preset, overrides or [])
     root = out or str(Path("runs/sweep") / preset)
     sweep = Sweep(config, root, log=lambda _: None, keep_code=keep_code)  # pins or checks the code version first
+    pinned = (sweep.code, sweep.code_changed)  # the tasks key their steps by it, whatever changes meanwhile
     uri = tracking_uri or tracking.default_tracking_uri(Tracking())
     experiment_id = tracking.ensure_experiment(uri, experiment)
     parent = tracking.start_pipeline_run(uri, experiment, f"sweep-{preset}", config.model_dump(mode="json"),
@@ -112,8 +113,8 @@ def sweep_flow(preset: str = "quick", overrides: list[str] | None = None, out: s
     try:
         records = []
         for budget in sorted(config.budgets):
-            records += [r.model_dump() for r in run_budget(config, root, budget, keep_code, uri, experiment_id, parent)]
-        ladder = run_ladder(config, root, keep_code, uri, experiment_id, parent)
+            records += [r.model_dump() for r in run_budget(config, root, budget, pinned, uri, experiment_id, parent)]
+        ladder = run_ladder(config, root, pinned, uri, experiment_id, parent)
         with tempfile.TemporaryDirectory() as tmp:
             text = write_sweep_report(config, records, tmp, f"python -m flows.study --sweep --preset {preset}",
                                       time.perf_counter() - started, sweep.code_note(), ladder)

@@ -48,11 +48,14 @@ class SweepConfig(BaseModel):
         200, ge=4, description="The ladder: every rank of ladder_ranks trained directly for this many steps, against "
                                "one source squeezed to all of them and recovered (Cont-Squeeze); None: no ladder.")
     ladder_ranks: tuple[int, ...] = Field((1, 2, 4, 8, 16), description="Ranks of the ladder.")
+    ladder_tasks: tuple[str, ...] | None = Field(None, description="Tasks of the ladder; None: the study's tasks.")
 
     @model_validator(mode="after")
     def _check(self) -> SweepConfig:
         if not self.budgets or any(t < 4 for t in self.budgets) or len(set(self.budgets)) != len(self.budgets):
             raise ValueError(f"budgets: {list(self.budgets)} must be distinct step counts of at least 4")
+        if self.ladder_tasks is not None and not set(self.ladder_tasks) <= set(self.study.tasks):
+            raise ValueError(f"ladder_tasks: {list(self.ladder_tasks)} must be among the study's tasks {list(self.study.tasks)}")
         bad = [k for k in self.ladder_ranks if not 1 <= k < self.study.source_rank]
         if bad or not self.ladder_ranks:
             raise ValueError(f"ladder_ranks: {list(self.ladder_ranks)} must be ranks in 1..{self.study.source_rank - 1}")
@@ -65,8 +68,10 @@ class SweepConfig(BaseModel):
             return None
         c = self.at(self.ladder_budget)
         select = c.select_rank if c.select_rank in self.ladder_ranks else None
+        tasks = self.ladder_tasks or c.tasks
         return c.model_copy(update={"methods": ("direct", "cont"), "ranks": self.ladder_ranks, "select_rank": select,
-                                    "in_fractions": None, "in_first_fraction": None})
+                                    "in_fractions": None, "in_first_fraction": None, "tasks": tasks,
+                                    "select_task": c.select_task if c.select_task in tasks else None})
 
     def at(self, budget: int) -> StudyConfig:
         """The study config of one budget."""
@@ -74,16 +79,15 @@ class SweepConfig(BaseModel):
         return self.study.model_copy(update={"steps": budget, "recover_steps": recover})
 
 
-_SWEEP_STUDY = dict(
-    tasks=("movie", "tweets"), methods=("direct", "post", "cont", "in"), ranks=(1, 8), seeds=(0, 1, 2),
-    max_train=4000, max_eval=250, max_length=32, batch_size=16,
-    in_fractions=(None, 0.5),
-)
-
 PRESETS: dict[str, SweepConfig] = {
-    # 2 tasks x ranks 1, 8 x direct/post/cont/in x 3 seeds at 50, 200 and 600 steps; rates chosen per
-    # method at rank 8 on movie's validation split (the first round found no rank dependence)
-    "full": SweepConfig(study=StudyConfig(**_SWEEP_STUDY, select_rank=8)),
+    # 2 tasks x ranks 1, 8 x direct/post/cont/in x 3 seeds at 50, 200 and 600 steps of batch 8 (about 2 h
+    # on 2 CPU cores): rates from two-point grids chosen per method and budget at rank 8 on movie's
+    # validation split (the first round found no rank dependence), In-Squeeze's share per rank; the
+    # ladder (ranks 1-16 at 200 steps) on movie
+    "full": SweepConfig(ladder_tasks=("movie",), study=StudyConfig(
+        tasks=("movie", "tweets"), methods=("direct", "post", "cont", "in"), ranks=(1, 8), seeds=(0, 1, 2),
+        lrs=(1e-3, 3e-3), method_lrs={"post": (3e-4, 1e-3), "cont": (3e-4, 1e-3), "in": (3e-4, 1e-3)},
+        in_fractions=(None, 0.5), select_rank=8, max_train=4000, max_eval=250, max_length=32, batch_size=8)),
     # the same machinery in a few minutes: one task, one rank, one seed, tiny budgets, one rate per method
     "quick": SweepConfig(budgets=(8, 16), recover_fraction=0.25, ladder_budget=16, ladder_ranks=(1, 2, 4), study=StudyConfig(
         tasks=("movie",), methods=("direct", "post", "cont", "in"), ranks=(1,), seeds=(0,), lrs=(2e-3,),
@@ -96,12 +100,14 @@ class Sweep:
     """Runs the study at every budget, smallest first, with one steps folder and one pinned code version."""
 
     def __init__(self, config: SweepConfig, root: str | os.PathLike, log: Callable[[str], None] = print,
-                 on_record: Callable[[dict[str, Any]], None] | None = None, keep_code: bool = False):
+                 on_record: Callable[[dict[str, Any]], None] | None = None, keep_code: bool = False,
+                 pinned: tuple[str, str | None] | None = None):
         self.config = config
         self.root = Path(root)
         self.log = log
         self.on_record = on_record
-        self.code, self.code_changed = self._pin_code(keep_code)
+        # ``pinned``: (code, code_changed) of a Sweep already checked in this run (the flow's tasks)
+        self.code, self.code_changed = pinned or self._pin_code(keep_code)
         self._data: dict[str, Any] = {}  # one task's data shared by the budgets' studies
 
     def _pin_code(self, keep_code: bool) -> tuple[str, str | None]:
@@ -173,10 +179,11 @@ class Sweep:
             steps = sum(_job_steps(j, c) for j in jobs)
             out[budget] = {"jobs": len(jobs), "optimizer_steps": steps}
         ladder = config.ladder()
-        if ladder is not None:
+        if ladder is not None:  # less the jobs the sweep runs at the same budget (one steps folder)
             jobs = planned_jobs(ladder)
-            out[f"ladder-{ladder.steps}"] = {"jobs": len(jobs), "optimizer_steps": sum(_job_steps(j, ladder) for j in jobs),
-                                             "note": "shares the steps of the sweep's own jobs at this budget"}
+            if ladder.steps in config.budgets:
+                jobs -= planned_jobs(config.at(ladder.steps))
+            out[f"ladder-{ladder.steps}"] = {"jobs": len(jobs), "optimizer_steps": sum(_job_steps(j, ladder) for j in jobs)}
         out["total_steps"] = sum(v["optimizer_steps"] for v in out.values())
         return out
 

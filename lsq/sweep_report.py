@@ -17,6 +17,10 @@ from lsq.study_report import summarize
 PAIRS = (("in", "cont"), ("direct", "cont"), ("direct", "in"), ("post", "cont"))
 
 
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
 def by_budget(records: Iterable[Mapping[str, Any]], methods: Sequence[str]) -> dict[int, dict]:
     """``{budget: summarize(...)}`` over the records of the compared methods."""
     groups: dict[int, list[Mapping[str, Any]]] = {}
@@ -116,6 +120,7 @@ def plot_budgets(summaries: Mapping[int, Mapping], methods: Sequence[str], ranks
                     ax.plot([t for t, _ in pts], [v["mean"] * 100 for _, v in pts], color="grey", ls=":",
                             marker=".", label="source r64")
             ax.set(xscale="log", xlabel="optimizer steps (budget)", title=f"rank {k}")
+            ax.minorticks_off()
             ax.set_xticks(list(summaries), [str(t) for t in summaries])
             ax.grid(alpha=0.3)
         axes[0].set_ylabel("test accuracy, mean over tasks (%)")
@@ -130,7 +135,7 @@ def ladder_section(ladder: Mapping[str, Any], config) -> str:
     summary = summarize(ladder["records"])
     task = "mean" if len(c.tasks) > 1 else c.tasks[0]
     lines = [
-        f"A ladder of adapters at ranks {', '.join(map(str, c.ranks))} on {', '.join(c.tasks)} ({len(c.seeds)} seeds): "
+        f"A ladder of adapters at ranks {', '.join(map(str, c.ranks))} on {', '.join(c.tasks)} ({_n(len(c.seeds), 'seed')}): "
         f"(a) each rank trained directly for {c.steps} steps; (b) one rank-{c.source_rank} source of "
         f"{c.steps - c.recover_steps} steps, one squeeze to every rank, {c.recover_steps} recovery steps per rank "
         "(Cont-Squeeze, the same per-adapter budget). Test accuracy (%), mean ± standard error over seeds:",
@@ -167,8 +172,8 @@ def report(config, records: list[dict[str, Any]], command: str, seconds: float, 
     s = config.study
     summaries = by_budget(records, s.methods)
     lines = [
-        f"Test accuracy (%), mean over {len(s.tasks)} tasks ({', '.join(s.tasks)}) ± standard error over "
-        f"{len(s.seeds)} seeds; bold: best method per row. Every method has the same optimizer-step budget; "
+        f"Test accuracy (%), mean over {_n(len(s.tasks), 'task')} ({', '.join(s.tasks)}) ± standard error over "
+        f"{_n(len(s.seeds), 'seed')}; bold: best method per row. Every method has the same optimizer-step budget; "
         f"cont spends {config.recover_fraction:.0%} of it on recovery at the target rank; post trains the whole "
         f"budget at rank {s.source_rank} and is squeezed.",
         "",

@@ -118,7 +118,7 @@ def test_ladder_costs_against_a_hand_computation():
 
 def test_bad_sweep_settings_are_refused_in_one_line():
     for bad, words in ((["budgets=[2]"], "budgets"), (["budgets=[50,50]"], "budgets"),
-                       (["ladder_ranks=[64]"], "ladder_ranks"), (["in_fractions=[1.5]"], "in_fractions"),
+                       (["ladder_ranks=[64]"], "ladder_ranks"), (["ladder_tasks=[nyt]"], "ladder_tasks"), (["in_fractions=[1.5]"], "in_fractions"),
                        (["in_fractions=[0.5]", "in_first_fraction=0.6"], "in_fractions"), (["bogus=1"], "bogus")):
         with pytest.raises(LsqError, match=words) as err:
             load_sweep_config("quick", bad)
