@@ -153,7 +153,7 @@ def split_and_cap(dsd: DatasetDict, *, seed: int, val_fraction: float, test_frac
         train, val = _split(train, max(1, round(val_fraction * n)), seed, stratify, "validation")
     out = DatasetDict(train=_cap(train, max_train, seed, stratify), validation=_cap(val, max_eval, seed, stratify),
                       test=_cap(test, max_eval, seed, stratify))
-    with _no_progress_bars():  # contiguous rows: later reads (label values, tokenising) flatten nothing, draw no bar
+    with no_progress_bars():  # contiguous rows: later reads (label values, tokenising) flatten nothing, draw no bar
         out = DatasetDict({name: ds.flatten_indices() if ds._indices is not None else ds for name, ds in out.items()})
     for name, ds in out.items():
         if len(ds) == 0:
@@ -165,7 +165,7 @@ def _split(ds: Dataset, size: int, seed: int, stratify: str | None, what: str) -
     """(rest, part): ``size`` rows cut from ``ds`` by a seeded shuffle; stratified when every class allows."""
     if size >= len(ds):
         raise LsqError(f"split 'train' has {len(ds)} rows: too few to cut a {what} split of {size} rows from")
-    with _no_progress_bars():
+    with no_progress_bars():
         if ds._indices is not None:  # a selection: datasets would read the stratify column row by row (2x slower)
             ds = ds.flatten_indices()  # the same rows in the same order, so the same split
         for strat in ([stratify, None] if stratify else [None]):
@@ -182,7 +182,7 @@ _quiet = {"holders": 0, "switched": False}
 
 
 @contextmanager
-def _no_progress_bars():
+def no_progress_bars():
     """datasets' progress bars off for the body: splitting is bookkeeping of a second or two, and each
     ``flatten_indices`` would otherwise draw a "Flattening the indices" bar (five per training).
 

@@ -26,8 +26,21 @@ def tokenize_classification(dataset, tokenizer, max_length: int):
         enc["labels"] = batch["label"]
         return enc
 
-    return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="tokenize",
-                       new_fingerprint=_map_fingerprint(dataset, tokenizer, max_length, "cls"))
+    return _tokenized(dataset, encode, _map_fingerprint(dataset, tokenizer, max_length, "cls"))
+
+
+# below this many rows tokenising takes a second or two: no progress bar (one per split and per run is noise)
+QUIET_ROWS = 50_000
+
+
+def _tokenized(dataset, encode, fingerprint: str):
+    from contextlib import nullcontext
+
+    from lsq.data import no_progress_bars
+
+    with no_progress_bars() if len(dataset) < QUIET_ROWS else nullcontext():
+        return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="tokenize",
+                           new_fingerprint=fingerprint)
 
 
 def _map_fingerprint(dataset, tokenizer, max_length: int, kind: str) -> str:
@@ -84,8 +97,7 @@ def tokenize_causal_lm(dataset, tokenizer, max_length: int):
             out["labels"].append(labels)
         return out
 
-    return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="tokenize",
-                       new_fingerprint=_map_fingerprint(dataset, tokenizer, max_length, "sft"))
+    return _tokenized(dataset, encode, _map_fingerprint(dataset, tokenizer, max_length, "sft"))
 
 
 class PadCollator:

@@ -136,3 +136,16 @@ def test_splits_in_several_threads_restore_the_bars_once(tmp_path):
     for t in threads:
         t.join(timeout=120)
     assert errors == [] and datasets.is_progress_bar_enabled()
+
+
+def test_tokenising_a_small_split_draws_no_bar_and_a_large_one_does(tmp_path, capfd, monkeypatch):
+    import lsq.objectives as objectives
+
+    tok = minilm_tokenizer()
+    rows = datasets.Dataset.from_dict({"text": ["a fine film"] * 30, "label": [1] * 30})
+    out = objectives.tokenize_classification(rows, tok, 16)
+    assert len(out) == 30 and "tokenize" not in capfd.readouterr().err
+    assert datasets.is_progress_bar_enabled()
+    monkeypatch.setattr(objectives, "QUIET_ROWS", 10)  # long work keeps its progress
+    objectives.tokenize_classification(rows.map(lambda r: {"text": r["text"] + "!"}), tok, 16)
+    assert "tokenize" in capfd.readouterr().err
