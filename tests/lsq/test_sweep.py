@@ -118,13 +118,16 @@ def test_ladder_costs_against_a_hand_computation():
 
 def test_bad_sweep_settings_are_refused_in_one_line():
     for bad, words in ((["budgets=[2]"], "budgets"), (["budgets=[50,50]"], "budgets"),
-                       (["ladder_ranks=[64]"], "ladder_ranks"), (["ladder_tasks=[nyt]"], "ladder_tasks"), (["in_fractions=[1.5]"], "in_fractions"),
+                       (["ladder_ranks=[64]"], "ladder_ranks"), (["ladder_tasks=[nyt]"], "ladder_tasks"),
+                       (["seeds_at={99: [0]}"], "seeds_at"), (["seeds_at={16: [5]}"], "seeds_at"), (["in_fractions=[1.5]"], "in_fractions"),
                        (["in_fractions=[0.5]", "in_first_fraction=0.6"], "in_fractions"), (["bogus=1"], "bogus")):
         with pytest.raises(LsqError, match=words) as err:
             load_sweep_config("quick", bad)
         assert "\n" not in str(err.value)
     assert load_sweep_config("quick", ["seeds=[3]", "select_seed=3"]).study.seeds == (3,)  # study fields bare
     assert load_sweep_config("quick", ["study.max_eval=20"]).study.max_eval == 20
+    fewer = load_sweep_config("quick", ["seeds=[0, 1]", "seeds_at={16: [0]}"])
+    assert fewer.at(8).seeds == (0, 1) and fewer.at(16).seeds == (0,)
     with pytest.raises(LsqError, match="preset"):
         load_sweep_config("huge", [])
 
