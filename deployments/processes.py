@@ -50,7 +50,8 @@ class PrefectServer:
     def start(self) -> PrefectServer:
         self.folder.mkdir(parents=True, exist_ok=True)
         env = _quiet_env(PREFECT_HOME=str(self.folder / "home"), PREFECT_API_DATABASE_CONNECTION_URL=self.database_url,
-                         PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_LOGGING_LEVEL="WARNING")
+                         PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(self.port),  # the UI's API URL
+                         PREFECT_LOGGING_LEVEL="WARNING")
         self.process.spawn([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(self.port),
                             "--ui" if self.ui else "--no-ui", "--analytics-off"], env=env, cwd=self.folder,
                            deathsig=signal.SIGTERM)
