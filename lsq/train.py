@@ -142,6 +142,25 @@ class LsqTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         return super().training_step(self.model_wrapped, inputs, num_items_in_batch)
 
+    def evaluate(self, *args, **kwargs):
+        """Scoring during training (``train.eval_steps``) leaves the training's random streams as they
+        were: setting up the evaluation draws from them, which would change every later dropout mask and
+        so the adapter. With the states restored, curves cost time only."""
+        import random
+
+        import numpy as np
+
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        states = torch.get_rng_state(), random.getstate(), np.random.get_state()
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            torch.set_rng_state(states[0])
+            random.setstate(states[1])
+            np.random.set_state(states[2])
+            if cuda is not None:
+                torch.cuda.set_rng_state_all(cuda)
+
 
 def _barrier() -> None:
     import torch.distributed as dist
@@ -183,6 +202,16 @@ def _match_checkpoint_ranks(model, checkpoint: Path) -> None:
     smaller = {n: k for n, k in ranks.items() if k < current.get(n, k)}
     if smaller:
         resize_lora_(model, smaller)
+
+
+def _classification_scores(prediction) -> dict[str, float]:
+    """Accuracy and macro-F1 of the Trainer's evaluation (logits and labels of the validation split)."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    preds = logits.argmax(-1)
+    return {"accuracy": float(accuracy_score(prediction.label_ids, preds)),
+            "macro_f1": float(f1_score(prediction.label_ids, preds, average="macro"))}
 
 
 def _cont_ranks(cfg: TrainConfig) -> dict[str, int]:
@@ -266,6 +295,12 @@ def train(cfg: TrainConfig, log: Log | None = None, data=None,
     if len(train_set) < distributed.world()[1]:
         raise LsqError(f"train.processes: {distributed.world()[1]} processes but the training split has {len(train_set)} rows")
 
+    eval_set, during = None, {}
+    if cfg.train.eval_steps:  # curves on the validation split while training
+        eval_set = tokenize(data["validation"], tokenizer, cfg.data.max_length)
+        during = {"eval_strategy": "steps", "eval_steps": cfg.train.eval_steps,
+                  "per_device_eval_batch_size": cfg.train.eval_batch_size}
+
     steps, lr, warmup = cfg.train.steps, cfg.train.lr, cfg.train.warmup_steps
     if cfg.method == "cont":
         steps, lr, warmup = cfg.cont.steps, cfg.cont.lr, cfg.cont.warmup_steps
@@ -285,7 +320,7 @@ def train(cfg: TrainConfig, log: Log | None = None, data=None,
         average_tokens_across_devices=not is_cls,
         activation_checkpointing=cfg.train.gradient_checkpointing and not cfg.train.fsdp,
         activation_checkpointing_kwargs={"use_reentrant": False} if cfg.train.gradient_checkpointing else None,
-        **_fsdp_arguments(cfg),
+        **_fsdp_arguments(cfg), **during,
     )  # save_total_limit=2: the last whole checkpoint survives while the next one is written
     callbacks: list[TrainerCallback] = [CheckpointMarkCallback(on_checkpoint), *([LogCallback(log)] if log else [])]
     schedule = None
@@ -299,7 +334,8 @@ def train(cfg: TrainConfig, log: Log | None = None, data=None,
         callbacks.append(AdaLoraCallback())
     trainer = LsqTrainer(
         model=model, args=args, train_dataset=train_set, data_collator=PadCollator(tokenizer.pad_token_id),
-        callbacks=callbacks,
+        callbacks=callbacks, eval_dataset=eval_set,
+        compute_metrics=_classification_scores if is_cls and eval_set is not None else None,
     )
     if cfg.train.fsdp and not trainer.is_fsdp_enabled:  # accelerate ignores the plugin where it cannot shard
         raise LsqError("train.fsdp: FSDP was not enabled on this machine (accelerate shards over CUDA devices only)")

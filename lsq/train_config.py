@@ -46,6 +46,9 @@ class OptimSettings(BaseModel):
     optim: Literal["adamw_torch", "adafactor"] = Field("adamw_torch", description="Optimizer (the paper used Adafactor).")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping (0 disables).")
     logging_steps: int = Field(10, ge=1, description="Log every N steps.")
+    eval_steps: int | None = Field(
+        None, ge=1, description="Score the validation split every N steps while training: eval_loss (and for "
+        "classification eval_accuracy, eval_macro_f1) as curves beside the loss. None: scored once, after training.")
     save_steps: int = Field(50, ge=1, description="Checkpoint every N steps (a killed run resumes from the last).")
     seed: int = Field(0, description="Seed of initialisation, data order and dropout.")
     processes: int = Field(

@@ -79,6 +79,30 @@ def test_lora_methods_end_to_end(method, changes, ranks, tiny_bert, cls_csv, tmp
     assert (out / "adapter" / "tokenizer_config.json").is_file()
 
 
+def test_validation_curves_while_training(tiny_bert, cls_csv, tmp_path):
+    """train.eval_steps scores the validation split during training: eval_loss, eval_accuracy and
+    eval_macro_f1 reach the log callback at every N steps; the last one is lsq's own scoring of the saved
+    adapter on validation, and evaluating changes nothing in the adapter."""
+    from lsq.evaluate import evaluate_adapter
+    from lsq.models import ModelConfig
+
+    logs: list = []
+    cfg, _ = run(cls_config(tiny_bert, cls_csv, tmp_path / "curves", train__eval_steps=3), logs)
+    evals = [(step, m) for step, m in logs if "eval_accuracy" in m]
+    assert [step for step, _ in evals] == [3, 6]
+    assert all({"eval_loss", "eval_accuracy", "eval_macro_f1"} <= set(m) for _, m in evals)
+    final = evaluate_adapter(tmp_path / "curves" / "adapter", ModelConfig(name=str(tiny_bert), device="cpu"),
+                             cfg.data, split="validation")
+    assert evals[-1][1]["eval_accuracy"] == pytest.approx(final["accuracy"], abs=1e-9)
+    assert evals[-1][1]["eval_macro_f1"] == pytest.approx(final["macro_f1"], abs=1e-9)
+    run(cls_config(tiny_bert, cls_csv, tmp_path / "plain"))
+    with_eval = load_file(tmp_path / "curves" / "adapter" / "adapter_model.safetensors")
+    plain = load_file(tmp_path / "plain" / "adapter" / "adapter_model.safetensors")
+    assert with_eval.keys() == plain.keys()
+    worst = max((with_eval[k] - plain[k]).abs().max().item() for k in plain)
+    assert worst <= 1e-6, worst
+
+
 def test_adalora_baseline(tiny_bert, cls_csv, tmp_path):
     out = tmp_path / "adalora"
     cfg, result = run(cls_config(tiny_bert, cls_csv, out, method="adalora", train__steps=10))
