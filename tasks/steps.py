@@ -32,13 +32,12 @@ from lsq.pipeline_config import SCORED_SPLITS, PipelineConfig, SqueezeStep
 from lsq.records import Squeezed, UnitResult, Variant
 from lsq.steps import Log, Unit, code_version
 from lsq.storage import Storage
-from tasks import tracking
+from tasks import COMPUTE_TAG, tracking
 from tasks.tracking import ChildRuns
 
 __all__ = ["COMPUTE_TAG", "code_version", "dispatch_unit", "finished", "make_unit", "prepare_data", "run_unit",
            "squeeze_source", "storage_of", "tracked"]
 
-COMPUTE_TAG = "lsq-compute"
 _NO_RESULTS = {"cache_policy": NO_CACHE, "persist_result": False}
 
 

@@ -84,3 +84,26 @@ def test_prefect_yaml_is_consistent_with_flows_config_and_events():
         assert bool(d.get("schedules")) != name.endswith("-retrain")
     assert kinds == {"weekly": 1, "retrain": 1, "daily": 1}
     assert deployments["lsq-minilm-movie-daily"]["entrypoint"] == "flows/monitor.py:monitor"
+
+
+def test_compute_slots_are_counted_without_torch(monkeypatch, tmp_path):
+    """One slot per device this process may use; no torch import (``python -m deployments.setup`` took 31 s)."""
+    import subprocess
+    import sys
+
+    from deployments.setup import default_slots
+
+    for visible, slots in (("0,1,2", 3), ("1", 1), ("", 1), ("0,-1,1", 1)):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        assert default_slots() == slots, visible
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H200 (UUID: a)'\necho 'GPU 1: NVIDIA H200 (UUID: b)'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    assert default_slots() == 2
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert default_slots() == 1
+    loaded = subprocess.run([sys.executable, "-c", "import sys, deployments.setup; print('torch' in sys.modules)"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "False"
