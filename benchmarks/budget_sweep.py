@@ -30,7 +30,7 @@ for _k, _v in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "
 
 from lsq.errors import LsqError
 from lsq.sweep import PRESETS, Sweep, load_sweep_config
-from lsq.sweep_report import write_report
+from lsq.sweep_report import ladder_section, write_report
 
 
 def command_parser(prog: str) -> argparse.ArgumentParser:
@@ -47,6 +47,8 @@ def command_parser(prog: str) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = command_parser("python -m benchmarks.budget_sweep")
     p.add_argument("--docs", type=Path, help="also write the table and plot to DIR/sweep-PRESET.{md,png}")
+    p.add_argument("--ladder", action="store_true",
+                   help="only the ladder (every ladder rank trained directly vs one source squeezed to all): OUT/ladder.md")
     args = p.parse_args(argv)
     command = shlex.join(["python", "-m", "benchmarks.budget_sweep", *(argv if argv is not None else sys.argv[1:])])
     try:
@@ -57,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         started = time.perf_counter()
         sweep = Sweep(config, out, log=lambda line: print(line, flush=True), keep_code=args.keep_code)
+        if args.ladder:
+            return write_ladder(config, sweep, out, args.docs, args.preset, command)
         records = sweep.run_all()
         ladder = sweep.run_ladder()
     except LsqError as exc:
@@ -69,6 +73,22 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copy2(out / "sweep.md", args.docs / f"sweep-{args.preset}.md")
         shutil.copy2(out / "sweep.png", args.docs / f"sweep-{args.preset}.png")
         print(f"copied to {args.docs}/sweep-{args.preset}.{{md,png}}")
+    return 0
+
+
+def write_ladder(config, sweep: Sweep, out: Path, docs: Path | None, preset: str, command: str) -> int:
+    """Run (or reuse) the ladder alone; ``OUT/ladder.md`` and ``OUT/ladder.json`` (and DIR/ladder-PRESET.md)."""
+    ladder = sweep.run_ladder()
+    if ladder is None:
+        print("lsq sweep: error: ladder_budget is null: no ladder to run", file=sys.stderr)
+        return 2
+    text = ladder_section(ladder, config) + f"\n\nCommand: `{command}`."
+    (out / "ladder.md").write_text(text + "\n")
+    (out / "ladder.json").write_text(json.dumps({k: ladder[k] for k in ("costs", "squeeze_seconds")}, indent=1) + "\n")
+    print("\n" + text)
+    if docs:
+        docs.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(out / "ladder.md", docs / f"ladder-{preset}.md")
     return 0
 
 

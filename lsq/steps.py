@@ -46,11 +46,25 @@ def trained_label(cfg: TrainConfig, parent: Variant | None = None) -> str:
     return f"{cfg.method}-r{rank}"
 
 
+# settings added after work was done, left out of keys while off: finished steps (and checkpoints) stay reusable
+ADDED_SETTINGS_OFF = {("train", "eval_steps"): None}
+
+
+def key_config(cfg) -> dict:
+    """The training config as it enters step keys and checkpoint stamps: without where it goes, whether it
+    resumes, how many processes train it, and the later-added settings that are off (``ADDED_SETTINGS_OFF``)."""
+    config = cfg.model_dump(mode="json", exclude={"output_dir": True, "resume": True, "train": {"processes"}})
+    for (section, name), off in ADDED_SETTINGS_OFF.items():
+        if config[section].get(name, off) == off:
+            config[section].pop(name, None)
+    return config
+
+
 def train_folder(cfg: TrainConfig, data_fingerprint: str, code: str, parent: Variant | None = None) -> Path:
     """``<cfg.output_dir>/<label>-<key>``; the key covers the whole config except where it goes and
     how many processes train it (the same global batch, the same run), the data, the code and (cont)
     the digest of the adapter it starts from, not that adapter's path."""
-    config = cfg.model_dump(mode="json", exclude={"output_dir": True, "resume": True, "train": {"processes"}})
+    config = key_config(cfg)
     config["cont"].pop("adapter", None)
     key = step_key({"step": "train", "config": config, "data": data_fingerprint, "code": code,
                     "parent": parent.adapter_sha256 if parent else None})

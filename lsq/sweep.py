@@ -124,7 +124,11 @@ class Sweep:
         path, now = self.root / SWEEP_FILE, code_version()
         if path.exists():
             pinned = json.loads(path.read_text())
-            if pinned.get("config") != self.config.model_dump(mode="json"):
+            try:  # read with today's defaults: a setting added since, at its default, is the same sweep
+                same = SweepConfig.model_validate(pinned.get("config") or {}) == self.config
+            except ValidationError:
+                same = False
+            if not same:
                 raise LsqError(f"{self.root}: holds a sweep of other settings ({path}); use another --out")
             if pinned["code"] != now:
                 if not keep_code:

@@ -227,7 +227,9 @@ def _check_checkpoint_config(folder: Path, cfg: TrainConfig, resuming: bool, wri
     """Resume only the same run: checkpoints of another config (lr, steps, data...) are refused.
 
     The number of processes is not part of it: the global batch, hence the run, is the same."""
-    raw = cfg.model_dump(mode="json", exclude={"resume": True, "train": {"processes"}})
+    from lsq.steps import key_config
+
+    raw = {**key_config(cfg), "output_dir": cfg.output_dir}
     digest = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
     stamp = folder.parent / "checkpoints.config.sha256"  # beside, not in, the Trainer's folder
     if resuming and stamp.is_file() and stamp.read_text().strip() != digest:

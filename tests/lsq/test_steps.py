@@ -148,3 +148,17 @@ def test_cont_needs_its_parent(tiny_bert, cls_csv, tmp_path):
     cfg = TrainConfig.model_validate(cls_config(tiny_bert, cls_csv, tmp_path, method="cont", cont={"adapter": "x"}))
     with pytest.raises(LsqError, match="parent"):
         steps.train_step(cfg, "fp", "code")
+
+
+def test_a_setting_added_later_keeps_keys_while_it_is_off(tmp_path):
+    """train.eval_steps came after studies had finished steps: off, it is not part of the key (their work
+    stays reusable, checkpoints resume); on, it is (the run logs other curves)."""
+    raw = cls_config(tmp_path / "model", tmp_path / "data.csv", tmp_path / "out")
+    off = TrainConfig.model_validate(raw)
+    assert "eval_steps" not in steps.key_config(off)["train"]
+    before = off.model_dump(mode="json", exclude={"output_dir": True, "resume": True, "train": {"processes"}})
+    before["train"].pop("eval_steps")  # the config as it was dumped before the setting existed
+    assert steps.key_config(off) == before
+    on = TrainConfig.model_validate({**raw, "train": {**raw["train"], "eval_steps": 5}})
+    assert steps.key_config(on)["train"]["eval_steps"] == 5
+    assert steps.train_folder(on, "fp", "code") != steps.train_folder(off, "fp", "code")
