@@ -208,7 +208,8 @@ class Study:
             self.run(source)  # first, so that this job's wall time is its own
         started = time.perf_counter()
         rec = run_job(job, self)
-        rec.update(key=self.key_prefix + job.key, budget=self.config.steps, wall_seconds=round(time.perf_counter() - started, 2), **asdict(job))
+        rec.update(key=self.key_prefix + job.key, budget=self.config.steps,
+                   wall_seconds=round(time.perf_counter() - started, 2), **asdict(job))
         with open(self.root / RECORDS_NAME, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
         self.records[job.key] = rec

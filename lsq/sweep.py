@@ -61,7 +61,8 @@ class SweepConfig(BaseModel):
                 raise ValueError(f"seeds_at: {budget}: {list(seeds)} must be seeds of one of the budgets "
                                  f"{list(self.budgets)}, with select_seed {self.study.select_seed}")
         if self.ladder_tasks is not None and not set(self.ladder_tasks) <= set(self.study.tasks):
-            raise ValueError(f"ladder_tasks: {list(self.ladder_tasks)} must be among the study's tasks {list(self.study.tasks)}")
+            raise ValueError(f"ladder_tasks: {list(self.ladder_tasks)} must be among the study's tasks "
+                             f"{list(self.study.tasks)}")
         bad = [k for k in self.ladder_ranks if not 1 <= k < self.study.source_rank]
         if bad or not self.ladder_ranks:
             raise ValueError(f"ladder_ranks: {list(self.ladder_ranks)} must be ranks in 1..{self.study.source_rank - 1}")
@@ -97,7 +98,8 @@ PRESETS: dict[str, SweepConfig] = {
                                              "in": (1e-4, 3e-4, 1e-3)},
         in_fractions=(None, 0.5), select_rank=8, max_train=4000, max_eval=250, max_length=32, batch_size=8)),
     # the same machinery in a few minutes: one task, one rank, one seed, tiny budgets, one rate per method
-    "quick": SweepConfig(budgets=(8, 16), recover_fraction=0.25, ladder_budget=16, ladder_ranks=(1, 2, 4), study=StudyConfig(
+    "quick": SweepConfig(budgets=(8, 16), recover_fraction=0.25, ladder_budget=16, ladder_ranks=(1, 2, 4),
+                         study=StudyConfig(
         tasks=("movie",), methods=("direct", "post", "cont", "in"), ranks=(1,), seeds=(0,), lrs=(2e-3,),
         method_lrs={"post": (1e-3,), "cont": (1e-3,), "in": (1e-3,)}, in_fractions=(None, 0.5),
         max_train=500, max_eval=60, max_length=32, batch_size=16)),
@@ -157,7 +159,8 @@ class Sweep:
         if c is None:
             return None
         return Study(c, self.root / f"ladder-T{c.steps}", log=self.log, on_record=self.on_record,
-                     steps_root=self.root / "steps", code=self.code, key_prefix=f"ladder-T{c.steps}/", data_cache=self._data)
+                     steps_root=self.root / "steps", code=self.code, key_prefix=f"ladder-T{c.steps}/",
+                     data_cache=self._data)
 
     def run_all(self) -> list[dict[str, Any]]:
         """Every budget's chosen records (``chosen: True``), each with its ``budget``."""
@@ -195,7 +198,8 @@ class Sweep:
             jobs = planned_jobs(ladder)
             if ladder.steps in config.budgets:
                 jobs -= planned_jobs(config.at(ladder.steps))
-            out[f"ladder-{ladder.steps}"] = {"jobs": len(jobs), "optimizer_steps": sum(_job_steps(j, ladder) for j in jobs)}
+            out[f"ladder-{ladder.steps}"] = {"jobs": len(jobs),
+                                             "optimizer_steps": sum(_job_steps(j, ladder) for j in jobs)}
         out["total_steps"] = sum(v["optimizer_steps"] for v in out.values())
         return out
 
