@@ -15,6 +15,8 @@ re-run reuses every finished step and logs every record again under its own pare
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 import tempfile
 import time
@@ -119,6 +121,8 @@ def sweep_flow(preset: str = "quick", overrides: list[str] | None = None, out: s
             text = write_sweep_report(config, records, tmp, f"python -m flows.study --sweep --preset {preset}",
                                       time.perf_counter() - started, sweep.code_note(), ladder)
             tracking.log_folder(uri, parent, tmp)
+            for name in os.listdir(tmp):  # and beside the steps, where benchmarks.budget_sweep writes them
+                shutil.copy2(Path(tmp) / name, Path(root) / name)
         create_markdown_artifact(text, key="lsq-sweep", description=f"lsq budget sweep ({preset})")
         status = "FINISHED"
         return text

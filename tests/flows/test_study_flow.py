@@ -64,3 +64,4 @@ def test_sweep_flow_logs_every_budgets_records_to_mlflow(tmp_path, monkeypatch, 
     assert {c.data.params.get("fraction") for c in children if c.data.params["method"] == "in"} == {None, "0.5"}
     assert {"sweep.md", "sweep.png", "sweep_summary.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "| 1 | 20 |" in text and "Where the order changes" in text
+    assert (tmp_path / "sweep" / "sweep.md").read_text().strip() == text.strip()  # also beside the steps
