@@ -12,6 +12,7 @@ before any training starts.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -90,26 +91,23 @@ class DataConfig(BaseModel):
         return None
 
 
-_BUILTIN_CACHE: dict[DataConfig, DatasetDict] = {}
-_BUILTIN_CACHE_LOCK = threading.Lock()
+@functools.lru_cache(maxsize=4)
+def _builtin_splits(name: str, seed: int, val_fraction: float, test_fraction: float, max_train: int | None,
+                    max_eval: int | None) -> DatasetDict:
+    return builtin_dataset(name, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
+                           max_train=max_train, max_eval=max_eval)
 
 
 def load_data(cfg: DataConfig) -> DatasetDict:
     """The validated, normalised train/validation/test splits that ``cfg`` describes.
 
     A built-in set (package data: it cannot change under a running process) is built once per process
-    and config (about 2 s each time otherwise; the pipeline's units each load it); callers get their own
-    ``DatasetDict`` over the same immutable datasets."""
+    and split settings (about 2 s each time otherwise; the pipeline's units each load it); callers get
+    their own ``DatasetDict`` over the same immutable datasets."""
     split_args = dict(seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
                       max_train=cfg.max_train, max_eval=cfg.max_eval)
     if cfg.builtin is not None:
-        key = cfg.model_copy(update={"max_length": 0})  # the length is the trainer's business, not the rows'
-        with _BUILTIN_CACHE_LOCK:
-            if key not in _BUILTIN_CACHE:
-                if len(_BUILTIN_CACHE) >= 4:
-                    _BUILTIN_CACHE.pop(next(iter(_BUILTIN_CACHE)))
-                _BUILTIN_CACHE[key] = builtin_dataset(cfg.builtin, **split_args)
-            return DatasetDict(_BUILTIN_CACHE[key])
+        return DatasetDict(_builtin_splits(cfg.builtin, **split_args))
     raw = _canonical_splits(_load_source(cfg.source), cfg.source)
     if cfg.task == "classification":
         dsd = _classification(raw, cfg)
