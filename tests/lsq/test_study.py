@@ -10,11 +10,10 @@ import statistics
 import pytest
 
 import lsq.study as study_mod
-import lsq.train
 from lsq.errors import LsqError
 from lsq.study import Job, Study, StudyConfig, load_study_config
 from lsq.study_report import lr_table, markdown_table, mean_se, summarize
-from tests.lsq.tiny import built_once, save_tiny_bert, write_classification_csv
+from tests.lsq.tiny import built_once, count_trainings, save_tiny_bert, write_classification_csv
 
 
 def small(**changes) -> StudyConfig:
@@ -170,14 +169,7 @@ def test_a_real_tiny_study(tmp_path_factory, tmp_path, monkeypatch):
     steps_root = tmp_path / "study" / "steps"
     [cut] = [p for p in steps_root.glob("direct-r1-*/record.json")]
     cut.unlink()
-    trained = []
-    real_train = lsq.train.train
-
-    def counting_train(cfg, log=None, data=None, **kw):
-        trained.append(cfg.method)
-        return real_train(cfg, log=log, data=data)
-
-    monkeypatch.setattr(lsq.train, "train", counting_train)
+    trained = count_trainings(monkeypatch)
     again = Study(cfg, tmp_path / "study", log=lambda _: None).run_all()
     assert trained == ["direct"]
     strip = lambda recs: sorted((json.dumps({k: v for k, v in r.items() if k not in ("wall_seconds", "train_seconds")},

@@ -10,12 +10,11 @@ import pytest
 
 import lsq.study as study_mod
 import lsq.sweep as sweep_mod
-import lsq.train
 from lsq.errors import LsqError
 from lsq.study import Job, Study, StudyConfig
 from lsq.sweep import Sweep, SweepConfig, ladder_costs, load_sweep_config
 from lsq.sweep_report import by_budget, crossings, write_report
-from tests.lsq.tiny import built_once, save_tiny_bert, write_classification_csv
+from tests.lsq.tiny import built_once, count_trainings, save_tiny_bert, write_classification_csv
 
 
 def small(**changes) -> SweepConfig:
@@ -160,14 +159,7 @@ def test_a_real_tiny_sweep_with_its_ladder_resumes(tmp_path_factory, tmp_path, m
 
     [cut] = list((tmp_path / "sweep" / "steps").glob("in-r1-*"))[:1]
     (cut / "record.json").unlink()
-    trained = []
-    real_train = lsq.train.train
-
-    def counting_train(cfg, log=None, data=None, **kw):
-        trained.append(cfg.method)
-        return real_train(cfg, log=log, data=data)
-
-    monkeypatch.setattr(lsq.train, "train", counting_train)
+    trained = count_trainings(monkeypatch)
     again = Sweep(cfg, tmp_path / "sweep", log=lambda _: None).run_all()
     assert trained == ["in"]
     strip = lambda recs: sorted(json.dumps({k: v for k, v in r.items() if k not in ("wall_seconds", "train_seconds")},

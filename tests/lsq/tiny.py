@@ -155,3 +155,18 @@ def _apply(raw: dict, changes: dict) -> dict:
             node = node.setdefault(p, {})
         node[leaf] = value
     return raw
+
+
+def count_trainings(monkeypatch) -> list[str]:
+    """The methods of every training that runs from now on (``lsq.train.train`` wrapped), in order."""
+    import lsq.train
+
+    trained: list[str] = []
+    real_train = lsq.train.train
+
+    def counting_train(cfg, log=None, data=None, **kw):
+        trained.append(cfg.method)
+        return real_train(cfg, log=log, data=data)
+
+    monkeypatch.setattr(lsq.train, "train", counting_train)
+    return trained
