@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         args.docs.mkdir(parents=True, exist_ok=True)
         shutil.copy2(out / "sweep.md", args.docs / f"sweep-{args.preset}.md")
         shutil.copy2(out / "sweep.png", args.docs / f"sweep-{args.preset}.png")
-        print(f"copied to {args.docs}/sweep-{args.preset}.{{md,png}}")
+        shutil.copy2(out / "sweep_summary.json", args.docs / f"sweep-{args.preset}.json")
+        print(f"copied to {args.docs}/sweep-{args.preset}.{{md,png,json}}")
     return 0
 
 

@@ -201,7 +201,8 @@ def report(config, records: list[dict[str, Any]], command: str, seconds: float, 
 
 def write_report(config, records: list[dict[str, Any]], folder: str | os.PathLike, command: str, seconds: float,
                  code_note: str | None = None, ladder: Mapping[str, Any] | None = None) -> str:
-    """``sweep.md``, ``sweep.png`` and ``sweep_summary.json`` in ``folder``; returns the markdown."""
+    """``sweep.md``, ``sweep.png`` and ``sweep_summary.json`` (the summary and every chosen record, so
+    the numbers outlive the run folder) in ``folder``; returns the markdown."""
     folder = Path(folder)
     s = config.study
     summaries = by_budget(records, s.methods)
@@ -213,7 +214,10 @@ def write_report(config, records: list[dict[str, Any]], folder: str | os.PathLik
         {"config": config.model_dump(mode="json"), "seconds": seconds, "command": command,
          "summary": [{"budget": t, "task": task, "method": m, "rank": k, **v}
                      for t, summary in summaries.items() for (task, m, k), v in summary.items()],
+         "records": records,
          "ladder": None if ladder is None else {"costs": ladder["costs"], "squeeze_seconds": ladder["squeeze_seconds"],
                                                 "summary": [{"task": task, "method": m, "rank": k, **v} for (task, m, k), v
-                                                            in summarize(ladder["records"]).items()]}}, indent=1) + "\n")
+                                                            in summarize(ladder["records"]).items()],
+                                                "records": ladder["records"], "sources": ladder["sources"]}},
+        indent=1) + "\n")
     return text

@@ -156,6 +156,9 @@ def test_a_real_tiny_sweep_with_its_ladder_resumes(tmp_path_factory, tmp_path, m
     assert (tmp_path / "sweep.png").stat().st_size > 0 and "## What one run saves" in text
     summary = json.loads((tmp_path / "sweep_summary.json").read_text())
     assert {row["budget"] for row in summary["summary"]} == {6, 10}
+    # every chosen record is kept beside the summary, so the numbers outlive the run folder
+    assert summary["records"] == json.loads(json.dumps(records))
+    assert summary["ladder"]["records"] == json.loads(json.dumps(ladder["records"]))
 
     [cut] = list((tmp_path / "sweep" / "steps").glob("in-r1-*"))[:1]
     (cut / "record.json").unlink()
