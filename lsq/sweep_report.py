@@ -171,9 +171,13 @@ def report(config, records: list[dict[str, Any]], command: str, seconds: float, 
     """The sweep's markdown: accuracy against budget (mean over tasks, then per task), crossings, choices."""
     s = config.study
     summaries = by_budget(records, s.methods)
+    seeds = {t: len({r["seed"] for r in records if int(r["budget"]) == t}) for t in summaries}
+    counts = sorted(set(seeds.values()))
+    over = _n(counts[0], "seed") if len(counts) == 1 else "seeds (" + ", ".join(
+        f"{n} at {'/'.join(str(t) for t in summaries if seeds[t] == n)} steps" for n in counts) + ")"
     lines = [
         f"Test accuracy (%), mean over {_n(len(s.tasks), 'task')} ({', '.join(s.tasks)}) ± standard error over "
-        f"{_n(len(s.seeds), 'seed')}; bold: best method per row. Every method has the same optimizer-step budget; "
+        f"{over}; bold: best method per row. Every method has the same optimizer-step budget; "
         f"cont spends {config.recover_fraction:.0%} of it on recovery at the target rank; post trains the whole "
         f"budget at rank {s.source_rank} and is squeezed.",
         "",

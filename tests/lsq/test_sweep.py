@@ -13,7 +13,7 @@ import lsq.sweep as sweep_mod
 from lsq.errors import LsqError
 from lsq.study import Job, Study, StudyConfig
 from lsq.sweep import Sweep, SweepConfig, ladder_costs, load_sweep_config
-from lsq.sweep_report import by_budget, crossings, write_report
+from lsq.sweep_report import by_budget, crossings, report, write_report
 from tests.lsq.tiny import built_once, count_trainings, save_tiny_bert, write_classification_csv
 
 
@@ -68,6 +68,16 @@ def test_each_budget_chooses_rates_and_stage_shares_on_validation(tmp_path, monk
         planned = sweep_mod.planned_jobs(cfg.at(budget))
         assert len(ran) <= plan[budget]["jobs"] == len(planned)
         assert {(j.task, j.seed, j.method, j.rank) for j in ran} == {(j.task, j.seed, j.method, j.rank) for j in planned}
+
+
+def test_the_report_says_how_many_seeds_each_budget_had(tmp_path, monkeypatch):
+    monkeypatch.setattr(study_mod, "run_job", validation_runner([]))
+    cfg = small(seeds_at={20: (0,)})
+    records = Sweep(cfg, tmp_path, log=lambda _: None).run_all()
+    assert {r["seed"] for r in records if r["budget"] == 20} == {0}
+    assert "± standard error over seeds (1 at 20 steps, 2 at 8 steps);" in report(cfg, records, "cmd", 1.0)
+    same = [r for r in records if r["budget"] == 8]
+    assert "± standard error over 2 seeds;" in report(cfg, same, "cmd", 1.0)
 
 
 def test_the_code_version_is_pinned(tmp_path, monkeypatch):
