@@ -2,9 +2,9 @@
 
     python -m flows.squeeze_pipeline configs/demo.yaml [key=value ...]
 
-prepare data -> train the high-rank source -> squeeze it to every target rank -> recover each
-(Cont-Squeeze) -> In-Squeeze run -> baselines when asked -> evaluate every adapter -> register each
-in MLflow -> promote one -> report.
+prepare data -> (decoders: score the base model zero-shot) -> train the high-rank source -> squeeze it
+to every target rank -> recover each (Cont-Squeeze) -> In-Squeeze run -> baselines when asked ->
+evaluate every adapter -> register each in MLflow -> promote one -> report.
 
 Every step works in its own folder under ``output_dir``, named by a digest of its whole input
 (config with seed, data fingerprint, code version, the adapters it starts from): two runs of
@@ -32,10 +32,11 @@ examples:
 overrides: key=value with dotted keys for nested settings; values are read as YAML (8, true, [8,4], null).
 
 promotion.metric (chooses on the validation split as val_<metric>; test_<metric> is reported beside it):
-  auto                                      the default: macro_f1 when the rarest class is under 30% of
-                                            the training split, else accuracy (causal LM: answer_accuracy)
-  accuracy, macro_f1                        classification
-  answer_accuracy, choice_accuracy, loss    causal LM (choice_accuracy: data with choices; loss: lower is better)
+  auto              the default: macro_f1 when the rarest class is under 30% of the training split, else
+                    accuracy; causal LM: choice_accuracy when the data has choices, else exact_match
+  accuracy, macro_f1                                      classification
+  exact_match, choice_accuracy, answer_accuracy, loss     causal LM (exact_match: greedy generation, normalised;
+                                                          choice_accuracy: data with choices; loss: lower is better)
 promotion.servable_only=true promotes only adapters vLLM-style servers load as is (tag lsq.serving.vllm).
 
 Without PREFECT_API_URL the run uses a temporary Prefect server of its own, gone when it ends."""
@@ -112,10 +113,10 @@ from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from flows.server import is_temporary, prefect_api, terminate_on_sigterm, terminating  # noqa: E402
 from lsq.errors import LsqError  # noqa: E402
 from lsq.pipeline_config import Orchestration, PipelineConfig, load_pipeline_config  # noqa: E402
-from lsq.records import PipelineResult  # noqa: E402
+from lsq.records import PipelineResult, Variant  # noqa: E402
 from tasks import registry, steps, tracking  # noqa: E402
 from tasks.preflight import preflight  # noqa: E402
-from tasks.registry import log_and_register, promote, report, start_run  # noqa: E402
+from tasks.registry import log_and_register, log_reference, promote, report, start_run  # noqa: E402
 from tasks.steps import COMPUTE_TAG, code_version, make_unit, prepare_data  # noqa: E402
 
 HEARTBEAT_SECONDS = 60.0
@@ -182,6 +183,8 @@ def pipeline_run(cfg: PipelineConfig) -> PipelineResult:
     try:
         with heartbeat(uri, parent):
             cfg = registry.choose_metric(uri, cfg, parent)  # promotion.metric=auto resolved on the training labels
+            zero_shot = cfg.model.task == "causal_lm" and cfg.baselines.zero_shot
+            base = run(make_unit(cfg, data, code, parent=Variant.base_model(cfg.source_rank))) if zero_shot else None
             source = run(make_unit(cfg, data, code, "source", cfg.source_rank)).result()
             post = squeeze_source(source.variant, cfg.target_ranks, cfg.squeeze, cfg, code).variants
             units = [make_unit(cfg, data, code, parent=v) for v in post]  # each squeezed adapter scored as it is
@@ -198,10 +201,11 @@ def pipeline_run(cfg: PipelineConfig) -> PipelineResult:
             results = [source, *(f.result() for f in futures)]  # every unit first: a failure registers nothing
             log.info("units: %s", ", ".join(f"{r.variant.label} on {r.variant.worker} ({r.variant.device})"
                                             for r in results))
+            reference = log_reference(uri, cfg, parent, base.result(), data) if base is not None else None
             champion = champion_score(uri, cfg)
             rows = [log_and_register(uri, cfg, parent, r.variant, r.evaluations, data) for r in results]
             decision = promote(uri, cfg, rows, champion)
-            report(uri, cfg, parent, rows, decision)
+            report(uri, cfg, parent, rows, decision, reference)
         status = "FINISHED"
     except BaseException as exc:
         # Prefect's engine turns SIGTERM into TerminationSignal while a flow runs; ours, outside it, into SystemExit
@@ -214,7 +218,7 @@ def pipeline_run(cfg: PipelineConfig) -> PipelineResult:
     return PipelineResult(parent_run_id=parent, tracking_uri=tracking.redact_uri(uri),
                           experiment=cfg.tracking.experiment, registered_model=cfg.registered_model,
                           decision=decision, variants=tuple(rows), promotion_metric=cfg.promotion.metric,
-                          runs_url=registry.runs_url(uri, children.experiment_id))
+                          runs_url=registry.runs_url(uri, children.experiment_id), reference=reference)
 
 
 def task_runner(orchestration: Orchestration):
@@ -253,6 +257,10 @@ def variants_table(result: PipelineResult) -> str:
     rows = [(("* " if r.label == result.decision.winner else "  ") + r.label, str(r.rank),
              "-" if r.metric is None else f"{r.metric:.4f}", "-" if r.test_metric is None else f"{r.test_metric:.4f}",
              f"{r.adapter_bytes:,}", r.serving.split(":")[0] or "-") for r in result.variants]
+    if result.reference is not None:  # the floor: the base model without adapter, zero-shot
+        ref = result.reference
+        rows.insert(0, ("  base (zero-shot)", "-", "-" if ref.metric is None else f"{ref.metric:.4f}",
+                        "-" if ref.test_metric is None else f"{ref.test_metric:.4f}", "0", "-"))
     widths = [max(len(row[i]) for row in [("  " + header[0], *header[1:]), *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i == 0 or i == 5 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in [("  " + header[0], *header[1:]), *rows]]

@@ -1,9 +1,9 @@
 """Training data through ``datasets``: load, validate, normalise, split, cap and fingerprint.
 
 Sources: a built-in set (``builtin:movie``, ``builtin:amazon``, ``builtin:nyt``, ``builtin:tweets``; see
-:mod:`lsq.builtin_data`), one local file or a list of them (.csv, .json/.jsonl, .parquet; a list is one
-pool), a local folder or a dataset id for ``datasets.load_dataset`` (offline: from the local cache).
-Every source ends as a ``DatasetDict`` with splits train/validation/test and the columns
+:mod:`lsq.builtin_data`; as causal LM instructions, and ``builtin:addition``: :mod:`lsq.builtin_tasks`), one
+local file or a list of them (.csv, .json/.jsonl, .parquet; a list is one pool), a local folder or a dataset
+id for ``datasets.load_dataset`` (offline: from the local cache). Every source ends as a ``DatasetDict`` with splits train/validation/test and the columns
 ``text``/``label`` (classification, ``label`` a ``ClassLabel``) or ``prompt``/``answer``(/``choices``)
 (causal LM). Missing validation/test splits are cut from train with a fixed seed (stratified by label
 when every class is large enough). Every problem is one :class:`~lsq.errors.LsqError` line, raised
@@ -27,10 +27,10 @@ import pyarrow.compute as pc
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dataset
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from lsq import builtin_data
+from lsq import builtin_data, builtin_tasks
 from lsq.errors import LsqError
 
-BUILTIN_SETS = tuple(builtin_data.VADER_FILES)
+BUILTIN_SETS = tuple(builtin_data.VADER_FILES)  # classification; as causal_lm: builtin_tasks.TASKS
 BUILTIN_LABELS = ("negative", "positive")
 SPLITS = ("train", "validation", "test")
 _SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation"}
@@ -45,7 +45,8 @@ class DataConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     source: str | tuple[str, ...] = Field(
-        description="builtin:NAME (movie, amazon, nyt, tweets); a local file or list of files (.csv, .json, "
+        description="builtin:NAME (movie, amazon, nyt, tweets; causal_lm: the same as instructions, and "
+        "addition); a local file or list of files (.csv, .json, "
         ".jsonl, .parquet; a list is one pool); a local folder or a dataset id for datasets.load_dataset "
         "(offline: from the local datasets cache)."
     )
@@ -65,16 +66,18 @@ class DataConfig(BaseModel):
     max_train: int | None = Field(None, ge=1, description="Cap on train rows (seeded sample, after splitting).")
     max_eval: int | None = Field(None, ge=1, description="Cap on validation and on test rows (after splitting).")
     max_length: int = Field(128, ge=1, description="Maximum tokens per example (the trainer truncates to it).")
+    max_new_tokens: int = Field(16, ge=1, description="causal_lm: most tokens generated per answer when scoring "
+                                "exact_match (greedy decoding).")
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
         if self.source in ("", ()):
             raise ValueError("source: empty")
         if self.builtin is not None:
-            if self.builtin not in BUILTIN_SETS:
-                raise ValueError(f"source: unknown built-in set {self.builtin!r} (known: {', '.join(BUILTIN_SETS)})")
-            if self.task != "classification":
-                raise ValueError(f"task: built-in sets are classification data, not {self.task!r}")
+            known = BUILTIN_SETS if self.task == "classification" else builtin_tasks.TASKS
+            if self.builtin not in known:
+                raise ValueError(f"source: unknown built-in {self.task} set {self.builtin!r} (known: {', '.join(known)}"
+                                 + ("; builtin:addition is causal_lm data)" if self.builtin == "addition" else ")"))
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError(f"val_fraction: {self.val_fraction} + test_fraction {self.test_fraction} leave no train rows")
         if self.label_names is not None and (len(self.label_names) < 2 or len(set(self.label_names)) != len(self.label_names)):
@@ -92,8 +95,11 @@ class DataConfig(BaseModel):
 
 
 @functools.lru_cache(maxsize=4)
-def _builtin_splits(name: str, seed: int, val_fraction: float, test_fraction: float, max_train: int | None,
-                    max_eval: int | None) -> DatasetDict:
+def _builtin_splits(name: str, task: str, seed: int, val_fraction: float, test_fraction: float,
+                    max_train: int | None, max_eval: int | None) -> DatasetDict:
+    if task == "causal_lm":
+        return split_and_cap(builtin_tasks.task_dataset(name), seed=seed, val_fraction=val_fraction,
+                             test_fraction=test_fraction, max_train=max_train, max_eval=max_eval, stratify=None)
     return builtin_dataset(name, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
                            max_train=max_train, max_eval=max_eval)
 
@@ -107,7 +113,7 @@ def load_data(cfg: DataConfig) -> DatasetDict:
     split_args = dict(seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
                       max_train=cfg.max_train, max_eval=cfg.max_eval)
     if cfg.builtin is not None:
-        return DatasetDict(_builtin_splits(cfg.builtin, **split_args))
+        return DatasetDict(_builtin_splits(cfg.builtin, cfg.task, **split_args))
     raw = _canonical_splits(_load_source(cfg.source), cfg.source)
     if cfg.task == "classification":
         dsd = _classification(raw, cfg)
@@ -357,6 +363,11 @@ def _label_kind(t: pa.DataType) -> str:
 def _causal_lm(dsd: DatasetDict, cfg: DataConfig) -> DatasetDict:
     _check_text(dsd, "prompt_column", cfg.prompt_column)
     _check_text(dsd, "answer_column", cfg.answer_column)
+    for split, arr in _column(dsd, "answer_column", cfg.answer_column).items():
+        blank = [i for i, a in enumerate(arr.to_pylist()) if not a.strip()]
+        if blank:
+            raise LsqError(f"answer_column: row {blank[0]} of split {split!r} has an empty answer "
+                           f"({len(blank)} such rows); every row needs the answer to train on")
     mapping = {cfg.prompt_column: "prompt", cfg.answer_column: "answer"}
     if cfg.choices_column is not None:
         for split, arr in _column(dsd, "choices_column", cfg.choices_column).items():

@@ -78,24 +78,31 @@ def evaluate_adapter(
 
 
 def evaluate_splits(
-    adapter_dir: str | os.PathLike,
+    adapter_dir: str | os.PathLike | None,
     model_cfg: ModelConfig,
     data_cfg: DataConfig,
     splits: tuple[str, ...] = ("validation", "test"),
     batch_size: int = 64,
     data=None,
 ) -> dict[str, dict[str, Any]]:
-    """:func:`evaluate_adapter` on several splits with one load of the model: ``{split: metrics}``."""
-    if not Path(adapter_dir).is_dir():
+    """:func:`evaluate_adapter` on several splits with one load of the model: ``{split: metrics}``.
+
+    ``adapter_dir=None`` scores the base model itself (zero-shot; its size counts as 0)."""
+    if adapter_dir is None:
+        size = {"trainable_params": 0, "lora_params": 0, "adapter_bytes": 0}
+    elif not Path(adapter_dir).is_dir():
         raise LsqError(f"{adapter_dir}: adapter folder not found")
-    size = adapter_size(adapter_dir)  # refuses a folder without weights before any model is loaded
+    else:
+        size = adapter_size(adapter_dir)  # refuses a folder without weights before any model is loaded
     data = data if data is not None else load_data(data_cfg)
     for split in splits:
         if split not in data or len(data[split]) == 0:
             raise LsqError(f"split {split!r} is missing or empty")
     tokenizer = load_tokenizer(model_cfg)
     is_cls = model_cfg.task == "classification"
-    model = load_adapter_model(adapter_dir, model_cfg, num_labels_of(data) if is_cls else None)
+    num_labels = num_labels_of(data) if is_cls else None
+    model = (load_base_model(model_cfg, num_labels).eval() if adapter_dir is None
+             else load_adapter_model(adapter_dir, model_cfg, num_labels))
     device = device_of(model_cfg)
     collator = PadCollator(tokenizer.pad_token_id)
     out = {}
@@ -107,6 +114,7 @@ def evaluate_splits(
             else:
                 tokens = tokenize_causal_lm(data[split], tokenizer, data_cfg.max_length)
                 metrics = causal_lm_metrics(model, tokens, collator, batch_size, device, raw=data[split],
-                                            tokenizer=tokenizer, max_length=data_cfg.max_length)
+                                            tokenizer=tokenizer, max_length=data_cfg.max_length,
+                                            max_new_tokens=data_cfg.max_new_tokens)
             out[split] = {**metrics, **size, "split": split, "examples": len(data[split])}
     return out

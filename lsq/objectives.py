@@ -2,8 +2,9 @@
 
 Classification: rows ``{text, label}``; metrics accuracy and macro-F1.
 Causal LM: rows ``{prompt, answer[, choices]}``; the loss covers the answer tokens only (prompt
-labels are -100); metrics are the eval loss, the teacher-forced answer-token accuracy, and, when
-rows carry ``choices``, multiple-choice accuracy by summed answer log-likelihood (the paper's setup).
+labels are -100); metrics are the eval loss, the teacher-forced answer-token accuracy, the exact match
+of the greedily generated answer (:func:`normalize_answer` on both sides), and, when rows carry
+``choices``, multiple-choice accuracy by summed answer log-likelihood (the paper's setup).
 """
 
 from __future__ import annotations
@@ -53,16 +54,31 @@ def _map_fingerprint(dataset, tokenizer, max_length: int, kind: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def chat_prompt(tokenizer, prompt: str) -> str:
+    """``prompt`` as a user turn in the tokenizer's chat template, ending with the assistant header."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
 def chat_texts(tokenizer, prompt: str, answer: str) -> tuple[str, str]:
     """``(prompt text, answer text)`` in the tokenizer's chat template: the user turn with the assistant
     header, then the rest of the rendered conversation (the answer and the template's end-of-turn)."""
-    user = [{"role": "user", "content": prompt}]
-    head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-    whole = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": answer}], tokenize=False)
+    head = chat_prompt(tokenizer, prompt)
+    turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    whole = tokenizer.apply_chat_template(turns, tokenize=False)
     if not whole.startswith(head):
         raise LsqError("model.chat_template: the tokenizer's template renders the prompt differently inside a "
                        "conversation; set model.chat_template=off")
     return head, whole[len(head):]
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of ``prompt`` as SFT training feeds it to the model, and so as serving must: the user turn
+    and assistant header of the chat template when the tokenizer has one, else the raw prompt with the
+    tokenizer's own special tokens (BOS, or BERT-style [CLS] ... [SEP])."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
 
 def _sft_ids(tokenizer, prompt: str, answer: str, max_length: int) -> tuple[list[int], list[int]]:
@@ -76,7 +92,7 @@ def _sft_ids(tokenizer, prompt: str, answer: str, max_length: int) -> tuple[list
         p = tokenizer(head, add_special_tokens=False)["input_ids"]
         a = tokenizer(tail, add_special_tokens=False)["input_ids"]
     else:
-        p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        p = prompt_ids(tokenizer, prompt)
         a = tokenizer(answer, add_special_tokens=False)["input_ids"]
         if tokenizer.eos_token_id is not None:
             a = a + [tokenizer.eos_token_id]
@@ -158,9 +174,11 @@ def _answer_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[
 
 
 @torch.no_grad()
-def causal_lm_metrics(model: nn.Module, dataset, collator, batch_size: int, device, raw=None, tokenizer=None, max_length=256) -> dict[str, float]:
-    """Eval loss and answer-token accuracy on a tokenised split; plus multiple-choice accuracy when the
-    raw split (``raw``) has a ``choices`` column: the choice with the highest summed log-likelihood."""
+def causal_lm_metrics(model: nn.Module, dataset, collator, batch_size: int, device, raw=None, tokenizer=None,
+                      max_length=256, max_new_tokens: int | None = None) -> dict[str, float]:
+    """Eval loss and answer-token accuracy on a tokenised split; with the raw split (``raw``) also
+    ``exact_match`` of greedy generation (when ``max_new_tokens`` is given) and, when it has a ``choices``
+    column, ``choice_accuracy``: the choice with the highest summed log-likelihood."""
     model.eval()
     nll = correct = count = 0.0
     for batch in _batches(dataset, collator, batch_size, device):
@@ -169,13 +187,78 @@ def causal_lm_metrics(model: nn.Module, dataset, collator, batch_size: int, devi
         correct += float(c.sum())
         count += float(n.sum())
     metrics = {"loss": nll / max(count, 1.0), "answer_accuracy": correct / max(count, 1.0)}
+    if raw is not None and max_new_tokens is not None:
+        answers = generate_answers(model, tokenizer, raw["prompt"], max_new_tokens, batch_size, device, max_length)
+        metrics["exact_match"] = sum(map(exact_match, answers, raw["answer"])) / max(len(raw), 1)
     if raw is not None and "choices" in raw.column_names:
-        hits = 0
-        for row in raw:
-            scored = [_sft_ids(tokenizer, row["prompt"], choice, max_length) for choice in row["choices"]]
-            rows = [{"input_ids": ids, "labels": labels} for ids, labels in scored]
-            batch = {k: v.to(device) for k, v in collator(rows).items()}
-            lp, _, _ = _answer_logprobs(model, batch)
-            hits += int(row["choices"][int(lp.argmax())] == row["answer"])
-        metrics["choice_accuracy"] = hits / max(len(raw), 1)
+        metrics["choice_accuracy"] = _choice_accuracy(model, raw, tokenizer, collator, batch_size, device, max_length)
     return metrics
+
+
+def _choice_accuracy(model: nn.Module, raw, tokenizer, collator, batch_size: int, device, max_length: int) -> float:
+    """Share of rows whose answer is the choice of highest summed log-likelihood: every (row, choice) pair
+    scored once, ``batch_size`` pairs per forward pass; a tie goes to the first choice."""
+    pairs = [(i, choice) for i, choices in enumerate(raw["choices"]) for choice in choices]
+    prompts = raw["prompt"]
+    scores: list[float] = []
+    for start in range(0, len(pairs), batch_size):
+        rows = []
+        for i, choice in pairs[start:start + batch_size]:
+            ids, labels = _sft_ids(tokenizer, prompts[i], choice, max_length)
+            rows.append({"input_ids": ids, "labels": labels})
+        lp, _, _ = _answer_logprobs(model, {k: v.to(device) for k, v in collator(rows).items()})
+        scores += lp.tolist()
+    best: dict[int, tuple[float, str]] = {}
+    for (i, choice), score in zip(pairs, scores):
+        if i not in best or score > best[i][0]:
+            best[i] = (score, choice)
+    return sum(best[i][1] == answer for i, answer in enumerate(raw["answer"])) / max(len(raw), 1)
+
+
+def normalize_answer(text: str) -> str:
+    """The form exact match compares: lower case, punctuation (Unicode category P) removed, runs of
+    whitespace as one space, stripped. ``" Positive."`` -> ``"positive"``, ``"4,200"`` -> ``"4200"``."""
+    import unicodedata
+
+    kept = "".join(c for c in text.lower() if not unicodedata.category(c).startswith("P"))
+    return " ".join(kept.split())
+
+
+def exact_match(prediction: str, answer: str) -> bool:
+    """Whether a generated answer equals the reference once both are normalised (:func:`normalize_answer`)."""
+    return normalize_answer(prediction) == normalize_answer(answer)
+
+
+@torch.no_grad()
+def generate_answers(model: nn.Module, tokenizer, prompts, max_new_tokens: int, batch_size: int, device,
+                     max_length: int = 256) -> list[str]:
+    """Greedy answers to ``prompts``, rendered as training renders them (:func:`prompt_ids`, the last
+    ``max_length`` tokens kept), in batches of ``batch_size`` left-padded prompts of similar length, at most
+    ``max_new_tokens`` each, stopping at the end of turn (eos). Returns the decoded new text, special tokens
+    dropped and stripped, in the order of ``prompts``."""
+    from transformers import GenerationConfig
+
+    if max_new_tokens < 1:
+        raise LsqError(f"max_new_tokens: must be at least 1 (got {max_new_tokens})")
+    model.eval()
+    ids = [prompt_ids(tokenizer, p)[-max_length:] for p in prompts]
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])} - {None}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                              eos_token_id=sorted(eos) or None)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: little padding
+    out: dict[int, str] = {}
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        width = max(len(ids[i]) for i in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)  # (B, T), padded on the left
+        mask = torch.zeros_like(input_ids)
+        for row, i in enumerate(chunk):
+            input_ids[row, width - len(ids[i]):] = torch.tensor(ids[i])
+            mask[row, width - len(ids[i]):] = 1
+        generated = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                   generation_config=config)  # (B, T + new)
+        for row, i in enumerate(chunk):
+            out[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True).strip()
+    return [out[i] for i in range(len(ids))]

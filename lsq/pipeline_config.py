@@ -58,11 +58,13 @@ class Baselines(BaseModel):
     direct: bool = Field(False, description="Train LoRA directly at every target rank.")
     adalora: bool = Field(False, description="Train AdaLoRA from source_rank to every target rank.")
     adalora_settings: AdaLoraSettings = Field(default_factory=AdaLoraSettings)
+    zero_shot: bool = Field(True, description="causal_lm: score the base model without adapter on the same splits "
+                            "(child run method=base, not registered): the floor every adapter is read against.")
 
 
 # promotion.metric per model.task; "auto" resolves when the data is known (resolve_promotion)
 PROMOTION_METRICS = {"classification": ("auto", "accuracy", "macro_f1"),
-                     "causal_lm": ("auto", "answer_accuracy", "choice_accuracy", "loss")}
+                     "causal_lm": ("auto", "exact_match", "choice_accuracy", "answer_accuracy", "loss")}
 LOWER_IS_BETTER = frozenset({"loss"})
 AUTO_MINORITY_SHARE = 0.3  # auto: macro_f1 when the rarest class holds less of the training split than this
 
@@ -70,11 +72,12 @@ AUTO_MINORITY_SHARE = 0.3  # auto: macro_f1 when the rarest class holds less of 
 class Promotion(BaseModel):
     model_config = _FROZEN
 
-    metric: Literal["auto", "accuracy", "macro_f1", "answer_accuracy", "choice_accuracy", "loss"] = Field(
+    metric: Literal["auto", "accuracy", "macro_f1", "exact_match", "choice_accuracy", "answer_accuracy", "loss"] = Field(
         "auto", description="Metric that picks the winner, on the validation split (val_<metric>; test_<metric> is "
-        "reported beside it). classification: accuracy | macro_f1; causal LM: answer_accuracy | choice_accuracy | "
-        f"loss (lower is better). auto: macro_f1 when the rarest class is under {AUTO_MINORITY_SHARE:g} of the "
-        "training split, else accuracy (causal LM: answer_accuracy).")
+        "reported beside it). classification: accuracy | macro_f1; causal LM: exact_match (greedy generation) | "
+        "choice_accuracy | answer_accuracy | loss (lower is better). auto: macro_f1 when the rarest class is under "
+        f"{AUTO_MINORITY_SHARE:g} of the training split, else accuracy; causal LM: choice_accuracy when the data has "
+        "choices, else exact_match.")
     greater_is_better: bool | None = Field(None, description="Leave unset: true for every metric but loss.")
     servable_only: bool = Field(False, description="Promote only adapters that vLLM-style multi-LoRA servers load as "
                                 "they are (tag lsq.serving.vllm; see lsq/serving.py).")
@@ -243,21 +246,25 @@ class PipelineConfig(BaseModel):
 def resolve_promotion(cfg: PipelineConfig, data=None) -> tuple[PipelineConfig, str]:
     """``cfg`` with a concrete ``promotion.metric``, and why it is that one (a sentence).
 
-    ``auto`` reads the labels of the training split (``data``, a loaded DatasetDict, or loaded here):
+    ``auto`` reads the training split (``data``, a loaded DatasetDict, or loaded here). Classification:
     macro-F1 when the rarest class holds less than :data:`AUTO_MINORITY_SHARE` of it (accuracy would
-    reward predicting the majority class), else accuracy; causal LM: answer_accuracy.
+    reward predicting the majority class), else accuracy. Causal LM: choice accuracy when the rows carry
+    choices (multiple choice, the paper's setup), else exact match of the generated answer.
     """
     metric = cfg.promotion.metric
     if metric != "auto":
         return cfg, f"promotion.metric={metric} (set in the config)"
+    from lsq.data import load_data
+
+    data = data if data is not None else load_data(cfg.data)
     if cfg.model.task != "classification":
-        metric, why = "answer_accuracy", "promotion.metric=auto: answer_accuracy (causal LM)"
+        choices = "choices" in data["train"].column_names
+        metric = "choice_accuracy" if choices else "exact_match"
+        why = (f"promotion.metric=auto: {metric}, because the causal LM data "
+               + ("has choices (multiple choice)" if choices else "has answers to generate and no choices"))
     else:
         from collections import Counter
 
-        from lsq.data import load_data
-
-        data = data if data is not None else load_data(cfg.data)
         counts = Counter(int(x) for x in data["train"]["label"])
         rarest = min(counts, key=counts.get)
         share = counts[rarest] / sum(counts.values())

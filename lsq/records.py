@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Method = Literal["source", "post", "cont", "in", "direct", "adalora"]
+Method = Literal["source", "post", "cont", "in", "direct", "adalora", "base"]  # base: the model without adapter
 _RECORD = ConfigDict(frozen=True, extra="forbid")
 
 SIZE_METRICS = ("trainable_params", "lora_params", "adapter_bytes")
@@ -30,9 +30,9 @@ class Variant(BaseModel):
     model_config = _RECORD
 
     method: Method
-    rank: int = Field(ge=1)
+    rank: int = Field(ge=0, description="LoRA rank (0: the base model itself, method base)")
     source_rank: int = Field(ge=1)
-    adapter_dir: str = Field(description="PEFT adapter folder")
+    adapter_dir: str = Field(description="PEFT adapter folder ('' for the base model)")
     adapter_sha256: str = Field("", description="digest of adapter_config.json + weights (lsq.workdir.adapter_digest)")
     seed: int = 0
     steps: int = Field(0, description="optimizer steps behind this adapter, the source's included")
@@ -49,7 +49,12 @@ class Variant(BaseModel):
 
     @property
     def label(self) -> str:
-        return f"{self.method}-r{self.rank}"
+        return "base" if self.method == "base" else f"{self.method}-r{self.rank}"
+
+    @classmethod
+    def base_model(cls, source_rank: int) -> Variant:
+        """The base model without any adapter: scored zero-shot as the floor every adapter is read against."""
+        return cls(method="base", rank=0, source_rank=source_rank, adapter_dir="")
 
 
 class Squeezed(BaseModel):
@@ -147,6 +152,17 @@ class Registered(BaseModel):
     serving: str = Field("", description="whether vLLM-style servers load it as is: 'yes ...' or 'no: <why>'")
 
 
+class Reference(BaseModel):
+    """The base model's zero-shot scores, logged as a child run (param ``method=base``), never registered."""
+
+    model_config = _RECORD
+
+    run_id: str
+    metric: float | None = Field(description="the promotion metric on the validation split")
+    test_metric: float | None = Field(None, description="the same metric on the test split")
+    metrics: dict[str, float]
+
+
 class Champion(BaseModel):
     """The version behind the champion alias and its promotion metric re-scored on this run's data."""
 
@@ -180,6 +196,7 @@ class PipelineResult(BaseModel):
     variants: tuple[Registered, ...]
     promotion_metric: str = Field("", description="the metric that chose (val_<it>), e.g. macro_f1")
     runs_url: str = Field("", description="the experiment's runs table in the MLflow UI")
+    reference: Reference | None = Field(None, description="the base model's zero-shot scores (causal LM)")
 
 
 class StudyRecord(BaseModel):

@@ -158,7 +158,8 @@ def evaluate_step(variant: Variant, model, data_cfg, splits: tuple[str, ...], ba
     """Scores of ``variant`` on each of ``splits`` (one model load), kept in ``<root>/eval-<label>-<key>``."""
     from lsq.evaluate import evaluate_splits
 
-    key = step_key({"step": "evaluate", "adapter": variant.adapter_sha256 or variant.adapter_dir,
+    base = variant.method == "base"  # the model without adapter: its zero-shot scores
+    key = step_key({"step": "evaluate", "adapter": "base" if base else variant.adapter_sha256 or variant.adapter_dir,
                     "model": model.model_dump(mode="json"), "data": data_cfg.model_dump(mode="json"),
                     "fingerprint": data_fingerprint, "splits": list(splits), "batch": batch_size, "code": code})
     folder = Path(root) / f"eval-{variant.label}-{key}"
@@ -166,7 +167,7 @@ def evaluate_step(variant: Variant, model, data_cfg, splits: tuple[str, ...], ba
         done = finished(folder, Evaluations)
         if done is not None:
             return done.evaluations
-        scores = evaluate_splits(variant.adapter_dir, model, data_cfg, tuple(splits), batch_size, data)
+        scores = evaluate_splits(None if base else variant.adapter_dir, model, data_cfg, tuple(splits), batch_size, data)
         evaluations = tuple(Evaluation.from_metrics(variant.label, scores[s]) for s in splits)
         publish(folder, Evaluations(evaluations=evaluations))
         return evaluations

@@ -19,7 +19,17 @@ from prefect.cache_policies import NO_CACHE
 from lsq.errors import LsqError
 from lsq.evaluate import evaluate_adapter
 from lsq.pipeline_config import PipelineConfig, resolve_promotion
-from lsq.records import SPLIT_PREFIX, Champion, Decision, Evaluation, Registered, Variant, variant_metrics
+from lsq.records import (
+    SPLIT_PREFIX,
+    Champion,
+    Decision,
+    Evaluation,
+    Reference,
+    Registered,
+    UnitResult,
+    Variant,
+    variant_metrics,
+)
 from lsq.serving import check_adapter
 from lsq.variants import decide
 from tasks import tracking
@@ -98,6 +108,20 @@ def log_and_register(uri: str, cfg: PipelineConfig, parent_run_id: str, variant:
     return Registered(label=variant.label, method=variant.method, rank=variant.rank, run_id=run_id, version=version,
                       adapter_bytes=evaluation.adapter_bytes, metric=metrics.get(metric), metrics=metrics,
                       test_metric=metrics.get(test), serving=serving)
+
+
+@task(retries=3, retry_delay_seconds=[2, 5, 10], task_run_name="log base (zero-shot)", **_NO_RESULTS)
+def log_reference(uri: str, cfg: PipelineConfig, parent_run_id: str, base: UnitResult,
+                  data_fingerprint: str) -> Reference:
+    """The base model's zero-shot scores as a child run (param ``method=base``, ``val_*`` and ``test_*``
+    metrics, no adapter), never registered: the floor every variant is read against."""
+    experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
+    metrics = variant_metrics(base.variant, *base.evaluations)
+    run_id = tracking.log_variant_run(uri, experiment_id, parent_run_id, base.variant,
+                                      variant_params(cfg, base.variant, data_fingerprint), metrics,
+                                      dataset=tracking.dataset_input(str(cfg.data.source), data_fingerprint, "evaluation"))
+    return Reference(run_id=run_id, metric=metrics.get(promotion_metric(cfg)),
+                     test_metric=metrics.get(reported_metric(cfg)), metrics=metrics)
 
 
 _CLASS_NAMES: dict[tuple[str, str], tuple[str, ...]] = {}
@@ -202,13 +226,32 @@ def _ui_base(uri: str) -> str:
     return "http://127.0.0.1:5000"
 
 
-def promotion_markdown(uri: str, experiment_id: str, cfg: PipelineConfig, parent_run_id: str,
-                       rows: Sequence[Registered], decision: Decision) -> str:
-    """The decision, then every variant with its metric, size, version and a link to its MLflow run."""
+def against_base(cfg: PipelineConfig, reference: Reference | None, winner: Registered) -> str:
+    """One sentence: the base model's zero-shot scores and what the winner adds on test ('' without them)."""
+    if reference is None:
+        return ""
     metric, test = promotion_metric(cfg), reported_metric(cfg)
+    shown = ", ".join(f"{name} {value:.4f}" for name, value in ((metric, reference.metric), (test, reference.test_metric))
+                      if value is not None)
+    gain = ("" if reference.test_metric is None or winner.test_metric is None
+            else f"; {winner.label} {winner.test_metric - reference.test_metric:+.4f} on test")
+    return f"Base model zero-shot (no adapter): {shown or 'not measured'}{gain}."
+
+
+def promotion_markdown(uri: str, experiment_id: str, cfg: PipelineConfig, parent_run_id: str,
+                       rows: Sequence[Registered], decision: Decision, reference: Reference | None = None) -> str:
+    """The decision, then every variant with its metric, size, version and a link to its MLflow run (the base
+    model's zero-shot row first, when scored)."""
+    metric, test = promotion_metric(cfg), reported_metric(cfg)
+    winner = next(r for r in rows if r.label == decision.winner)
     lines = [f"## Promotion: `{cfg.registered_model}`", "", f"**{decision.winner}** -> alias **{decision.alias}**", "",
-             decision.reason, "", f"| variant | rank | {metric} | {test} | size (bytes) | version | MLflow run |",
+             decision.reason, "", against_base(cfg, reference, winner), "",
+             f"| variant | rank | {metric} | {test} | size (bytes) | version | MLflow run |",
              "|---|---:|---:|---:|---:|---:|---|"]
+    if reference is not None:
+        cells = ["-" if v is None else f"{v:.4f}" for v in (reference.metric, reference.test_metric)]
+        lines.append(f"| base (zero-shot) | - | {cells[0]} | {cells[1]} | 0 | - | "
+                     f"[{reference.run_id[:8]}]({run_url(uri, experiment_id, reference.run_id)}) |")
     for r in rows:
         score = "-" if r.metric is None else f"{r.metric:.4f}"
         tested = "-" if r.test_metric is None else f"{r.test_metric:.4f}"
@@ -222,14 +265,15 @@ def promotion_markdown(uri: str, experiment_id: str, cfg: PipelineConfig, parent
 
 
 def log_comparison(uri: str, cfg: PipelineConfig, parent_run_id: str, rows: Sequence[Registered],
-                   decision: Decision) -> None:
+                   decision: Decision, reference: Reference | None = None) -> None:
     """The parent run as the page that compares the variants (:func:`tracking.describe_pipeline_run`).
 
     Description: the decision (winner, alias, version, metric, size, why). Metrics: ``best_<metric>``,
     ``winner_<metric>``, ``winner_rank``, ``winner_adapter_bytes``, ``variants``. Table
     ``variants_table.json``: variant, method, rank, the chosen and the reported metric, adapter_bytes,
     train_seconds (this variant's own training), total_train_seconds (the source's share included),
-    version, winner."""
+    version, winner. With the base model's zero-shot scores (``reference``): ``base_<metric>`` and
+    ``base_<test metric>`` beside them, and a sentence in the description."""
     metric, test = promotion_metric(cfg), reported_metric(cfg)
     winner = next(r for r in rows if r.label == decision.winner)
     scored = [r.metric for r in rows if r.metric is not None]
@@ -238,12 +282,14 @@ def log_comparison(uri: str, cfg: PipelineConfig, parent_run_id: str, rows: Sequ
     note = "\n".join([
         (f"**{decision.winner}** -> `{cfg.registered_model}@{decision.alias}` (version {winner.version}): "
          f"{metric} {score}, rank {winner.rank}, {winner.adapter_bytes:,} bytes."), "",
-        f"Why: {decision.reason}", "",
+        f"Why: {decision.reason}", "", *([against_base(cfg, reference, winner), ""] if reference else []),
         (f"{len(rows)} variants compared by {metric}; each child run holds its training curves "
          "(Model metrics: loss, learning_rate, grad_norm) and its adapter. Artifacts here: "
          "`variants_table.json` (every variant), `pareto/pareto.png` (size against the metric, the winner circled).")])
     metrics = {f"best_{metric}": best, f"winner_{metric}": winner.metric, "winner_rank": winner.rank,
                "winner_adapter_bytes": winner.adapter_bytes, "variants": len(rows)}
+    if reference is not None:
+        metrics.update({f"base_{metric}": reference.metric, f"base_{test}": reference.test_metric})
     table = [{"variant": r.label, "method": r.method, "rank": r.rank, metric: r.metric, test: r.metrics.get(test),
               "adapter_bytes": r.adapter_bytes, "train_seconds": r.metrics.get("train_seconds"),
               "total_train_seconds": r.metrics.get("total_train_seconds"), "version": r.version,
@@ -254,7 +300,8 @@ def log_comparison(uri: str, cfg: PipelineConfig, parent_run_id: str, rows: Sequ
 
 
 @task(task_run_name="report", **_NO_RESULTS)
-def report(uri: str, cfg: PipelineConfig, parent_run_id: str, rows: list[Registered], decision: Decision) -> str:
+def report(uri: str, cfg: PipelineConfig, parent_run_id: str, rows: list[Registered], decision: Decision,
+           reference: Reference | None = None) -> str:
     """Pareto plot on the parent run, which becomes the comparison page (:func:`log_comparison`); a table
     and a markdown decision (with links to the MLflow runs) as Prefect artifacts."""
     metric = promotion_metric(cfg)
@@ -267,7 +314,7 @@ def report(uri: str, cfg: PipelineConfig, parent_run_id: str, rows: list[Registe
               "adapter_bytes": r.adapter_bytes, "version": r.version, "mlflow_run": r.run_id} for r in rows]
     create_table_artifact(key="lsq-variants", table=table, description=(
         f"Adapters of MLflow [run {parent_run_id[:8]}]({run_url(uri, experiment_id, parent_run_id)})"))
-    markdown = promotion_markdown(uri, experiment_id, cfg, parent_run_id, rows, decision)
+    markdown = promotion_markdown(uri, experiment_id, cfg, parent_run_id, rows, decision, reference)
     create_markdown_artifact(key="lsq-promotion", markdown=markdown, description="Promotion decision")
-    log_comparison(uri, cfg, parent_run_id, rows, decision)
+    log_comparison(uri, cfg, parent_run_id, rows, decision, reference)
     return markdown

@@ -102,7 +102,8 @@ def tracked(unit: Unit, runs: ChildRuns | None) -> Iterator[Log | None]:
     if "***" in uri and os.environ.get("MLFLOW_TRACKING_URI"):
         uri = os.environ["MLFLOW_TRACKING_URI"]
     made = unit.train if unit.kind == "train" else unit.parent
-    tags = {"lsq.method": made.method, "lsq.rank": unit.label.rpartition("-r")[2],
+    rank = str(made.rank) if unit.kind == "evaluate" else unit.label.rpartition("-r")[2]
+    tags = {"lsq.method": made.method, "lsq.rank": rank,
             "lsq.source_rank": str(made.source_rank)}
     context = "training" if unit.kind == "train" else "evaluation"
     try:

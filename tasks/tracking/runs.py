@@ -394,8 +394,8 @@ def log_variant_run(uri: str, experiment_id: str, parent_run_id: str, variant: V
     found = retry(_child_of, client, experiment_id, parent_run_id, variant.label)
     if found is not None and found.data.tags.get(LOGGED_TAG) == "1":
         return found.info.run_id
-    adapter = Path(variant.adapter_dir)
-    if not adapter.is_dir():
+    adapter = Path(variant.adapter_dir) if variant.method != "base" else None  # base: the model without adapter
+    if adapter is not None and not adapter.is_dir():
         raise FileNotFoundError(f"variant {variant.label}: adapter folder {adapter} does not exist")
     tags = {"lsq.method": variant.method, "lsq.rank": str(variant.rank), "lsq.source_rank": str(variant.source_rank)}
     tags.update({f"lsq.{k}": v for k in ("worker", "device") if (v := getattr(variant, k, None))})
@@ -413,7 +413,8 @@ def log_variant_run(uri: str, experiment_id: str, parent_run_id: str, variant: V
         )
         if dataset is not None and not created:
             client.log_inputs(run_id, [dataset])
-        client.log_artifacts(run_id, str(adapter), "adapter")
+        if adapter is not None:
+            client.log_artifacts(run_id, str(adapter), "adapter")
         for extra in (variant.report, variant.plot):
             if extra and Path(extra).is_file():
                 client.log_artifact(run_id, extra)

@@ -403,8 +403,10 @@ def test_bad_input_is_one_lsq_error_line(tmp_path, case, message):
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"source": "builtin:imdb"}, "unknown built-in set 'imdb'"),
-    ({"source": "builtin:movie", "task": "causal_lm"}, "built-in sets are classification data"),
+    ({"source": "builtin:imdb"}, "unknown built-in classification set 'imdb'"),
+    ({"source": "builtin:addition"}, "builtin:addition is causal_lm data"),
+    ({"source": "builtin:imdb", "task": "causal_lm"}, "unknown built-in causal_lm set 'imdb'"),
+    ({"source": "a.jsonl", "task": "causal_lm", "max_new_tokens": 0}, "greater than or equal to 1"),
     ({"source": "a.csv", "val_fraction": 0.5, "test_fraction": 0.5}, "leave no train rows"),
     ({"source": "a.csv", "label_names": ("one",)}, "label_names: need at least 2 distinct names"),
     ({"source": "a.csv", "label_names": ("a", "a")}, "label_names: need at least 2 distinct names"),

@@ -17,7 +17,11 @@ def labelled(positives: int, total: int = 100) -> DatasetDict:
     (["promotion.metric=f1"], "promotion.metric: 'f1' is not a classification metric; use one of auto, accuracy, macro_f1"),
     (["promotion.metric=loss"], "promotion.metric: 'loss' is not a classification metric"),
     (["model.task=causal_lm", "data.task=causal_lm", "data.source=x.jsonl", "promotion.metric=accuracy"],
-     "promotion.metric: 'accuracy' is not a causal_lm metric; use one of auto, answer_accuracy, choice_accuracy, loss"),
+     "promotion.metric: 'accuracy' is not a causal_lm metric; use one of auto, exact_match, choice_accuracy, "
+     "answer_accuracy, loss"),
+    (["promotion.metric=exact_match"], "promotion.metric: 'exact_match' is not a classification metric"),
+    (["model.task=causal_lm", "data.task=causal_lm", "data.source=x.jsonl", "data.max_new_tokens=0"],
+     "data.max_new_tokens: Input should be greater than or equal to 1"),
     (["promotion.servable_only=true"], "promotion.servable_only: classification adapters save their head"),
 ])
 def test_bad_promotion_settings_are_refused_in_one_line_at_load(overrides, message):
@@ -44,3 +48,18 @@ def test_auto_picks_macro_f1_on_imbalanced_labels_and_accuracy_on_balanced_ones(
     assert balanced.promotion.metric == "accuracy" and "45.0%" in why
     explicit, why = resolve_promotion(load_pipeline_config(None, ["promotion.metric=accuracy"]), labelled(13))
     assert explicit.promotion.metric == "accuracy" and "set in the config" in why
+
+
+def sft(choices: bool) -> DatasetDict:
+    rows = {"prompt": ["What is 2 + 3?", "What is 4 + 4?"], "answer": ["5", "8"]}
+    if choices:
+        rows["choices"] = [["5", "6"], ["8", "9"]]
+    return DatasetDict(train=Dataset.from_dict(rows))
+
+
+def test_auto_on_a_decoder_picks_exact_match_without_choices_and_choice_accuracy_with_them():
+    cfg = load_pipeline_config(None, ["model.task=causal_lm", "data.task=causal_lm", "data.source=x.jsonl"])
+    generated, why = resolve_promotion(cfg, sft(choices=False))
+    assert generated.promotion.metric == "exact_match" and "no choices" in why
+    chosen, why = resolve_promotion(cfg, sft(choices=True))
+    assert chosen.promotion.metric == "choice_accuracy" and "has choices" in why
