@@ -10,7 +10,7 @@ export DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-slow test-all demo team-demo bench clean
+.PHONY: install test test-slow test-all demo sft-demo team-demo bench clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,11 @@ test-all: install
 
 demo: install
 	$(BIN)/python -m flows.squeeze_pipeline configs/demo.yaml
+
+# The same pipeline on a real instruct decoder: SmolLM2-135M-Instruct (installed once into ~/.cache/lsq) fine-tuned
+# on two-digit addition, scored by exact match of the greedy answer against the base model's zero-shot score.
+sft-demo: install
+	$(BIN)/python -m flows.squeeze_pipeline configs/sft-demo.yaml
 
 # The team stack on one machine (PostgreSQL, S3, MLflow server, Prefect server, workers), one run across
 # two workers; every process it starts stops with it. Last stdout line: a JSON summary.

@@ -237,14 +237,23 @@ def truncate(spec: Spectrum, k: int, scale: float, dtype: torch.dtype | None = N
     so that ``s' B' A' = U_k diag(S_k) Vh_k``, the best rank-k approximation of the source update,
     whatever ``s'`` is. Returns ``(A', B')`` with shapes ``(k, d_in)`` and ``(d_out, k)``, cast to
     ``dtype`` (default: the compute dtype).
+
+    A spectrum narrower than ``k`` (the module's update has rank ``m < k``: a source rank above the
+    module's ``min(d_in, d_out)``, such as rank 64 on a 16-wide key projection) is kept whole and padded
+    with ``k - m`` zero rows of ``A'`` and zero columns of ``B'``: the update is exact, and every module of
+    the adapter keeps the one uniform rank ``k`` that PEFT's ``r`` and vLLM's ``--max-lora-rank`` read.
     """
-    if not 1 <= k <= spec.U.shape[1]:
-        raise ValueError(f"rank {k} is outside 1..{spec.U.shape[1]}")
+    if k < 1:
+        raise ValueError(f"rank {k} is below 1")
     if scale <= 0:
         raise ValueError(f"target scale must be positive, got {scale}")
-    root = torch.sqrt(spec.S[:k] / scale)
-    A_new = root[:, None] * spec.Vh[:k]
-    B_new = spec.U[:, :k] * root
+    m = min(k, spec.U.shape[1])
+    root = torch.sqrt(spec.S[:m] / scale)
+    A_new = root[:, None] * spec.Vh[:m]  # (m, d_in)
+    B_new = spec.U[:, :m] * root  # (d_out, m)
+    if m < k:
+        A_new = torch.cat([A_new, A_new.new_zeros(k - m, A_new.shape[1])])  # (k, d_in)
+        B_new = torch.cat([B_new, B_new.new_zeros(B_new.shape[0], k - m)], dim=1)  # (d_out, k)
     if dtype is not None:
         A_new, B_new = A_new.to(dtype), B_new.to(dtype)
     return A_new, B_new

@@ -13,9 +13,9 @@ of split ``validation`` ``val_accuracy``; sizes and squeeze numbers keep their o
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Method = Literal["source", "post", "cont", "in", "direct", "adalora", "base"]  # base: the model without adapter
 _RECORD = ConfigDict(frozen=True, extra="forbid")
@@ -213,9 +213,12 @@ class StudyRecord(BaseModel):
     steps: int
     train_seconds: float
     wall_seconds: float
-    val_accuracy: float
-    test_accuracy: float
-    test_macro_f1: float
+    metric: str = Field("accuracy", description="the study's score: accuracy, macro_f1, exact_match, choice_accuracy...")
+    val_score: float = Field(description="that score on validation (it chooses rates)")
+    test_score: float = Field(description="that score on test (reported)")
+    val_accuracy: float | None = Field(None, description="classification studies")
+    test_accuracy: float | None = Field(None, description="classification studies")
+    test_macro_f1: float | None = Field(None, description="classification studies")
     lora_params: int
     trainable_params: int
     adapter_bytes: int
@@ -226,6 +229,14 @@ class StudyRecord(BaseModel):
     chosen: bool = False
     budget: int | None = Field(None, description="the step budget T of the study the job belongs to")
     fraction: float | None = Field(None, description="in: share of the budget at the source rank (None: equal stages)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scores_of_old_records(cls, raw: Any) -> Any:
+        """Records written before ``metric``/``val_score``/``test_score`` (classification studies): accuracy."""
+        if isinstance(raw, dict) and "val_score" not in raw and "val_accuracy" in raw:
+            raw = {**raw, "metric": "accuracy", "val_score": raw["val_accuracy"], "test_score": raw["test_accuracy"]}
+        return raw
 
 
 class ChampionCheck(BaseModel):

@@ -90,6 +90,12 @@ class StudyConfig(BaseModel):
     max_eval: int = Field(250, ge=10, description="Cap on validation and on test rows per task.")
     max_length: int = Field(40, ge=4, description="Tokens per example.")
     model: str = Field("builtin:minilm", description="Base model (classification head added per task).")
+    model_task: Literal["classification", "causal_lm"] = Field(
+        "classification", description="classification (a head per task) or causal_lm (SFT of a decoder on the "
+        "tasks' prompt/answer data, e.g. model builtin:smollm2 with tasks addition and movie).")
+    metric: str = Field("accuracy", description="The score that chooses rates on validation and is reported on test: "
+                        "accuracy | macro_f1 (classification); exact_match | choice_accuracy | answer_accuracy (causal LM).")
+    max_new_tokens: int = Field(8, ge=1, description="causal_lm: most tokens generated per answer (exact_match).")
     sources: dict[str, str] = Field(default_factory=dict, description="Data source per task name; default builtin:NAME.")
 
     @model_validator(mode="after")
@@ -110,6 +116,10 @@ class StudyConfig(BaseModel):
                 raise ValueError(f"in_fractions: {list(self.in_fractions)} must be shares in (0, 1) or null")
             if self.in_first_fraction is not None:
                 raise ValueError("in_fractions: give either in_fractions (a grid) or in_first_fraction (one share)")
+        allowed = {"classification": ("accuracy", "macro_f1"),
+                   "causal_lm": ("exact_match", "choice_accuracy", "answer_accuracy")}[self.model_task]
+        if self.metric not in allowed:
+            raise ValueError(f"metric: {self.metric!r} is not a {self.model_task} score; use one of {', '.join(allowed)}")
         if not self.lrs or not all(self.method_lrs.values()):
             raise ValueError("lrs: give at least one learning rate (also in each method_lrs grid)")
         return self
@@ -129,8 +139,11 @@ class StudyConfig(BaseModel):
         return self.method_lrs.get({"source": "post", "source-cont": "cont"}.get(method, method), self.lrs)
 
     def data(self, task: str) -> DataConfig:
-        return DataConfig(source=self.sources.get(task, f"builtin:{task}"), max_train=self.max_train, max_eval=self.max_eval,
-                          max_length=self.max_length)
+        return DataConfig(source=self.sources.get(task, f"builtin:{task}"), task=self.model_task, max_train=self.max_train,
+                          max_eval=self.max_eval, max_length=self.max_length, max_new_tokens=self.max_new_tokens)
+
+    def base_model(self) -> ModelConfig:
+        return ModelConfig(name=self.model, task=self.model_task)
 
 
 PRESETS: dict[str, StudyConfig] = {
@@ -213,7 +226,7 @@ class Study:
         with open(self.root / RECORDS_NAME, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
         self.records[job.key] = rec
-        self.log(f"{self.key_prefix}{job.key}: val {rec['val_accuracy']:.3f} test {rec['test_accuracy']:.3f} "
+        self.log(f"{self.key_prefix}{job.key}: val {rec['val_score']:.3f} test {rec['test_score']:.3f} "
                  f"({rec['wall_seconds']:.0f} s){' DIVERGED' if rec.get('diverged') else ''}")
         if self.on_record:
             self.on_record(rec)
@@ -230,7 +243,7 @@ class Study:
         at = c.source_rank if method == "source" else c.select_rank or rank
         if at is None:
             raise LsqError(f"choose_lr({method!r}): give the rank (select_rank is per rank)")
-        scores = {lr: self.run(Job(c.selection_task, c.select_seed, method, at, lr))["val_accuracy"] for lr in grid}
+        scores = {lr: self.run(Job(c.selection_task, c.select_seed, method, at, lr))["val_score"] for lr in grid}
         finite = {lr: v for lr, v in scores.items() if math.isfinite(v)} or scores  # a diverged run never wins
         return max(sorted(finite), key=lambda lr: finite[lr])
 
@@ -242,7 +255,7 @@ class Study:
         grid = c.fraction_grid
         if len(grid) == 1:
             return grid[0]
-        scores = {f: self.run(Job(c.selection_task, c.select_seed, "in", rank, lr, f))["val_accuracy"] for f in grid}
+        scores = {f: self.run(Job(c.selection_task, c.select_seed, "in", rank, lr, f))["val_score"] for f in grid}
         finite = [f for f in grid if math.isfinite(scores[f])] or list(grid)
         return max(finite, key=lambda f: (scores[f], -finite.index(f)))
 
@@ -287,7 +300,7 @@ def _train_config(study: Study, job: Job, method: str, rank: int, steps: int):
              # long runs keep whole checkpoints, so that an interrupted study resumes inside them
              "save_steps": steps + 1 if steps <= 100 else steps // 4, "logging_steps": max(steps, 1)}
     raw: dict[str, Any] = {
-        "method": method, "rank": rank, "source_rank": c.source_rank, "model": {"name": c.model},
+        "method": method, "rank": rank, "source_rank": c.source_rank, "model": {"name": c.model, "task": c.model_task},
         "data": c.data(job.task).model_dump(), "train": train, "output_dir": str(study.steps_root),
     }
     if method == "cont":
@@ -325,10 +338,12 @@ def _train(study: Study, job: Job, method: str, rank: int, steps: int, parent: V
 def _scores(study: Study, variant: Variant, job: Job) -> dict[str, Any]:
     """Validation and test scores of ``variant`` (one model load, the evaluate step's own folder)."""
     c = study.config
-    val, test = evaluate_step(variant, ModelConfig(name=c.model), c.data(job.task), ("validation", "test"), 64,
+    val, test = evaluate_step(variant, c.base_model(), c.data(job.task), ("validation", "test"), 64,
                               study.fingerprint(job.task), study.steps_root, study.code, data=study.data(job.task))
-    return {"val_accuracy": val.scores["accuracy"], "test_accuracy": test.scores["accuracy"],
-            "test_macro_f1": test.scores["macro_f1"], "lora_params": test.lora_params,
+    classified = {"val_accuracy": val.scores["accuracy"], "test_accuracy": test.scores["accuracy"],
+                  "test_macro_f1": test.scores["macro_f1"]} if c.model_task == "classification" else {}
+    return {"metric": c.metric, "val_score": val.scores[c.metric], "test_score": test.scores[c.metric], **classified,
+            "lora_params": test.lora_params,
             "trainable_params": test.trainable_params, "adapter_bytes": test.adapter_bytes,
             "test_examples": test.examples, "steps": variant.steps, "train_seconds": variant.total_train_seconds}
 
@@ -353,13 +368,14 @@ def run_job(job: Job, study: Study) -> dict[str, Any]:
         return {**_scores(study, variant, job), "retained_energy": variant.retained_energy,
                 "relative_error": variant.relative_error}
     except TrainingDiverged:
-        return _diverged(c.steps)
+        return _diverged(c.steps, c.metric)
 
 
-def _diverged(steps: int) -> dict[str, Any]:
+def _diverged(steps: int, metric: str) -> dict[str, Any]:
     """The record of a run whose loss went non-finite: kept (it is a result), never chosen, NaN scores."""
     nan = float("nan")
-    return {"diverged": True, "val_accuracy": nan, "test_accuracy": nan, "test_macro_f1": nan, "lora_params": 0,
+    return {"diverged": True, "metric": metric, "val_score": nan, "test_score": nan, "val_accuracy": nan,
+            "test_accuracy": nan, "test_macro_f1": nan, "lora_params": 0,
             "trainable_params": 0, "adapter_bytes": 0, "test_examples": 0, "steps": steps, "train_seconds": nan}
 
 

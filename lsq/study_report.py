@@ -23,7 +23,7 @@ def mean_se(values: Sequence[float]) -> tuple[float, float]:
     return m, (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0)
 
 
-def summarize(records: Iterable[Mapping[str, Any]], metric: str = "test_accuracy") -> dict[tuple[str, str, int], dict[str, Any]]:
+def summarize(records: Iterable[Mapping[str, Any]], metric: str = "test_score") -> dict[tuple[str, str, int], dict[str, Any]]:
     """``{(task, method, rank): {mean, se, n, lr, lora_params}}`` over seeds, plus task ``"mean"`` rows
     (per seed, the mean over tasks; then mean and standard error over seeds)."""
     groups: dict[tuple[str, str, int], list[Mapping[str, Any]]] = {}
@@ -106,7 +106,7 @@ def report(study: Study, records: list[dict[str, Any]], command: str, seconds: f
     sources = summarize([r for r in records if r["method"] == "source"])
     where = f"{c.selection_task}, seed {c.select_seed}" + (f", rank {c.select_rank}" if c.select_rank else ", at each rank")
     lines = [
-        f"Test accuracy (%), mean ± standard error over {len(c.seeds)} seeds; bold: best method per row. "
+        f"Test {c.metric.replace('_', ' ')} (%), mean ± standard error over {len(c.seeds)} seeds; bold: best method per row. "
         f"Budget {c.steps} steps of batch {c.batch_size} for every method (cont: {c.steps - c.recover_steps} at "
         f"rank {c.source_rank} + {c.recover_steps} recovery steps; post: {c.steps} at rank {c.source_rank}, then squeezed).",
         "",

@@ -176,7 +176,7 @@ def report(config, records: list[dict[str, Any]], command: str, seconds: float, 
     over = _n(counts[0], "seed") if len(counts) == 1 else "seeds (" + ", ".join(
         f"{n} at {'/'.join(str(t) for t in summaries if seeds[t] == n)} steps" for n in counts) + ")"
     lines = [
-        f"Test accuracy (%), mean over {_n(len(s.tasks), 'task')} ({', '.join(s.tasks)}) ± standard error over "
+        f"Test {s.metric.replace('_', ' ')} (%), mean over {_n(len(s.tasks), 'task')} ({', '.join(s.tasks)}) ± standard error over "
         f"{over}; bold: best method per row. Every method has the same optimizer-step budget; "
         f"cont spends {config.recover_fraction:.0%} of it on recovery at the target rank; post trains the whole "
         f"budget at rank {s.source_rank} and is squeezed.",

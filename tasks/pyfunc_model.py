@@ -10,7 +10,14 @@ Loading rebuilds base + adapter offline through ``lsq.models`` (no Hub id is rec
 
 ``predict`` takes a list of strings or a DataFrame with a ``text`` column (MLflow turns it into the
 list: the ``list[str]`` type hint is the model's signature) and returns one string per input: the
-label name (classification) or the greedy continuation (causal LM).
+label name (classification) or the greedy reply (causal LM). A causal LM sees each input exactly as
+training saw prompts (:func:`lsq.objectives.prompt_ids`): a user turn in the tokenizer's chat template,
+ending with the assistant header, when the tokenizer has one (and ``model.chat_template`` is not off),
+else the raw text; it answers with the generated text only (special tokens skipped, stripped), at most
+``max_new_tokens`` tokens (``params`` may override it when called on the python model; MLflow's
+wrapper drops params, the logged signature having no params schema). The generation is the one that
+scores exact match (:func:`lsq.objectives.generate_answers`: greedy, ``GENERATE_BATCH`` left-padded
+prompts at a time, stopping at the end of turn).
 """
 
 # No `from __future__ import annotations`: MLflow reads predict's type hints for the signature.
@@ -18,6 +25,8 @@ from typing import Any
 
 import mlflow
 from mlflow.pyfunc import PythonModel
+
+GENERATE_BATCH = 8  # causal LM: prompts generated together (left-padded)
 
 
 class LsqAdapterModel(PythonModel):
@@ -44,7 +53,11 @@ class LsqAdapterModel(PythonModel):
             return []
         if self.task == "classification":
             return self._classify(texts)
-        return [self._generate(t, int((params or {}).get("max_new_tokens", self.max_new_tokens))) for t in texts]
+        from lsq.objectives import generate_answers
+
+        max_new_tokens = int((params or {}).get("max_new_tokens", self.max_new_tokens))
+        return generate_answers(self.model, self.tokenizer, texts, max_new_tokens, GENERATE_BATCH, self.device,
+                                self.max_length)
 
     def _classify(self, texts: list[str]) -> list[str]:
         import torch
@@ -54,17 +67,6 @@ class LsqAdapterModel(PythonModel):
             logits = self.model(**batch.to(self.device)).logits  # (N, num_labels)
         ids = logits.argmax(-1).tolist()
         return [self.label_names[i] if i < len(self.label_names) else str(i) for i in ids]
-
-    def _generate(self, text: str, max_new_tokens: int) -> str:
-        import torch
-
-        tok = self.tokenizer
-        ids = tok(text, truncation=True, max_length=self.max_length, return_tensors="pt",
-                  add_special_tokens=False).input_ids.to(self.device)  # (1, T)
-        with torch.inference_mode():
-            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                      max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
-        return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
 def _texts(model_input) -> list[str]:

@@ -3,6 +3,7 @@
 import pytest
 
 from lsq.serving import check_adapter, vllm_contract
+from tests.lsq.tiny import tiny_llama  # noqa: F401  (fixture)
 
 LORA = ["base_model.model.layers.0.q_proj.lora_A.weight", "base_model.model.layers.0.q_proj.lora_B.weight"]
 
@@ -57,3 +58,39 @@ def test_check_adapter_reads_a_peft_folder(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(config(r=16)))
     save_file({n: torch.zeros(2, 2) for n in LORA}, str(tmp_path / "adapter_model.safetensors"))
     assert check_adapter(tmp_path).tag() == "yes: --max-lora-rank 16"
+
+
+def decoder_adapter(base, folder, rank: int) -> None:
+    """A PEFT LoRA adapter of ``rank`` on every Llama projection of ``base`` (no saved modules), B non-zero."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lsq.models import DEFAULT_TARGETS
+
+    torch.manual_seed(rank)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank,
+                                      target_modules=DEFAULT_TARGETS["llama"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    model.save_pretrained(folder)
+
+
+def test_decoder_adapters_trained_and_squeezed_are_servable(tiny_llama, tmp_path):
+    """A causal-LM LoRA adapter (all seven Llama projections, nothing saved whole) needs the smallest vLLM
+    --max-lora-rank at or above its rank; so does each uniform squeeze of it, whether or not its rank is one vLLM
+    names; a per-module (energy) squeeze is refused with its remedy."""
+    from lsq.api import squeeze_adapter
+    from lsq.config import SqueezeConfig
+
+    for rank, max_rank in ((4, 8), (64, 64)):
+        decoder_adapter(tiny_llama, tmp_path / f"r{rank}", rank)
+        assert check_adapter(tmp_path / f"r{rank}").tag() == f"yes: --max-lora-rank {max_rank}"
+    squeezed = squeeze_adapter(tmp_path / "r64", tmp_path / "sq", SqueezeConfig(ranks=(3, 16)), plot=False)
+    assert {name: check_adapter(w.folder).tag() for name, w in squeezed.items()} == {
+        "r3": "yes: --max-lora-rank 8", "r16": "yes: --max-lora-rank 16"}
+    per_module = squeeze_adapter(tmp_path / "r64", tmp_path / "energy", SqueezeConfig(energy=(0.9,)), plot=False)
+    tag = check_adapter(per_module["energy0.9"].folder).tag()
+    assert tag.startswith("no: per-module ranks (rank_pattern") and "--serving vllm" in tag

@@ -13,7 +13,14 @@ import lsq.study as study_mod
 from lsq.errors import LsqError
 from lsq.study import Job, Study, StudyConfig, load_study_config
 from lsq.study_report import lr_table, markdown_table, mean_se, summarize
-from tests.lsq.tiny import built_once, count_trainings, save_tiny_bert, write_classification_csv
+from tests.lsq.tiny import (
+    built_once,
+    count_trainings,
+    save_tiny_bert,
+    save_tiny_llama,
+    write_causal_jsonl,
+    write_classification_csv,
+)
 
 
 def small(**changes) -> StudyConfig:
@@ -30,7 +37,7 @@ def fake_runner(calls: list[Job]):
         calls.append(job)
         good = job.lr == 1e-3
         base = 0.6 + 0.01 * job.rank + 0.001 * job.seed
-        return {"val_accuracy": base + (0.1 if good else 0.0), "test_accuracy": base + (0.0 if good else 0.1),
+        return {"val_score": base + (0.1 if good else 0.0), "test_score": base + (0.0 if good else 0.1),
                 "test_macro_f1": base, "lora_params": 100 * job.rank, "trainable_params": 100 * job.rank + 10,
                 "adapter_bytes": 400 * job.rank, "test_examples": 50,
                 "steps": study.config.steps, "train_seconds": 1.0}
@@ -68,7 +75,7 @@ def test_rates_are_chosen_per_rank_from_each_methods_own_grid(tmp_path, monkeypa
         grid = sorted(study.config.grid(job.method))
         want = grid[0] if job.rank == 1 else grid[-1]
         val = 0.7 + (0.1 if job.lr == want else 0.0) + 0.001 * job.seed
-        return {"val_accuracy": val, "test_accuracy": 1.5 - val, "test_macro_f1": val, "lora_params": 10 * job.rank,
+        return {"val_score": val, "test_score": 1.5 - val, "test_macro_f1": val, "lora_params": 10 * job.rank,
                 "trainable_params": 10, "adapter_bytes": 40, "test_examples": 50, "steps": study.config.steps,
                 "train_seconds": 1.0}
 
@@ -113,7 +120,7 @@ def test_a_diverged_rate_is_never_chosen(tmp_path, monkeypatch):
     def run(job, study):
         rec = inner(job, study)
         if job.lr == 1e-3:  # the rate validation would prefer blows up
-            rec.update(study_mod._diverged(rec["steps"]))
+            rec.update(study_mod._diverged(rec["steps"], "accuracy"))
         return rec
 
     monkeypatch.setattr(study_mod, "run_job", run)
@@ -126,9 +133,9 @@ def test_summary_and_table_against_a_hand_computation():
     for task, shift in (("a", 0.0), ("b", 0.2)):
         for seed, acc in enumerate((0.5, 0.6, 0.9)):
             recs.append({"task": task, "method": "direct", "rank": 2, "seed": seed, "lr": 1e-3,
-                         "test_accuracy": acc + shift, "lora_params": 10})
+                         "test_score": acc + shift, "lora_params": 10})
             recs.append({"task": task, "method": "cont", "rank": 2, "seed": seed, "lr": 2e-3,
-                         "test_accuracy": 0.7 + shift, "lora_params": 10})
+                         "test_score": 0.7 + shift, "lora_params": 10})
     out = summarize(recs)
     m, se = out[("a", "direct", 2)]["mean"], out[("a", "direct", 2)]["se"]
     assert m == pytest.approx((0.5 + 0.6 + 0.9) / 3)
@@ -185,6 +192,34 @@ def test_a_real_tiny_study(tmp_path_factory, tmp_path, monkeypatch):
         assert by[("post", k)]["lora_params"] == by[("cont", k)]["lora_params"] == by[("direct", k)]["lora_params"]
         assert by[("post", k)]["retained_energy"] <= 1.0
     assert by[("post", 1)]["lora_params"] * 2 == by[("post", 2)]["lora_params"]
+
+
+@pytest.mark.slow
+def test_a_decoder_study_chooses_and_reports_its_own_metric(tmp_path_factory, tmp_path):
+    """model_task causal_lm: every job scored by the configured metric (here exact_match), the same number as
+    the evaluate step's own on validation and test; a classification metric is refused for a decoder."""
+    from lsq.data import DataConfig, load_data
+    from lsq.evaluate import evaluate_splits
+    from lsq.models import ModelConfig
+
+    model = built_once(tmp_path_factory, "tiny-llama", save_tiny_llama)
+    data = write_causal_jsonl(tmp_path / "colours.jsonl", n=80)
+    cfg = StudyConfig(tasks=("colours",), sources={"colours": str(data)}, model=str(model), model_task="causal_lm",
+                      metric="exact_match", max_new_tokens=3, methods=("direct", "cont"), ranks=(2,), seeds=(0,),
+                      source_rank=8, steps=6, recover_steps=2, lrs=(5e-3,), method_lrs={"cont": (5e-3,)},
+                      batch_size=8, max_eval=12, max_length=24)
+    records = Study(cfg, tmp_path / "study", log=lambda _: None).run_all()
+    assert {(r["method"], r["rank"]) for r in records} == {("direct", 2), ("cont", 2)}
+    direct = next(r for r in records if r["method"] == "direct")
+    assert direct["metric"] == "exact_match" and "test_accuracy" not in direct
+    [adapter] = [p.parent for p in (tmp_path / "study" / "steps").glob("direct-r2-*/adapter/adapter_config.json")]
+    scores = evaluate_splits(adapter, ModelConfig(name=str(model), task="causal_lm"),
+                             DataConfig(source=str(data), task="causal_lm", max_eval=12, max_length=24, max_new_tokens=3),
+                             data=load_data(cfg.data("colours")))
+    assert direct["val_score"] == scores["validation"]["exact_match"]
+    assert direct["test_score"] == scores["test"]["exact_match"]
+    with pytest.raises(ValueError, match="metric: 'accuracy' is not a causal_lm score"):
+        StudyConfig(model_task="causal_lm")
 
 
 def test_in_squeeze_front_loaded_stages(tmp_path):

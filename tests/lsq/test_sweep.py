@@ -33,7 +33,7 @@ def validation_runner(calls: list[tuple[int, Job]]):
         want = 3e-3 if study.config.steps == 8 else 1e-3
         good = (job.lr == want) + (job.fraction == 0.5)
         base = 0.6 + 0.01 * job.rank + 0.001 * job.seed + 0.002 * study.config.steps
-        return {"val_accuracy": base + 0.05 * good, "test_accuracy": base + 0.05 * (2 - good), "test_macro_f1": base,
+        return {"val_score": base + 0.05 * good, "test_score": base + 0.05 * (2 - good), "test_macro_f1": base,
                 "lora_params": 10 * job.rank, "trainable_params": 10 * job.rank, "adapter_bytes": 40 * job.rank,
                 "test_examples": 50, "steps": study.config.steps, "train_seconds": float(study.config.steps)}
 

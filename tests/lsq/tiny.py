@@ -2,6 +2,7 @@
 
 - ``tiny_bert``: a 2-layer BERT for sequence classification (hidden 32) with the MiniLM tokenizer saved beside it;
 - ``tiny_llama``: a 2-layer Llama causal LM (hidden 32), same tokenizer, ``vocab_size = len(tokenizer)``;
+  :func:`save_chat_llama`: the same with a ChatML-style chat template (as instruction-tuned decoders ship);
 - ``cls_csv`` (``text,label``) / ``lm_jsonl`` (``prompt, answer, choices``): small seeded sets with a learnable signal;
 - :func:`cls_config` / :func:`lm_config`: raw training configs on them (a few steps, seeded, CPU).
 
@@ -70,6 +71,20 @@ def save_tiny_llama(folder: Path, seed: int = 0) -> None:
     )
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def save_chat_llama(folder: Path, seed: int = 0) -> None:
+    """:func:`save_tiny_llama` with :data:`CHATML` as its tokenizer's chat template."""
+    from transformers import AutoTokenizer
+
+    save_tiny_llama(folder, seed)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.chat_template = CHATML
     tok.save_pretrained(folder)
 
 

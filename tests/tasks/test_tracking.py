@@ -333,7 +333,7 @@ def test_causal_lm_pyfunc_answers_greedily(mlflow_uri, tmp_path_factory):
     lm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(adapter)).eval()
     expected = []
     for text in prompts:
-        ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+        ids = tok(text, return_tensors="pt").input_ids  # no chat template: as SFT feeds prompts, special tokens in
         out = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=16,
                           pad_token_id=tok.pad_token_id)
         expected.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
