@@ -89,8 +89,11 @@ examples:
   lsq evaluate squeezed/r8 configs/quick.yaml                  # scores and size on the test split
   lsq evaluate squeezed/r8 configs/quick.yaml --split validation --json
   lsq evaluate squeezed/r8 data.source=builtin:movie data.max_eval=200   # no config: name the data
+  lsq evaluate out/r8 configs/sft-qwen2.5-0.5b.yaml --harness  # the test split, scored by lm-evaluation-harness
+  lsq evaluate out/r8 configs/sft-qwen2.5-0.5b.yaml --harness-include my_tasks/ --harness my_task other
 
-Without data.source (in the config or as key=value) it refuses: nothing is assumed."""
+Without data.source (in the config or as key=value) it refuses: nothing is assumed. --harness needs the
+extra lsq[eval] (lm-eval) and a causal LM; it takes task names up to the next option, so put it last."""
 
 
 def _train_parsers(sub: argparse._SubParsersAction) -> None:
@@ -110,6 +113,10 @@ def _train_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.max_eval=200")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--harness", nargs="*", metavar="TASK", help="score through lm-evaluation-harness instead: the "
+                   "named tasks of --harness-include, or without names the data's split written as a task")
+    p.add_argument("--harness-include", metavar="DIR", help="folder of the lm-eval task YAMLs that --harness names")
+    p.add_argument("--harness-limit", type=int, metavar="N", help="score only the first N documents of each task")
 
 
 def _config_and_overrides(args: argparse.Namespace):
@@ -213,6 +220,55 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from lsq.errors import LsqError
 
     cfg = _config_and_overrides(args)
+    if args.harness is not None:
+        return _run_harness(args, cfg)
+    if args.harness_include is not None or args.harness_limit is not None:
+        raise LsqError("--harness-include and --harness-limit go with --harness")
+    _require_data(args)
+    from lsq.evaluate import evaluate_adapter
+
+    _imports_done()
+    metrics = evaluate_adapter(args.adapter, cfg.model, cfg.data, split=args.split, batch_size=cfg.train.eval_batch_size)
+    metrics = {"data": str(cfg.data.source), **metrics}
+    if args.json:
+        print(json.dumps(metrics, indent=1))
+    else:
+        print(_metrics_line(metrics))
+    return 0
+
+
+def _run_harness(args: argparse.Namespace, cfg) -> int:
+    """``evaluate --harness``: named tasks from the include folder, or the data's split written as a task."""
+    import tempfile
+    from pathlib import Path
+
+    from lsq.errors import LsqError
+    from lsq.harness import harness_scores, require_lm_eval, scores_table, write_task
+
+    require_lm_eval()
+    if args.harness_include is not None and not Path(args.harness_include).is_dir():
+        raise LsqError(f"--harness-include: no such folder {args.harness_include!r}")
+    if not args.harness and args.harness_include is not None:
+        raise LsqError("--harness-include: name the tasks to score from it after --harness")
+    run = dict(limit=args.harness_limit, batch_size=cfg.train.eval_batch_size)
+    _imports_done()
+    if args.harness:
+        with contextlib.redirect_stdout(sys.stderr):  # lm-eval's own prints; stdout keeps the scores alone
+            scores = harness_scores(args.adapter, cfg.model, args.harness, args.harness_include, **run)
+    else:
+        _require_data(args)
+        from lsq.models import load_tokenizer
+
+        with tempfile.TemporaryDirectory(prefix="lsq-harness-") as folder, contextlib.redirect_stdout(sys.stderr):
+            name = write_task(cfg.data, args.split, folder, f"lsq_{args.split}", tokenizer=load_tokenizer(cfg.model))
+            scores = harness_scores(args.adapter, cfg.model, [name], folder, **run)
+    print(json.dumps(scores, indent=1) if args.json else scores_table(scores))
+    return 0
+
+
+def _require_data(args: argparse.Namespace) -> None:
+    from lsq.errors import LsqError
+
     if not _names_data(args):  # scoring on data the adapter never saw, without a word, is worse than refusing
         hint = ""
         from pathlib import Path
@@ -226,16 +282,6 @@ def _run_evaluate(args: argparse.Namespace) -> int:
                 pass
         raise LsqError("evaluate: name the data to score on: a config with data.source, or data.source=... "
                        f"(nothing is assumed){hint}")
-    from lsq.evaluate import evaluate_adapter
-
-    _imports_done()
-    metrics = evaluate_adapter(args.adapter, cfg.model, cfg.data, split=args.split, batch_size=cfg.train.eval_batch_size)
-    metrics = {"data": str(cfg.data.source), **metrics}
-    if args.json:
-        print(json.dumps(metrics, indent=1))
-    else:
-        print(_metrics_line(metrics))
-    return 0
 
 
 def _progress(desc: str):

@@ -164,11 +164,22 @@ def classification_metrics(model: nn.Module, dataset, collator, batch_size: int,
 
 
 def _answer_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per row: summed log-likelihood of the labelled tokens, correct-token count and labelled count."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    logits, labels = logits[:, :-1], batch["labels"][:, 1:]  # position t predicts token t+1
+    """Per row: summed log-likelihood of the labelled tokens, correct-token count and labelled count.
+
+    Only the positions some row has a label at are projected onto the vocabulary (``logits_to_keep``, which
+    transformers' causal LMs take: the answers are a few tokens of each row, the vocabulary tens of thousands
+    wide); a model without it gets every position projected and the same numbers."""
+    labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
+    keep = (labels != IGNORE).any(0).nonzero().squeeze(-1)  # (K,) positions any row needs
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    try:
+        logits = model(**inputs, logits_to_keep=keep).logits.float()  # (B, K, V)
+    except TypeError:  # a model whose forward has no logits_to_keep
+        logits = model(**inputs).logits[:, :-1][:, keep].float()
+    labels = labels[:, keep]  # (B, K)
     mask = labels != IGNORE
-    logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    target = logits.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # (B, K)
+    logp = target - torch.logsumexp(logits, -1)
     correct = (logits.argmax(-1) == labels) & mask
     return (logp * mask).sum(1), correct.sum(1), mask.sum(1)
 
