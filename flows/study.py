@@ -6,7 +6,7 @@
 One Prefect task per method: it chooses the method's learning rate per rank on the validation split
 of the first (or ``select_task``) task and trains every task, rank and seed (lsq/study.py holds the rules; ``benchmarks/study.py`` runs the same study without
 Prefect and MLflow). Each record is logged as it lands, under one parent run per study, so the MLflow
-UI compares methods, ranks and seeds (filter ``tags.lsq.method``, chart ``test_accuracy`` against
+UI compares methods, ranks and seeds (filter ``tags.lsq.method``, chart ``test_score`` (the study's metric) against
 ``lora_params``). The parent run gets the table (``study.md``) and the plot (``study.png``).
 Every adapter is made by the pipeline's steps in ``runs/study/<preset>/steps`` (lsq/steps.py), so a
 re-run reuses every finished step and logs every record again under its own parent run.

@@ -25,7 +25,7 @@ def test_study_flow_logs_every_record_to_mlflow(tmp_path, monkeypatch, mlflow_in
     keys = {line.split('"key": "')[1].split('"')[0] for line in (tmp_path / "study" / "records.jsonl").read_text().splitlines()}
     assert {c.data.tags["lsq.study_key"] for c in children} == keys and len(children) == len(calls) == len(keys)
     for c in children:
-        assert {"test_accuracy", "val_accuracy", "lora_params", "train_seconds"} <= set(c.data.metrics)
+        assert {"test_score", "val_score", "lora_params", "train_seconds"} <= set(c.data.metrics)
         assert {"task", "method", "rank", "seed", "lr", "steps"} <= set(c.data.params)
     chosen = [c for c in children if c.data.params["method"] in ("direct", "cont")
               and c.data.params["lr"] == "0.001" and c.data.params["task"] == "nyt"]

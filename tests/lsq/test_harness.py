@@ -55,13 +55,13 @@ def _save_adapter(folder: Path, model_dir: Path) -> None:
 
 @pytest.fixture(scope="module")
 def chat_llama(tmp_path_factory) -> ModelConfig:
-    folder = built_once(tmp_path_factory, "tiny-llama-chat", _save_chat_llama)
+    folder = built_once(tmp_path_factory, "tiny-llama-chat-harness", _save_chat_llama)
     return ModelConfig(name=str(folder), task="causal_lm", device="cpu")
 
 
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory, chat_llama) -> Path:
-    return built_once(tmp_path_factory, "tiny-llama-chat-lora", lambda d: _save_adapter(d, Path(chat_llama.name)))
+    return built_once(tmp_path_factory, "tiny-llama-chat-harness-lora", lambda d: _save_adapter(d, Path(chat_llama.name)))
 
 
 @pytest.fixture(scope="module")

@@ -69,10 +69,23 @@ def test_chat_template_off_uses_the_raw_prompt(chat_llama, lm_jsonl):
     assert with_template[0]["input_ids"] != without[0]["input_ids"]
 
 
-@pytest.mark.parametrize("preset", sorted(p.name for p in (REPO / "configs").glob("sft-*.yaml")))
+TRAIN_PRESETS = sorted(p.name for p in (REPO / "configs").glob("sft-*.yaml") if p.name != "sft-demo.yaml")
+
+
+@pytest.mark.parametrize("preset", TRAIN_PRESETS)
 def test_sft_presets_load(preset):
     cfg = load_train_config(REPO / "configs" / preset)
     assert cfg.model.task == cfg.data.task == "causal_lm" and cfg.train.gradient_checkpointing
+
+
+def test_the_sft_demo_is_the_whole_pipeline_on_the_built_in_decoder():
+    """configs/sft-demo.yaml (make sft-demo): SmolLM2 on built-in addition, rank 64 -> 16, 8, 4, recovered, In-Squeeze."""
+    from lsq.pipeline_config import load_pipeline_config
+
+    cfg = load_pipeline_config(REPO / "configs" / "sft-demo.yaml")
+    assert (cfg.model.name, cfg.model.task, cfg.data.source) == ("builtin:smollm2", "causal_lm", "builtin:addition")
+    assert cfg.source_rank == 64 and cfg.target_ranks == (16, 8, 4)
+    assert cfg.recover.enabled and cfg.insqueeze.enabled and cfg.baselines.zero_shot
 
 
 def test_sft_preset_trains_a_chat_model(chat_llama, lm_jsonl, tmp_path):

@@ -135,7 +135,6 @@ def test_batched_greedy_generation_equals_a_hand_loop_per_prompt(chat_llama):
     got = generate_answers(model, tok, prompts, max_new_tokens=5, batch_size=3, device="cpu")
     want = [greedy_by_hand(model, tok, p, 5) for p in prompts]
     assert got == want
-    assert all(len(tok(g, add_special_tokens=False)["input_ids"]) <= 5 for g in got)
     with pytest.raises(LsqError, match="max_new_tokens: must be at least 1"):
         generate_answers(model, tok, prompts, max_new_tokens=0, batch_size=3, device="cpu")
 
