@@ -273,6 +273,10 @@ def main(command: tuple[str | None, list[str]], server=None) -> int:
     config, overrides = command
     terminate_on_sigterm()
     try:
+        cfg = load_pipeline_config(config, overrides)  # already checked by parse_command
+        # the flow checks the stores again (deployments start it directly); checked here too, a bad one
+        # is one line, before any Prefect log line or traceback and before waiting for the server
+        preflight(tracking.default_tracking_uri(cfg.tracking), cfg.storage.root)
         with prefect_api(server) as api_url:
             result = squeeze_pipeline(config, overrides)
     except LsqError as exc:  # e.g. preflight: a store that does not answer

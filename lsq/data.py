@@ -12,12 +12,15 @@ before any training starts.
 
 from __future__ import annotations
 
+import codecs
 import functools
 import hashlib
 import json
+import logging
 import math
 import re
 import threading
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +30,7 @@ import pyarrow.compute as pc
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dataset
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from lsq import builtin_data, builtin_tasks
+from lsq import builtin_data, builtin_tasks, data_files
 from lsq.errors import LsqError
 
 BUILTIN_SETS = tuple(builtin_data.VADER_FILES)  # classification; as causal_lm: builtin_tasks.TASKS
@@ -35,6 +38,8 @@ BUILTIN_LABELS = ("negative", "positive")
 SPLITS = ("train", "validation", "test")
 _SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation"}
 _BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# datasets' readers, which log a failure on stderr before raising it: lsq's one line says it instead
+_READER_LOGGERS = ("datasets.packaged_modules.csv.csv", "datasets.packaged_modules.json.json")
 # Suffixes that make a missing source read as a mistyped path rather than a dataset id.
 _FILE_SUFFIXES = set(_BUILDERS) | {".tsv", ".txt", ".arrow", ".xlsx", ".xls", ".gz", ".zip", ".pq", ".feather"}
 
@@ -56,6 +61,8 @@ class DataConfig(BaseModel):
     prompt_column: str = Field("prompt", description="causal_lm: column holding the prompt.")
     answer_column: str = Field("answer", description="causal_lm: column holding the target answer.")
     choices_column: str | None = Field(None, description="causal_lm: optional column with a list of choices.")
+    encoding: str = Field("utf-8", description="Text encoding of .csv/.json/.jsonl files (latin-1, cp1252, "
+                          "utf-16...; a UTF-8 byte-order mark is read either way).")
     label_names: tuple[str, ...] | None = Field(
         None, description="classification: class names, id = position. String labels map through them; "
         "without them string labels map to their sorted unique values."
@@ -78,6 +85,11 @@ class DataConfig(BaseModel):
             if self.builtin not in known:
                 raise ValueError(f"source: unknown built-in {self.task} set {self.builtin!r} (known: {', '.join(known)}"
                                  + ("; builtin:addition is causal_lm data)" if self.builtin == "addition" else ")"))
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ValueError(f"encoding: unknown text encoding {self.encoding!r} (e.g. utf-8, latin-1, cp1252, "
+                             "utf-16)") from None
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError(f"val_fraction: {self.val_fraction} + test_fraction {self.test_fraction} leave no train rows")
         if self.label_names is not None and (len(self.label_names) < 2 or len(set(self.label_names)) != len(self.label_names)):
@@ -114,7 +126,7 @@ def load_data(cfg: DataConfig) -> DatasetDict:
                       max_train=cfg.max_train, max_eval=cfg.max_eval)
     if cfg.builtin is not None:
         return DatasetDict(_builtin_splits(cfg.builtin, cfg.task, **split_args))
-    raw = _canonical_splits(_load_source(cfg.source), cfg.source)
+    raw = _canonical_splits(_load_source(cfg.source, cfg.encoding), cfg.source)
     if cfg.task == "classification":
         dsd = _classification(raw, cfg)
         return split_and_cap(dsd, stratify="label", **split_args)
@@ -211,6 +223,31 @@ def no_progress_bars():
                 datasets.enable_progress_bars()
 
 
+_muted = {"holders": 0, "levels": {}}
+
+
+@contextmanager
+def _reading_quietly():
+    """datasets' readers without their progress bar ("Generating train split") and without the error they
+    log before raising it ("Failed to read file ..."): lsq says it in one line. Counted like
+    :func:`no_progress_bars`, whose lock it shares; the loggers get their levels back when the last reader ends."""
+    with no_progress_bars():
+        with _QUIET_LOCK:
+            if _muted["holders"] == 0:
+                _muted["levels"] = {name: logging.getLogger(name).level for name in _READER_LOGGERS}
+                for name in _READER_LOGGERS:
+                    logging.getLogger(name).setLevel(logging.CRITICAL)
+            _muted["holders"] += 1
+        try:
+            yield
+        finally:
+            with _QUIET_LOCK:
+                _muted["holders"] -= 1
+                if _muted["holders"] == 0:
+                    for name, level in _muted["levels"].items():
+                        logging.getLogger(name).setLevel(level)
+
+
 def _cap(ds: Dataset, cap: int | None, seed: int, stratify: str | None) -> Dataset:
     if cap is None or len(ds) <= cap:
         return ds
@@ -220,14 +257,16 @@ def _cap(ds: Dataset, cap: int | None, seed: int, stratify: str | None) -> Datas
 # ----------------------------------------------------------------------------------------- sources
 
 
-def _load_source(source: str | tuple[str, ...]) -> DatasetDict:
+def _load_source(source: str | tuple[str, ...], encoding: str) -> DatasetDict:
     if isinstance(source, tuple):
-        return _load_files([Path(s).expanduser() for s in source])
+        return _load_files([Path(s).expanduser() for s in source], encoding)
     path = Path(source).expanduser()
     if path.is_file():
-        return _load_files([path])
-    if path.is_dir():
-        return _load_dataset(str(path), f"source: folder {source!r} could not be loaded", source)
+        return _load_files([path], encoding)
+    if path.is_dir():  # datasets picks the reader; a parquet reader takes no encoding
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in data_files.TEXT_SUFFIXES)
+        return _load_dataset(str(path), f"source: folder {source!r} could not be loaded", source, files,
+                             encoding if encoding != "utf-8" else None)
     if source.startswith(("/", ".", "~")) or "\\" in source or source.count("/") > 1 \
             or path.suffix.lower() in _FILE_SUFFIXES:
         raise LsqError(f"source: no such file or folder {source!r}")
@@ -235,7 +274,7 @@ def _load_source(source: str | tuple[str, ...]) -> DatasetDict:
                          "(not a local file or folder, and not in the local datasets cache)", source)
 
 
-def _load_files(paths: list[Path]) -> DatasetDict:
+def _load_files(paths: list[Path], encoding: str) -> DatasetDict:
     for p in paths:
         if not p.is_file():
             raise LsqError(f"source: no such file {str(p)!r}")
@@ -245,20 +284,38 @@ def _load_files(paths: list[Path]) -> DatasetDict:
     builders = {_BUILDERS[p.suffix.lower()] for p in paths}
     if len(builders) > 1:
         raise LsqError(f"source: files mix formats ({', '.join(sorted({p.suffix for p in paths}))}); use one format")
+    builder = builders.pop()
     names = ", ".join(map(str, paths))
-    return _load_dataset(builders.pop(), f"source: could not read {names}", names,
-                         data_files={"train": [str(p) for p in paths]})
+    dsd = _load_dataset(builder, f"source: could not read {names}", names, paths,
+                        encoding if builder != "parquet" else None, data_files={"train": [str(p) for p in paths]})
+    if builder == "csv" and len(dsd["train"].column_names) == 1:  # another separator: one column holds all
+        found = next(filter(None, (data_files.separator_problem(p, encoding) for p in paths)), None)
+        if found:
+            raise LsqError(found)
+    return dsd
 
 
-def _load_dataset(path: str, message: str, source: Any, **kwargs: Any) -> DatasetDict:
+def _load_dataset(path: str, message: str, source: Any, files: Sequence[Path] = (), encoding: str | None = None,
+                  **kwargs: Any) -> DatasetDict:
+    """``load_dataset(path, **kwargs)`` (with ``encoding`` when given: the csv and json readers take it), quietly;
+    a failure is one line, about the local ``files`` read where they show what is wrong."""
+    if encoding is not None:
+        kwargs["encoding"] = encoding
+    encoding = encoding or "utf-8"
     try:
-        dsd = load_dataset(path, **kwargs)
+        with _reading_quietly():
+            dsd = load_dataset(path, **kwargs)
+            if isinstance(dsd, DatasetDict) and any(f.suffix.lower() in (".json", ".jsonl") for f in files):
+                for ds in dsd.values():  # pyarrow's JSON reader keeps bytes that are not UTF-8: found here, not later
+                    ds.data.table.validate(full=True)
     except Exception as exc:  # datasets raises many types (ConnectionError, FileNotFoundError, ArrowInvalid...)
-        detail = (str(exc).strip().splitlines() or [""])[0][:200]
-        empty = re.search(r'Instruction "(\w+)" corresponds to no data', detail)
-        if empty:  # how datasets reports a file without rows
+        empty = re.search(r'Instruction "(\w+)" corresponds to no data', str(exc))
+        if empty and "data_files" in kwargs:  # the files named in data.source: none holds a row
+            raise LsqError(data_files.no_rows(files, encoding)) from None
+        if empty:  # how datasets reports a split without rows
             raise LsqError(f"split {empty.group(1)!r} of source {source!r} is empty") from None
-        raise LsqError(f"{message}: {type(exc).__name__}: {detail}") from None
+        found = data_files.explain(exc, files, encoding) if files else None
+        raise LsqError(found or f"{message}: {data_files.root_cause(exc)}") from None
     if not isinstance(dsd, DatasetDict):
         raise LsqError(f"{message}: got {type(dsd).__name__}, not a DatasetDict")
     return dsd

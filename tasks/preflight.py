@@ -18,11 +18,17 @@ What is checked, by the form of each location:
   itself retries a dead object store for ~10 s before it answers 500). A server that does not proxy
   artifacts (``--no-serve-artifacts``) is only logged: its clients write to the store themselves.
 - tracking ``sqlite:///path``, ``file:`` or a plain path: the database's folder (the store's folder)
-  must be creatable and writable (a probe file is written and removed).
+  must be creatable and writable (a probe file is written and removed). A database file that exists
+  must be a file this process can write, an SQLite database (its 16-byte header) and, unless it has no
+  tables yet, MLflow's (an ``experiments`` or ``alembic_version`` table; read through a read-only
+  connection): MLflow would otherwise fail with a page of SQLAlchemy traceback, or add its tables to
+  another program's database. A missing or empty file passes: MLflow creates its tables.
 - other tracking stores (a database URI): one ``search_experiments(max_results=1)``.
 - storage root, a folder or an fsspec URL (``s3://bucket/prefix``): a probe object
-  ``<root>/.lsq-preflight/<uuid>`` is written, read back and deleted. For ``s3://``, botocore gets
-  ``timeout``-second connect/read timeouts and one attempt, so a dead endpoint fails at once.
+  ``<root>/.lsq-preflight/<uuid>`` is written, read back and deleted. A ``file://`` root is the folder
+  fsspec (and so :class:`lsq.storage.Storage`) makes of it: ``file://runs`` is ``./runs``. For
+  ``s3://``, botocore gets ``timeout``-second connect/read timeouts and one attempt, so a dead endpoint
+  fails at once.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import logging
 import os
 import re
 import uuid
+from contextlib import closing
 from pathlib import Path
 from typing import NoReturn
 from urllib.parse import unquote, urlsplit
@@ -63,7 +70,7 @@ def _check_tracking(uri: str, timeout: float) -> None:
     elif uri.startswith("sqlite:"):
         db = sqlite_path(uri)
         if db is not None:
-            _check_folder(db.parent, f"tracking store {redact_uri(uri)}")
+            _check_sqlite(db, f"tracking store {redact_uri(uri)}", timeout)
     elif scheme == "file" or not scheme or len(scheme) == 1:  # file:/path, /path, C:\path
         folder = Path(unquote(urlsplit(uri).path)) if scheme == "file" else Path(uri)
         _check_folder(folder, f"tracking store {redact_uri(uri)}")
@@ -139,13 +146,54 @@ def _http(response, what: str) -> str:
     return f"HTTP {response.status_code} on {what}: {text}"
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite 3 database file
+MLFLOW_TABLES = ("experiments", "alembic_version")  # either one: the database is MLflow's (perhaps half-made)
+_USE_INSTEAD = "point tracking.tracking_uri at an MLflow database, or at a file that does not exist yet"
+
+
+def _check_sqlite(db: Path, where: str, timeout: float) -> None:
+    """The folder of ``db`` creatable and writable; ``db`` missing, empty, or an SQLite database of MLflow's
+    that this process can write. Past the folder's probe, reads the header and the table names only."""
+    _check_folder(db.parent, where)
+    if not db.exists():
+        return  # MLflow creates it
+    if db.is_dir():
+        _fail(f"{where} is a folder, not a database file", str(db), _USE_INSTEAD)
+    try:
+        with open(db, "r+b") as f:  # opened for writing, written to never: permissions, read-only mounts
+            head = f.read(len(SQLITE_HEADER))
+    except OSError as exc:
+        _fail(f"{where} not {'writable' if os.access(db, os.R_OK) else 'readable'}", exc)
+    if not head:
+        return  # an empty file is an empty database to SQLite: MLflow creates its tables
+    if head != SQLITE_HEADER:
+        _fail(f"{where} is not an SQLite database", f"it begins {head!r}", _USE_INSTEAD)
+    import sqlite3
+
+    try:
+        with closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=timeout)) as con:
+            tables = sorted(name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'"))
+    except sqlite3.OperationalError as exc:  # locked, a hot journal to roll back...: MLflow's own open decides
+        log.info("%s: table names not read (%s); left to MLflow", where, exc)
+        return
+    except sqlite3.DatabaseError as exc:  # malformed, encrypted
+        _fail(f"{where} is not a readable SQLite database", exc, _USE_INSTEAD)
+    if tables and not set(MLFLOW_TABLES) & set(tables):
+        shown = ", ".join(tables[:5]) + (f" and {len(tables) - 5} more" if len(tables) > 5 else "")
+        _fail(f"{where} is another program's SQLite database", f"tables {shown}; none of MLflow's", _USE_INSTEAD)
+
+
 # --------------------------------------------------------------------------------- storage root
 def _check_storage_root(root: str, timeout: float) -> None:
     where = f"storage root {redact_uri(root)}"
-    if "://" not in root or root.startswith("file://"):
-        _check_folder(Path(unquote(urlsplit(root).path)) if root.startswith("file://") else Path(root), where)
+    if "://" not in root:
+        _check_folder(Path(root), where)
         return
     import fsspec
+
+    if root.lower().startswith("file://"):  # where the storage writes: fsspec's path (file://runs is ./runs)
+        _check_folder(Path(fsspec.core.url_to_fs(root)[1]), where)
+        return
 
     protocol = root.split("://", 1)[0].lower()
     options = {"skip_instance_cache": True}
@@ -194,8 +242,8 @@ def _check_folder(folder: Path, where: str) -> None:
 
 
 # -------------------------------------------------------------------------------------- messages
-def _fail(what: str, reason: BaseException | str) -> NoReturn:
-    raise LsqError(f"preflight: {what} ({_reason(reason)})") from None
+def _fail(what: str, reason: BaseException | str, fix: str = "") -> NoReturn:
+    raise LsqError(f"preflight: {what} ({_reason(reason)})" + (f"; {fix}" if fix else "")) from None
 
 
 def _reason(reason: BaseException | str, limit: int = 300) -> str:

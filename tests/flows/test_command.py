@@ -112,5 +112,17 @@ def test_schema_lists_the_promotion_metrics():
     assert "SERVER STARTED" not in err and "prefect" not in imported
     schema = json.loads(out)
     promotion = schema["$defs"]["Promotion"]["properties"]
-    assert promotion["metric"]["enum"] == ["auto", "accuracy", "macro_f1", "answer_accuracy", "choice_accuracy", "loss"]
+    assert promotion["metric"]["enum"] == ["auto", "accuracy", "macro_f1", "exact_match", "choice_accuracy",
+                                          "answer_accuracy", "loss"]
     assert "servable_only" in promotion and "eval_split" not in schema["properties"]
+
+
+def test_a_tracking_store_that_is_not_a_database_is_one_line_before_any_work(tmp_path):
+    store, out = tmp_path / "x.db", tmp_path / "out"
+    store.write_text("these are notes, not a database\n")
+    done = run("configs/demo.yaml", f"tracking.tracking_uri=sqlite:///{store}", f"output_dir={out}")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr == (f"squeeze_pipeline: error: preflight: tracking store sqlite:///{store} is not an SQLite "
+                           "database (it begins b'these are notes,'); point tracking.tracking_uri at an MLflow "
+                           "database, or at a file that does not exist yet\n")
+    assert done.stdout == "" and not out.exists() and os.listdir(tmp_path) == ["x.db"]

@@ -344,12 +344,12 @@ def _csv(tmp_path, rows, header="text,label", name="d.csv"):
     ("one_class", r"label_column: only one class \('only'\)"),
     ("one_class_in_train", r"label_column: split 'train' holds a single class"),
     ("missing_labels", r"label_column: column 'label' of split 'train' has 1 missing values"),
-    ("empty", r"split 'train' of source .* is empty"),
+    ("empty", r"source: .*d\.csv has only its header line 'text,label', no rows; add rows below the header"),
     ("empty_test", r"split 'test' of source .* is empty"),
     ("not_text", r"text_column: column 'text' of split 'train' holds int64, not text"),
     ("too_small", r"split 'train' has 1 rows: too few to cut a validation split of 1 rows"),
     ("offline", r"source: dataset 'someone/not-cached' could not be loaded offline"),
-    ("bad_json", r"source: could not read .*broken\.jsonl"),
+    ("bad_json", r"source: .*broken\.jsonl line 2 is not a JSON object \(Expecting value at column 10\)"),
 ])
 def test_bad_input_is_one_lsq_error_line(tmp_path, case, message):
     ok = [f"t{i},{i % 2}" for i in range(10)]
