@@ -384,7 +384,7 @@ BAD_INPUT = {
         lambda t: {"data__source": str(_write(t / "r.csv", THREE_LABELS)),
                    "data__label_names": ["neg", "pos"]},
         ["label_column", "label 2", "0..1"]),
-    "empty split": (lambda t: {"data__source": str(_write(t / "e.csv", "text,label\n"))}, ["split 'train'", "empty"]),
+    "empty split": (lambda t: {"data__source": str(_write(t / "e.csv", "text,label\n"))}, ["e.csv", "has only its header line", "no rows"]),
     "missing data file": (lambda t: {"data__source": str(t / "gone.csv")}, ["source", "gone.csv"]),
 }
 
