@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lsq.errors import LsqError
+from lsq.errors import LsqError, write_failure
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -218,11 +218,20 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], Mapping[str, 
 
 
 def write_adapter(folder: Path, config: Mapping[str, Any], weights: Mapping[str, torch.Tensor]) -> None:
-    """Write a PEFT adapter folder's two files into ``folder`` (which the caller makes atomic)."""
+    """Write a PEFT adapter folder's two files into ``folder`` (which the caller makes atomic).
+
+    A failed write raises OSError naming the file (safetensors' own error, which names none, included)."""
     folder.mkdir(parents=True, exist_ok=True)
     # no sort_keys: PEFT applies the first matching rank_pattern key, so their order must survive
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    tensors = {k: v.contiguous() for k, v in weights.items()}
+    try:
+        save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    except SafetensorError as exc:
+        failure = write_failure(exc, folder / WEIGHTS_NAME)
+        if failure is None:
+            raise
+        raise OSError(failure.errno, failure.strerror, failure.filename) from None
 
 
 # Temporary folders of the AtomicFolders open in this process. A signal turned into an exception
@@ -244,6 +253,8 @@ class AtomicFolder:
     ``target`` is replaced only with ``force=True``: checked before any work starts, and again by the
     final rename, which never replaces a ``target`` that another writer created meanwhile (two
     ``lsq squeeze`` runs to one new folder: one wins, the other is refused and leaves nothing).
+    A write that fails (disk full, no permission) is raised as :class:`lsq.errors.WriteFailed` naming the
+    file as it would have been under ``target``, once the temporary folder is gone.
     """
 
     FORCE_ATTEMPTS = 10  # force: times a target that keeps reappearing is moved aside before giving up
@@ -256,7 +267,10 @@ class AtomicFolder:
         self.tmp: Path | None = None
 
     def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise (write_failure(exc, self.target) or exc) from None
         while True:  # not tempfile.mkdtemp: a signal inside it, after its mkdir, would lose the name
             self.tmp = self.target.parent / f".{self.target.name}.{secrets.token_hex(4)}.tmp"
             _UNFINISHED.add(self.tmp)
@@ -265,18 +279,35 @@ class AtomicFolder:
                 return self.tmp
             except FileExistsError:
                 _UNFINISHED.discard(self.tmp)  # that name is someone else's: draw another
-            except BaseException:  # SIGTERM or Ctrl-C right after the mkdir: __exit__ will not run
+            except BaseException as exc:  # SIGTERM or Ctrl-C right after the mkdir: __exit__ will not run
                 self._remove_tmp()
+                if (failure := write_failure(exc, self.target)) is not None:
+                    raise failure from None
                 raise
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            if exc_type is None and self.force:
-                self._replace()
-            elif exc_type is None:
-                self._publish()
-        finally:
-            self._remove_tmp()  # nothing there any more after a successful rename
+            try:
+                if exc_type is None and self.force:
+                    self._replace()
+                elif exc_type is None:
+                    self._publish()
+            finally:
+                self._remove_tmp()  # nothing there any more after a successful rename
+        except Exception as failed:  # the rename itself
+            if (failure := write_failure(failed, self._as_target(failed))) is not None:
+                raise failure from None
+            raise
+        if isinstance(exc, Exception) and (failure := write_failure(exc, self._as_target(exc))) is not None:
+            raise failure from None
+
+    def _as_target(self, exc: BaseException) -> Path:
+        """The file an I/O error names inside the temporary folder, as it would have been under ``target``."""
+        for name in (getattr(exc, "filename", None), getattr(exc, "filename2", None)):
+            if isinstance(name, (str, bytes, os.PathLike)):
+                with contextlib.suppress(ValueError):
+                    return self.target / Path(os.fsdecode(name)).relative_to(self.tmp)
+        return self.target
 
     def _remove_tmp(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -297,11 +328,11 @@ class AtomicFolder:
         try:
             for attempt in range(self.FORCE_ATTEMPTS):
                 old = self.tmp.with_name(f"{self.tmp.name}.old{attempt}")  # unique as the tmp name is
+                aside.append(old)  # before the move: a signal right after it must still find the old folder
                 try:
                     os.replace(self.target, old)
-                    aside.append(old)
                 except FileNotFoundError:
-                    pass  # no target (or another writer moved it away first)
+                    aside.pop()  # no target (or another writer moved it away first)
                 try:
                     rename_no_replace(self.tmp, self.target)
                     return

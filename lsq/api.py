@@ -6,6 +6,7 @@ no half-written output and an existing output folder is replaced only when asked
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -78,7 +79,8 @@ def squeeze_adapter(
     settings = config.model_dump(mode="json", exclude={"ranks", "energy", "budget"})
     extras = [p for p in src.iterdir() if p.is_file() and p.name not in _ADAPTER_FILES]
     totals = {}
-    with atomic as tmp:
+    # leaving the block stops the plot's child, which writes into tmp, before tmp is removed
+    with atomic as tmp, plotter if plotter is not None else contextlib.nullcontext():
         if plot:
             marks = {a.name: next(iter(a.ranks.values())) for a in result.adapters if len(set(a.ranks.values())) == 1}
             if plotter is not None:

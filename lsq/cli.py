@@ -8,7 +8,8 @@
     lsq train configs/quick.yaml method=in rank=4 # train one adapter (direct, source, cont, in, adalora)
     lsq evaluate ADAPTER configs/quick.yaml       # score an adapter folder on the test split
 
-Bad input prints one line ``lsq: error: ...`` on stderr and exits with status 2; nothing is written.
+Bad input prints one line ``lsq: error: ...`` on stderr and exits with status 2; nothing is written. So
+does a write that fails: ``lsq: error: cannot write PATH: No space left on device (errno 28); nothing was written``.
 SIGTERM (timeout, docker, kubernetes) and Ctrl-C clean up what was half-written and exit 143 / 130.
 Heavy imports (torch, pydantic) happen after argument parsing so ``--help`` is instant.
 """
@@ -141,6 +142,7 @@ def _run_train(args: argparse.Namespace) -> int:
         return 0
     from lsq.evaluate import evaluate_adapter
     from lsq.train import SUMMARY_NAME, train
+    from lsq.workdir import atomic_write
 
     _imports_done()
     _log_to_stderr()  # In-Squeeze's resize lines
@@ -152,7 +154,8 @@ def _run_train(args: argparse.Namespace) -> int:
     validation = {"data": str(cfg.data.source), **validation}
     summary = result.adapter_dir.parent / SUMMARY_NAME
     if summary.is_file():
-        summary.write_text(json.dumps({**json.loads(summary.read_text()), "validation": validation}, indent=1) + "\n")
+        atomic_write(summary, (json.dumps({**json.loads(summary.read_text()), "validation": validation}, indent=1)
+                               + "\n").encode())
     print(json.dumps({**result.to_json(), "validation": validation}, indent=1))
     print("validation: " + _metrics_line(validation), file=sys.stderr)
     return 0
@@ -446,7 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return runners[args.command](args)
-    except (LsqError, OSError) as exc:  # OSError: unwritable --out, disk full, ...; the contract is one line
+    except (LsqError, OSError) as exc:  # OSError: disk full, no permission (WriteFailed), ...; one line
         print("lsq: error: " + " ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -489,7 +492,11 @@ def run() -> None:
     gc.disable()
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        code = main()
+        try:
+            code = main()
+        finally:  # done, clean-up included: a SIGTERM from now on would only break the exit (a traceback from
+            # the interpreter's shutdown, or death by the signal once Python has restored its default action)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # runs a handler still pending: caught below
     except Terminated:
         print("lsq: terminated", file=sys.stderr)
         code = 128 + signal.SIGTERM

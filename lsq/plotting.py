@@ -8,9 +8,13 @@ while the child draws. This module imports neither torch nor the rest of lsq, so
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
 import math
+import os
+import re
 import subprocess
 import sys
 import threading
@@ -21,6 +25,8 @@ from pathlib import Path
 # squeezes running in worker threads (Prefect's task runner) and the tracking code can share it.
 PLOT_LOCK = threading.Lock()
 DPI = 100
+# the child's errors that PlotProcess.wait raises as an OSError naming the file: the disk's, not the plot's
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 def plot_spectra(spectra: Sequence[Sequence[float]], path: str | Path, marks: Mapping[str, int] | None = None) -> None:
@@ -80,8 +86,9 @@ def _draw(fig, ax_s, ax_e, spectra: Sequence[Sequence[float]], path: Path, marks
 class PlotProcess:
     """A child process that imports matplotlib now and draws one plot when :meth:`submit` is called.
 
-    Use as a context manager; leaving it kills a child that was never given work. :meth:`wait`
-    raises ``RuntimeError`` with the child's last error line when drawing failed.
+    Use as a context manager; leaving it kills a child that is still drawing. :meth:`wait` raises
+    ``OSError`` naming the file when the child could not write it (disk full, no permission), and
+    ``RuntimeError`` with the child's last error line when drawing failed otherwise.
     """
 
     def __init__(self) -> None:
@@ -89,10 +96,12 @@ class PlotProcess:
             [sys.executable, "-m", "lsq.plotting"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, text=True,
         )
+        self._path: str | None = None  # the plot's file, once submitted
 
     def submit(self, spectra: Sequence[Sequence[float]], path: str | Path, marks: Mapping[str, int]) -> None:
         """Hand the data to the child; it draws while the caller goes on."""
-        payload = {"spectra": [list(map(float, S)) for S in spectra], "path": str(path), "marks": dict(marks)}
+        self._path = str(path)
+        payload = {"spectra": [list(map(float, S)) for S in spectra], "path": self._path, "marks": dict(marks)}
         try:
             self._proc.stdin.write(json.dumps(payload))
             self._proc.stdin.close()
@@ -105,7 +114,11 @@ class PlotProcess:
         self._proc.wait()
         if self._proc.returncode != 0:
             lines = [ln for ln in (err or "").splitlines() if ln.strip()]
-            raise RuntimeError(f"spectrum plot failed: {lines[-1] if lines else f'exit {self._proc.returncode}'}")
+            last = lines[-1] if lines else f"exit {self._proc.returncode}"
+            found = re.search(r"\[Errno (\d+)\]", last)
+            if found and int(found[1]) in _WRITE_ERRNOS:
+                raise OSError(int(found[1]), os.strerror(int(found[1])), self._path)
+            raise RuntimeError(f"spectrum plot failed: {last}")
 
     def close(self) -> None:
         if self._proc.poll() is None:
@@ -113,7 +126,8 @@ class PlotProcess:
             self._proc.wait()
         for stream in (self._proc.stdin, self._proc.stderr):
             if stream and not stream.closed:
-                stream.close()
+                with contextlib.suppress(OSError):  # stdin's unsent payload: the child is gone (BrokenPipeError)
+                    stream.close()
 
     def __enter__(self) -> PlotProcess:
         return self

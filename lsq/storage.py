@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -36,7 +34,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from lsq.errors import LsqError
-from lsq.workdir import adapter_digest, adapters_in, atomic_write
+from lsq.workdir import adapter_digest, adapters_in, atomic_write, temporary_folder
 
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=BaseModel)
@@ -154,9 +152,7 @@ class Storage:
             return variant
         target = self.cache / digest
         if not (target / COMPLETE).is_file():
-            self.cache.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=self.cache, prefix=f".{digest[:12]}-"))
-            try:
+            with temporary_folder(self.cache, f".{digest[:12]}-") as tmp:
                 fs = self.fs if self.shared and uri.startswith(self.root) else _fs_for(uri)
                 if not fs.exists(f"{uri}/{COMPLETE}"):
                     raise LsqError(f"adapter {uri}: not in the storage root (no {COMPLETE} marker)")
@@ -169,8 +165,6 @@ class Storage:
                 except OSError:  # another process of this machine fetched it meanwhile
                     if not (target / COMPLETE).is_file():
                         raise
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
         return _moved(variant, uri, str(target))
 
     # --- checkpoints --------------------------------------------------------------------------
@@ -197,13 +191,9 @@ class Storage:
         if not names:
             return None
         name = names[-1]
-        into.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=into, prefix=f".{name}-"))
-        try:
+        with temporary_folder(into, f".{name}-") as tmp:
             _get_tree(self.fs, f"{base}/{name}", tmp)
             os.rename(tmp, into / name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         log.info("resuming %s from %s/%s", run, base, name)
         return into / name
 

@@ -26,12 +26,13 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from lsq.adapter import AtomicFolder, find_modules, read_adapter
 from lsq.data import fingerprint, load_data
-from lsq.errors import LsqError, TrainingDiverged
+from lsq.errors import LsqError, TrainingDiverged, write_failure
 from lsq.insqueeze import RankScheduleCallback, boundaries
 from lsq.live import lora_layers, resize_lora_
 from lsq.models import default_targets, device_of, load_base_model, load_tokenizer
 from lsq.objectives import PadCollator, tokenize_causal_lm, tokenize_classification
 from lsq.train_config import TrainConfig
+from lsq.workdir import atomic_write
 
 Log = Callable[[Mapping[str, float], int], None]
 SUMMARY_NAME = "train_summary.json"
@@ -141,6 +142,20 @@ class LsqTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         return super().training_step(self.model_wrapped, inputs, num_items_in_batch)
+
+    def _save_checkpoint(self, model, trial):
+        """A checkpoint that cannot be written (disk full, no permission) is removed, then raised as
+        :class:`lsq.errors.WriteFailed` naming its folder; the whole checkpoints before it stay."""
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as exc:
+            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            failure = write_failure(exc, folder)
+            if failure is None:
+                raise
+            if self.args.should_save:
+                shutil.rmtree(folder, ignore_errors=True)  # unmarked: never resumed from, only in the way
+            raise failure from None
 
     def evaluate(self, *args, **kwargs):
         """Scoring during training (``train.eval_steps``) leaves the training's random streams as they
@@ -370,6 +385,6 @@ def train(cfg: TrainConfig, log: Log | None = None, data=None,
     )
     if main:
         summary = {**result.to_json(), "config": cfg.model_dump(mode="json")}
-        (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=1) + "\n")
+        atomic_write(out / SUMMARY_NAME, (json.dumps(summary, indent=1) + "\n").encode())
     _barrier()  # the adapter is whole before any rank reports the run done
     return result

@@ -14,18 +14,22 @@ is reused only when it is verifiably the one that was written.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
 import os
-import tempfile
+import secrets
+import shutil
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
 from filelock import FileLock
 from pydantic import BaseModel, ValidationError
+
+from lsq.errors import write_failure
 
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=BaseModel)
@@ -72,18 +76,75 @@ def publish(folder: str | os.PathLike, record: BaseModel, name: str = RECORD_NAM
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` whole or not at all: a temporary file beside it, fsync, rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write ``data`` to ``path`` whole or not at all: a temporary file beside it, fsync, rename.
+
+    A failed write (disk full, no permission) raises :class:`lsq.errors.WriteFailed` naming ``path``."""
     try:
-        os.chmod(tmp, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        tmp = new_temporary(path.parent, f".{path.name}.", folder=False)
+        try:
+            with open(tmp, "wb") as f:
+                os.fchmod(f.fileno(), 0o644)
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            discard_temporary(tmp)  # gone already after the rename
+    except OSError as exc:
+        raise (write_failure(exc, path) or exc) from None
+
+
+# Temporary files and folders of this process not yet renamed into place or removed. A signal turned into an
+# exception (the CLI's SIGTERM, Prefect's, Ctrl-C) can land where no clean-up runs yet: whatever is left here is
+# removed when the process exits.
+_UNFINISHED: set[Path] = set()
+
+
+@atexit.register
+def _remove_unfinished() -> None:
+    for path in list(_UNFINISHED):
+        discard_temporary(path)
+
+
+def new_temporary(parent: Path, prefix: str, folder: bool = True) -> Path:
+    """A new empty folder (or file) ``parent/<prefix><random>.tmp``, removed at exit unless renamed away or
+    :func:`discard_temporary` comes first. Not tempfile's ``mkdtemp`` / ``mkstemp``: a signal landing just after
+    their mkdir or open, before the caller's ``try``, would leave it behind with its name lost."""
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(4)}.tmp"
+        _UNFINISHED.add(path)  # before it exists
+        try:
+            if folder:
+                os.mkdir(path)
+            else:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            return path
+        except FileExistsError:
+            _UNFINISHED.discard(path)  # that name is someone else's: draw another
+        except BaseException:
+            discard_temporary(path)
+            raise
+
+
+def discard_temporary(path: Path) -> None:
+    """Remove a temporary file or folder of :func:`new_temporary`, if it is still there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with suppress(OSError):
+            path.unlink(missing_ok=True)
+    _UNFINISHED.discard(path)
+
+
+@contextmanager
+def temporary_folder(parent: Path, prefix: str) -> Iterator[Path]:
+    """:func:`new_temporary` folder for the block, removed with what is in it when the block ends."""
+    parent.mkdir(parents=True, exist_ok=True)
+    path = new_temporary(parent, prefix)
+    try:
+        yield path
+    finally:
+        discard_temporary(path)
 
 
 def finished(folder: str | os.PathLike, kind: type[R], name: str = RECORD_NAME) -> R | None:
