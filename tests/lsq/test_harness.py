@@ -26,7 +26,7 @@ from lsq.errors import LsqError  # noqa: E402
 from lsq.evaluate import evaluate_splits  # noqa: E402
 from lsq.harness import answer_frame, harness_scores, write_task  # noqa: E402
 from lsq.models import ModelConfig, load_tokenizer  # noqa: E402
-from tests.lsq.tiny import COLOURS, built_once, save_tiny_llama, write_causal_jsonl  # noqa: E402
+from tests.lsq.tiny import COLOURS, built_once, greedy_by_hand, save_tiny_llama, write_causal_jsonl  # noqa: E402
 
 # a space between the assistant header and the answer, the eos token as end-of-turn: both framings are exercised
 CHAT = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} [SEP] {% endfor %}"
@@ -142,16 +142,7 @@ def _normalised(text: str) -> str:
 def _greedy(model, tok, prompt: str, new: int) -> str:
     """By hand: the chat-rendered prompt, argmax of a full forward pass per step, stop at eos, no special tokens."""
     head = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    ids = torch.tensor([tok(head, add_special_tokens=False)["input_ids"]])
-    out = []
-    with torch.no_grad():
-        for _ in range(new):
-            nxt = int(model(input_ids=ids).logits[0, -1].argmax())
-            if nxt == tok.eos_token_id:
-                break
-            out.append(nxt)
-            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
-    return tok.decode(out, skip_special_tokens=True)
+    return greedy_by_hand(model, tok, tok(head, add_special_tokens=False)["input_ids"], new)
 
 
 def test_generation_exact_match_equals_a_hand_count(tmp_path, chat_llama, adapter):

@@ -24,7 +24,7 @@ from lsq.objectives import (
     normalize_answer,
     prompt_ids,
 )
-from tests.lsq.tiny import lm_jsonl, tiny_llama  # noqa: F401 - fixtures
+from tests.lsq.tiny import greedy_by_hand, lm_jsonl, tiny_llama  # noqa: F401 - fixtures
 
 CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -114,18 +114,9 @@ def chat_llama(tiny_llama):  # noqa: F811 - fixture
     return load_base_model(cfg).eval(), tok
 
 
-def greedy_by_hand(model, tok, prompt: str, new: int) -> str:
-    """One prompt, no padding, argmax of the full forward pass at each step, stop at eos."""
-    ids = torch.tensor([prompt_ids(tok, prompt)])
-    out = []
-    with torch.no_grad():
-        for _ in range(new):
-            nxt = int(model(input_ids=ids).logits[0, -1].argmax())
-            if nxt == tok.eos_token_id:
-                break
-            out.append(nxt)
-            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
-    return tok.decode(out, skip_special_tokens=True).strip()
+def answer_by_hand(model, tok, prompt: str, new: int) -> str:
+    """The prompt rendered as training renders it, decoded greedily by hand (no padding, no ``generate``)."""
+    return greedy_by_hand(model, tok, prompt_ids(tok, prompt), new).strip()
 
 
 def test_batched_greedy_generation_equals_a_hand_loop_per_prompt(chat_llama):
@@ -133,7 +124,7 @@ def test_batched_greedy_generation_equals_a_hand_loop_per_prompt(chat_llama):
     prompts = ["the colour of the sky is", "what is two", "a much longer prompt that needs more padding than the rest",
                "x"]
     got = generate_answers(model, tok, prompts, max_new_tokens=5, batch_size=3, device="cpu")
-    want = [greedy_by_hand(model, tok, p, 5) for p in prompts]
+    want = [answer_by_hand(model, tok, p, 5) for p in prompts]
     assert got == want
     with pytest.raises(LsqError, match="max_new_tokens: must be at least 1"):
         generate_answers(model, tok, prompts, max_new_tokens=0, batch_size=3, device="cpu")
@@ -163,7 +154,7 @@ def test_exact_match_metric_of_a_split_equals_the_hand_count(tiny_llama, tmp_pat
     data_cfg = DataConfig(source=str(path), task="causal_lm", max_length=24, max_new_tokens=3)
     data = load_data(data_cfg)
     model, tok = load_base_model(cfg).eval(), load_tokenizer(cfg)
-    answers = [greedy_by_hand(model, tok, p, 3) for p in data["test"]["prompt"]]
+    answers = [answer_by_hand(model, tok, p, 3) for p in data["test"]["prompt"]]
     answers[0] = data["test"]["answer"][0]  # a random model is never right: its first answer is made right below
     import lsq.objectives as objectives
 

@@ -88,6 +88,23 @@ def save_chat_llama(folder: Path, seed: int = 0) -> None:
     tok.save_pretrained(folder)
 
 
+def greedy_by_hand(model, tok, ids: list[int], new: int) -> str:
+    """Greedy decoding without ``generate``: one prompt's token ``ids``, no padding, the argmax of a full forward
+    pass per step, at most ``new`` tokens, stopping at eos; the new text without special tokens."""
+    import torch
+
+    seq = torch.tensor([ids])  # (1, T)
+    out = []
+    with torch.no_grad():
+        for _ in range(new):
+            nxt = int(model(input_ids=seq).logits[0, -1].argmax())
+            if nxt == tok.eos_token_id:
+                break
+            out.append(nxt)
+            seq = torch.cat([seq, torch.tensor([[nxt]])], dim=1)
+    return tok.decode(out, skip_special_tokens=True)
+
+
 def write_classification_csv(path: Path, n: int = 240, seed: int = 0) -> Path:
     """``text,label`` rows: one filler word and three sentiment words, label 1 for positive ones, 0 for negative."""
     rng = random.Random(seed)
