@@ -157,6 +157,8 @@ def convert_gguf(gguf: str | Path, out: str | Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lsq.models import LOAD_LOCK  # here, not at the top: lsq.models calls this module to install models
+
     kwargs: dict = {}
     try:  # newer transformers may keep GGUF blocks packed; ask for a plain dense model
         from transformers import GgufConfig
@@ -165,8 +167,9 @@ def convert_gguf(gguf: str | Path, out: str | Path) -> None:
     except ImportError:
         pass
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
-                                                     **kwargs)
+        with LOAD_LOCK:  # one model load at a time per process (lsq.models.LOAD_LOCK says why)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                                         **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as exc:  # noqa: BLE001 - a converter boundary: any loader failure is one line
         raise LsqError(f"{gguf}: transformers cannot load it ({type(exc).__name__}: {_first_line(exc)})") from None

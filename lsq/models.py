@@ -146,6 +146,12 @@ def load_base_model(cfg: ModelConfig, num_labels: int | None = None):
 
 
 _HELD = threading.local()
+# transformers 5 swaps class attributes while it loads a model (``initialization.no_tie_weights`` and
+# ``no_init_weights`` replace ``PreTrainedModel.tie_weights`` / ``init_weights`` and torch's init functions with
+# no-ops, then put back what they found). Two loads at once in threads (the pipeline's units) can put back a no-op
+# for good: every later load in the process then ties nothing, and a tied lm_head stays on the meta device
+# ("Cannot copy out of meta tensor"). lsq loads one model at a time per process.
+LOAD_LOCK = threading.Lock()
 
 
 class _HoldLoadReport(logging.Filter):
@@ -171,6 +177,11 @@ def _loaded(auto, path: str, new_head: bool = False, **kwargs):
       that FutureWarning (this message only, process-wide) is silenced.
     """
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    with LOAD_LOCK:  # one load at a time: see LOAD_LOCK
+        return _load(auto, path, new_head, **kwargs)
+
+
+def _load(auto, path: str, new_head: bool, **kwargs):
     if not new_head:
         return auto.from_pretrained(path, **kwargs)
     log = logging.getLogger("transformers.modeling_utils")
