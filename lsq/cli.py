@@ -23,6 +23,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 _SQUEEZE_HELP = """\
@@ -450,11 +451,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return runners[args.command](args)
     except (LsqError, OSError) as exc:  # OSError: disk full, no permission (WriteFailed), ...; one line
+        if _SIGNALLED.is_set():  # the SIGTERM's Terminated was raised inside C code (torch, safetensors), which
+            raise Terminated from exc  # turned it into its own error, caught above as bad input: it is a SIGTERM
         print("lsq: error: " + " ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lsq: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if _SIGNALLED.is_set():  # as above: a SIGTERM that C code turned into its own exception
+            raise Terminated from exc
+        raise
 
 
 # The console script (``run``) is a short-lived process: importing torch & co. creates about a
@@ -478,8 +485,12 @@ class Terminated(BaseException):
     """
 
 
+_SIGNALLED = threading.Event()  # set by the SIGTERM handler: a failure after it is the signal's, not bad input
+
+
 def _raise_terminated(signum, frame) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+    _SIGNALLED.set()
     raise Terminated
 
 
