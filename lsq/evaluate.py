@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from lsq.adapter import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
-from lsq.data import DataConfig, load_data
+from lsq.data import DataConfig, load_data, num_labels_of
 from lsq.errors import LsqError
 from lsq.models import ModelConfig, device_of, load_base_model, load_tokenizer
 from lsq.objectives import (
@@ -24,7 +24,6 @@ from lsq.objectives import (
     tokenize_causal_lm,
     tokenize_classification,
 )
-from lsq.train import num_labels_of
 
 _LORA_MARKERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_E")
 

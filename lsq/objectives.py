@@ -9,11 +9,14 @@ of the greedily generated answer (:func:`normalize_answer` on both sides), and, 
 
 from __future__ import annotations
 
+import hashlib
+import unicodedata
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
+from lsq.data import no_progress_bars
 from lsq.errors import LsqError
 
 IGNORE = -100
@@ -37,8 +40,6 @@ QUIET_ROWS = 50_000
 def _tokenized(dataset, encode, fingerprint: str):
     from contextlib import nullcontext
 
-    from lsq.data import no_progress_bars
-
     with no_progress_bars() if len(dataset) < QUIET_ROWS else nullcontext():
         return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="tokenize",
                            new_fingerprint=fingerprint)
@@ -47,8 +48,6 @@ def _tokenized(dataset, encode, fingerprint: str):
 def _map_fingerprint(dataset, tokenizer, max_length: int, kind: str) -> str:
     """The fingerprint of a tokenized dataset from what determines it, instead of datasets hashing the
     tokenizer through dill on every map (about 0.4 s per call)."""
-    import hashlib
-
     vocab = getattr(tokenizer, "vocab_size", 0)
     text = f"{dataset._fingerprint}|{tokenizer.name_or_path}|{type(tokenizer).__name__}|{vocab}|{len(tokenizer)}|{max_length}|{kind}|{getattr(tokenizer, 'chat_template', None)}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -229,8 +228,6 @@ def _choice_accuracy(model: nn.Module, raw, tokenizer, collator, batch_size: int
 def normalize_answer(text: str) -> str:
     """The form exact match compares: lower case, punctuation (Unicode category P) removed, runs of
     whitespace as one space, stripped. ``" Positive."`` -> ``"positive"``, ``"4,200"`` -> ``"4200"``."""
-    import unicodedata
-
     kept = "".join(c for c in text.lower() if not unicodedata.category(c).startswith("P"))
     return " ".join(kept.split())
 

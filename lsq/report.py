@@ -13,6 +13,7 @@ import torch
 from lsq.plotting import PLOT_LOCK  # also taken by tasks.tracking.pareto
 from lsq.plotting import plot_spectra as _plot
 from lsq.squeeze import SqueezedAdapter, SqueezeResult
+from lsq.variants import pareto_front
 
 
 def _kept(S: torch.Tensor, k: int) -> tuple[float, float]:
@@ -118,8 +119,6 @@ def pareto_figure(rows: Sequence[Mapping[str, Any]], metric_name: str, greater_i
     it under the same lock when other threads may be plotting.
     """
     from matplotlib.figure import Figure
-
-    from lsq.variants import pareto_front
 
     scored = [r for r in rows if r.get("metric") is not None]
     front = set(pareto_front([(r["label"], int(r["adapter_bytes"]), float(r["metric"])) for r in scored],

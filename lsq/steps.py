@@ -6,7 +6,7 @@ when done. Calling a step whose folder holds a verified record returns that reco
 the work again, which is how a re-run, a retry after a kill, and a second run of the same config
 reuse finished work; different inputs (another seed, other data, other code) get other folders.
 
-The Prefect tasks (``tasks/steps.py``) and the study (``lsq/study.py``) both call these: one engine.
+The Prefect tasks (``tasks/steps.py``) and the study (``experiments/study.py``) both call these: one engine.
 """
 
 from __future__ import annotations
@@ -20,44 +20,55 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from lsq.api import PLOT_NAME, REPORT_NAME, squeeze_adapter
+from lsq.checkpoints import last_checkpoint
+from lsq.config import SqueezeConfig
 from lsq.data import DataConfig
 from lsq.errors import LsqError
+from lsq.evaluate import evaluate_splits
 from lsq.models import ModelConfig
 from lsq.records import Evaluation, Evaluations, Squeezed, UnitResult, Variant
 from lsq.storage import Storage
-from lsq.train_config import TrainConfig
+from lsq.train import train
+from lsq.train_config import TrainConfig, key_config
 from lsq.workdir import adapter_digest, claimed, finished, publish, step_key
 
 Log = Callable[[Mapping[str, float], int], None]
 
 
-def code_version() -> str:
-    """Hash of the lsq package sources: part of every step key, so a code change re-runs the steps."""
+PACKAGE = Path(__file__).resolve().parent
+# The modules whose code can change an adapter or a score: every step key holds a digest of their sources, so
+# editing one re-runs the steps it could change. Editing any other module (the command line, reports, plots,
+# storage, processes, config parsing: a parsed config is keyed by its values) keeps finished steps reusable, as
+# does any change outside lsq/ (tasks/, flows/, the experiments/ harness, docs). A new module must join one of
+# the two lists (tests/lsq/test_steps.py checks that every module of the package is in exactly one).
+KEYED_MODULES = (
+    "adapter", "api", "builtin_data", "builtin_models", "builtin_tasks", "checkpoints", "config", "data",
+    "data_files", "distributed", "evaluate", "insqueeze", "linalg", "live", "loading", "models", "objectives",
+    "policies", "records", "squeeze", "steps", "train", "train_config", "train_worker", "workdir",
+)
+UNKEYED_MODULES = (
+    "__init__", "__main__", "cli", "commands", "config_files", "errors", "harness", "monitoring", "pipeline_config",
+    "plotting", "processes", "report", "serving", "storage", "variants",
+)
+
+
+def code_version(package: Path = PACKAGE) -> str:
+    """Digest of the sources of :data:`KEYED_MODULES` in ``package``: part of every step key."""
     digest = hashlib.sha256()
-    for path in sorted(Path(__file__).resolve().parent.rglob("*.py")):
-        digest.update(path.name.encode() + path.read_bytes())
+    for name in KEYED_MODULES:
+        path = package / f"{name}.py"
+        if path.is_file():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
 
 def trained_label(cfg: TrainConfig, parent: Variant | None = None) -> str:
     rank = cfg.source_rank if cfg.method == "source" else parent.rank if parent else cfg.rank
     return f"{cfg.method}-r{rank}"
-
-
-# settings added after work was done, left out of keys while off: finished steps (and checkpoints) stay reusable
-ADDED_SETTINGS_OFF = {("train", "eval_steps"): None}
-
-
-def key_config(cfg) -> dict:
-    """The training config as it enters step keys and checkpoint stamps: without where it goes, whether it
-    resumes, how many processes train it, and the later-added settings that are off (``ADDED_SETTINGS_OFF``)."""
-    config = cfg.model_dump(mode="json", exclude={"output_dir": True, "resume": True, "train": {"processes"}})
-    for (section, name), off in ADDED_SETTINGS_OFF.items():
-        if config[section].get(name, off) == off:
-            config[section].pop(name, None)
-    return config
 
 
 def train_folder(cfg: TrainConfig, data_fingerprint: str, code: str, parent: Variant | None = None) -> Path:
@@ -79,8 +90,6 @@ def train_step(cfg: TrainConfig, data_fingerprint: str, code: str, parent: Varia
     ``storage`` root, from the last one any machine kept there. ``data`` (the loaded DatasetDict)
     saves re-reading it; it must be the data ``data_fingerprint`` describes.
     """
-    from lsq.train import _last_checkpoint, train
-
     if cfg.method == "cont" and parent is None:
         raise LsqError("cont step: needs the squeezed variant it recovers (parent)")
     if parent is not None:
@@ -92,7 +101,7 @@ def train_step(cfg: TrainConfig, data_fingerprint: str, code: str, parent: Varia
             return done
         on_checkpoint = None
         if storage is not None and storage.shared:
-            if cfg.resume and _last_checkpoint(folder / "checkpoints") is None:
+            if cfg.resume and last_checkpoint(folder / "checkpoints") is None:
                 storage.pull_checkpoint(folder.name, folder / "checkpoints")
 
             def on_checkpoint(checkpoint: Path) -> None:
@@ -123,20 +132,19 @@ def train_step(cfg: TrainConfig, data_fingerprint: str, code: str, parent: Varia
         return variant
 
 
-def squeeze_step(source: Variant, ranks: tuple[int, ...], settings: Mapping[str, str], root: str | Path,
-                 code: str, plot: bool = True) -> Squeezed:
-    """Post-Squeeze: one decomposition of ``source``, one adapter per rank, in ``<root>/post-<key>``."""
-    from lsq.api import PLOT_NAME, REPORT_NAME, squeeze_adapter
-    from lsq.config import SqueezeConfig
-
-    key = step_key({"step": "squeeze", "source": source.adapter_sha256, "ranks": list(ranks),
-                    "settings": dict(settings), "code": code, "plot": plot})
+def squeeze_step(source: Variant, config: SqueezeConfig, root: str | Path, code: str, plot: bool = True) -> Squeezed:
+    """Post-Squeeze: one decomposition of ``source``, one adapter per rank of ``config.ranks``, in
+    ``<root>/post-<key>``."""
+    if not config.ranks or config.energy or config.budget:
+        raise LsqError("squeeze step: needs uniform ranks only (config.ranks), not energy or budget targets")
+    ranks = config.ranks
+    key = step_key({"step": "squeeze", "source": source.adapter_sha256, "config": config.model_dump(mode="json"),
+                    "code": code, "plot": plot})
     folder = Path(root) / f"post-from-{source.label}-{key}"
     with claimed(folder):
         done = finished(folder, Squeezed)
         if done is not None:
             return done
-        config = SqueezeConfig(ranks=ranks, **settings)
         written = squeeze_adapter(source.adapter_dir, folder / "adapters", config, force=True, plot=plot)
         variants = []
         for k in ranks:
@@ -156,8 +164,6 @@ def squeeze_step(source: Variant, ranks: tuple[int, ...], settings: Mapping[str,
 def evaluate_step(variant: Variant, model, data_cfg, splits: tuple[str, ...], batch_size: int,
                   data_fingerprint: str, root: str | Path, code: str, data=None) -> tuple[Evaluation, ...]:
     """Scores of ``variant`` on each of ``splits`` (one model load), kept in ``<root>/eval-<label>-<key>``."""
-    from lsq.evaluate import evaluate_splits
-
     base = variant.method == "base"  # the model without adapter: its zero-shot scores
     key = step_key({"step": "evaluate", "adapter": "base" if base else variant.adapter_sha256 or variant.adapter_dir,
                     "model": model.model_dump(mode="json"), "data": data_cfg.model_dump(mode="json"),
@@ -233,8 +239,6 @@ class Unit(BaseModel):
 
 def where() -> tuple[str, str]:
     """(worker, device) of this process: ``$LSQ_WORKER`` or the host name, and the one device it sees."""
-    import torch
-
     worker = os.environ.get("LSQ_WORKER") or socket.gethostname()
     if torch.cuda.is_available():
         index = torch.cuda.current_device()
@@ -281,13 +285,13 @@ def run_unit(unit: Unit, data=None, log: Log | None = None) -> UnitResult:
     return storage.put(unit.name, result)
 
 
-def squeeze_unit(source: Variant, ranks: tuple[int, ...], settings: Mapping[str, str], storage: Storage,
-                 code: str, plot: bool = True) -> Squeezed:
+def squeeze_unit(source: Variant, config: SqueezeConfig, storage: Storage, code: str, plot: bool = True) -> Squeezed:
     """Post-Squeeze of ``source`` wherever it is kept, its outputs kept in ``storage`` (cheap: no model)."""
-    name = f"post-from-{source.label}-" + step_key({"source": source.adapter_sha256, "ranks": list(ranks),
-                                                   "settings": dict(settings), "code": code, "plot": plot})
+    name = f"post-from-{source.label}-" + step_key({"source": source.adapter_sha256,
+                                                   "config": config.model_dump(mode="json"), "code": code,
+                                                   "plot": plot})
     done = storage.get(name, Squeezed)
     if done is not None:
         return done
-    squeezed = squeeze_step(storage.localize(source), ranks, settings, storage.local, code, plot)
+    squeezed = squeeze_step(storage.localize(source), config, storage.local, code, plot)
     return storage.put(name, squeezed)

@@ -10,66 +10,45 @@ leaves ``lsq-complete`` in it): a run killed while saving resumes from the previ
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import re
+import random
 import shutil
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
+from sklearn.metrics import accuracy_score, f1_score
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
+from lsq import distributed
 from lsq.adapter import AtomicFolder, find_modules, read_adapter
-from lsq.data import fingerprint, load_data
+from lsq.checkpoints import (
+    CheckpointMarkCallback,
+    barrier,
+    check_checkpoint_config,
+    discard_checkpoints_after,
+    last_checkpoint,
+    match_checkpoint_ranks,
+)
+from lsq.data import fingerprint, load_data, num_labels_of
 from lsq.errors import LsqError, TrainingDiverged, write_failure
 from lsq.insqueeze import RankScheduleCallback, boundaries
-from lsq.live import lora_layers, resize_lora_
 from lsq.models import default_targets, device_of, load_base_model, load_tokenizer
 from lsq.objectives import PadCollator, tokenize_causal_lm, tokenize_classification
+from lsq.records import TrainResult
 from lsq.train_config import TrainConfig
 from lsq.workdir import atomic_write
 
 Log = Callable[[Mapping[str, float], int], None]
 SUMMARY_NAME = "train_summary.json"
-COMPLETE_MARK = "lsq-complete"  # in checkpoint-N/ once the Trainer has written all of it
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")  # the Trainer's PREFIX_CHECKPOINT_DIR-{global_step}
-
-
-@dataclass
-class TrainResult:
-    adapter_dir: Path
-    method: str
-    rank: int
-    steps: int
-    train_seconds: float
-    train_loss: float
-    dataset_fingerprint: str
-    rank_events: list[dict[str, Any]] = field(default_factory=list)
-    processes: int = 1
-    replica_digests: list[str] = field(default_factory=list)  # per process, at the end (data parallelism)
-
-    def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "adapter_dir": str(self.adapter_dir)}
-
-    @classmethod
-    def from_json(cls, raw: Mapping[str, Any]) -> TrainResult:
-        return cls(**{**raw, "adapter_dir": Path(raw["adapter_dir"])})
-
-
-def num_labels_of(dsd) -> int:
-    labels = [int(x) for split in dsd.values() for x in split.unique("label")]
-    return max(labels) + 1
 
 
 def build_model(cfg: TrainConfig, base):
     """Wrap ``base`` with the method's adapter (trainable)."""
-    from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
-
     task_type = "SEQ_CLS" if cfg.model.task == "classification" else "CAUSAL_LM"
     targets = cfg.lora.target_modules or default_targets(base)
     if cfg.method == "cont":
@@ -112,29 +91,6 @@ class AdaLoraCallback(TrainerCallback):
         model.base_model.update_and_allocate(state.global_step)
 
 
-class CheckpointMarkCallback(TrainerCallback):
-    """Mark ``checkpoint-N`` whole once the Trainer has saved it.
-
-    ``Trainer._save_checkpoint`` writes the model, optimizer, scheduler, RNG and trainer state, then
-    rotates old checkpoints; ``on_save`` runs after it returns. A kill before the mark leaves an
-    unmarked folder that :func:`_last_checkpoint` ignores (the Trainer's own choice, the highest
-    number, would fail on it for good with "Can't find a valid checkpoint").
-    """
-
-    def __init__(self, on_checkpoint: Callable[[Path], None] | None = None):
-        self.on_checkpoint = on_checkpoint
-
-    def on_save(self, args, state, control, **kwargs):
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        _barrier()  # under data parallelism every rank writes its RNG state into the folder first
-        if args.should_save and folder.is_dir():
-            tmp = folder / f".{COMPLETE_MARK}.tmp"
-            tmp.write_text(f"{state.global_step}\n")
-            os.replace(tmp, folder / COMPLETE_MARK)  # the mark appears whole or not at all
-            if self.on_checkpoint is not None:
-                self.on_checkpoint(folder)
-
-
 class LsqTrainer(Trainer):
     """The ``Trainer``, stepping through ``self.model_wrapped`` rather than the training loop's local
     reference, so that a DDP wrapper rebuilt by In-Squeeze (:meth:`lsq.distributed.Replicas.sync`)
@@ -161,10 +117,6 @@ class LsqTrainer(Trainer):
         """Scoring during training (``train.eval_steps``) leaves the training's random streams as they
         were: setting up the evaluation draws from them, which would change every later dropout mask and
         so the adapter. With the states restored, curves cost time only."""
-        import random
-
-        import numpy as np
-
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
         states = torch.get_rng_state(), random.getstate(), np.random.get_state()
         try:
@@ -177,52 +129,8 @@ class LsqTrainer(Trainer):
                 torch.cuda.set_rng_state_all(cuda)
 
 
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _checkpoints(folder: Path) -> dict[int, Path]:
-    """``{step: checkpoint-step folder}`` of the Trainer's output folder (empty when there is none)."""
-    if not folder.is_dir():
-        return {}
-    return {int(m[1]): p for p in folder.iterdir() if (m := _CHECKPOINT.match(p.name)) and p.is_dir()}
-
-
-def _last_checkpoint(folder: Path) -> Path | None:
-    """The newest whole (marked) checkpoint in ``folder``, or None."""
-    whole = {step: p for step, p in _checkpoints(folder).items() if (p / COMPLETE_MARK).is_file()}
-    return whole[max(whole)] if whole else None
-
-
-def _discard_checkpoints_after(folder: Path, checkpoint: Path | None) -> None:
-    """Delete every checkpoint newer than ``checkpoint`` (all of them for None) before training.
-
-    Those are partial (killed while saving) or stale (``resume=false``): the Trainer must neither
-    pick them nor write a new checkpoint into a folder that still holds an old mark.
-    """
-    after = int(_CHECKPOINT.match(checkpoint.name)[1]) if checkpoint is not None else -1
-    for step, path in sorted(_checkpoints(folder).items()):
-        if step > after:
-            shutil.rmtree(path)
-
-
-def _match_checkpoint_ranks(model, checkpoint: Path) -> None:
-    """An In-Squeeze checkpoint may be past a boundary: resize the fresh model to its ranks first."""
-    config, weights = read_adapter(checkpoint)
-    ranks = {m.name: m.rank for m in find_modules(list(weights.keys()), config)}
-    current = {n: layer.r["default"] for n, layer in lora_layers(model).items()}
-    smaller = {n: k for n, k in ranks.items() if k < current.get(n, k)}
-    if smaller:
-        resize_lora_(model, smaller)
-
-
 def _classification_scores(prediction) -> dict[str, float]:
     """Accuracy and macro-F1 of the Trainer's evaluation (logits and labels of the validation split)."""
-    from sklearn.metrics import accuracy_score, f1_score
-
     logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
     preds = logits.argmax(-1)
     return {"accuracy": float(accuracy_score(prediction.label_ids, preds)),
@@ -238,22 +146,6 @@ def _cont_ranks(cfg: TrainConfig) -> dict[str, int]:
         raise LsqError(f"cont.adapter: {exc}") from None
 
 
-def _check_checkpoint_config(folder: Path, cfg: TrainConfig, resuming: bool, write: bool = True) -> None:
-    """Resume only the same run: checkpoints of another config (lr, steps, data...) are refused.
-
-    The number of processes is not part of it: the global batch, hence the run, is the same."""
-    from lsq.steps import key_config
-
-    raw = {**key_config(cfg), "output_dir": cfg.output_dir}
-    digest = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
-    stamp = folder.parent / "checkpoints.config.sha256"  # beside, not in, the Trainer's folder
-    if resuming and stamp.is_file() and stamp.read_text().strip() != digest:
-        raise LsqError(f"{folder}: checkpoints of a different config; pass resume=false or another output_dir")
-    if write:
-        stamp.parent.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(digest + "\n")
-
-
 def _fsdp_arguments(cfg: TrainConfig) -> dict[str, Any]:
     """FSDP2 (``fully_shard``) through the Trainer: every decoder layer sharded over the processes."""
     if not cfg.train.fsdp:
@@ -266,7 +158,6 @@ def _fsdp_arguments(cfg: TrainConfig) -> dict[str, Any]:
 
 def check_resources(cfg: TrainConfig) -> None:
     """One-line LsqError, before any loading, when this machine cannot run ``cfg`` as asked."""
-    from lsq import distributed
 
     device = device_of(cfg.model)
     if cfg.model.quantization == "4bit":
@@ -294,8 +185,6 @@ def train(cfg: TrainConfig, log: Log | None = None, data=None,
     With ``train.processes > 1`` it launches the data-parallel workers (:mod:`lsq.distributed`) and
     returns rank 0's result; ``data`` is then read again by each worker from ``cfg.data``.
     """
-    from lsq import distributed
-
     check_resources(cfg)
     if cfg.train.processes > 1 and not distributed.in_worker():
         return distributed.launch(cfg, log=log, on_checkpoint=on_checkpoint)
@@ -356,14 +245,14 @@ def train(cfg: TrainConfig, log: Log | None = None, data=None,
     )
     if cfg.train.fsdp and not trainer.is_fsdp_enabled:  # accelerate ignores the plugin where it cannot shard
         raise LsqError("train.fsdp: FSDP was not enabled on this machine (accelerate shards over CUDA devices only)")
-    checkpoint = _last_checkpoint(out / "checkpoints") if cfg.resume else None
+    checkpoint = last_checkpoint(out / "checkpoints") if cfg.resume else None
     main = trainer.is_world_process_zero()  # under data parallelism rank 0 alone manages files
-    _check_checkpoint_config(out / "checkpoints", cfg, resuming=checkpoint is not None, write=main)
+    check_checkpoint_config(out / "checkpoints", cfg, resuming=checkpoint is not None, write=main)
     if main:
-        _discard_checkpoints_after(out / "checkpoints", checkpoint)
-    _barrier()
+        discard_checkpoints_after(out / "checkpoints", checkpoint)
+    barrier()
     if checkpoint is not None and cfg.method == "in":
-        _match_checkpoint_ranks(model, checkpoint)
+        match_checkpoint_ranks(model, checkpoint)
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - start
@@ -386,5 +275,5 @@ def train(cfg: TrainConfig, log: Log | None = None, data=None,
     if main:
         summary = {**result.to_json(), "config": cfg.model_dump(mode="json")}
         atomic_write(out / SUMMARY_NAME, (json.dumps(summary, indent=1) + "\n").encode())
-    _barrier()  # the adapter is whole before any rank reports the run done
+    barrier()  # the adapter is whole before any rank reports the run done
     return result

@@ -14,11 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from lsq.config_files import load_config
 from lsq.data import DataConfig
-from lsq.errors import LsqError
 from lsq.models import ModelConfig
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
@@ -171,67 +170,12 @@ def split_evenly(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """``key.sub=value`` overrides (values parsed as YAML) applied to a nested dict."""
-    out = dict(raw)
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise LsqError(f"override {item!r}: expected key=value")
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            node[part] = child = dict(child) if isinstance(child, dict) else {}
-            node = child
-        node[parts[-1]] = _override_value(item, value)
-    return out
-
-
-def _override_value(item: str, value: str) -> Any:
-    """An override's value parsed as YAML; malformed YAML (``rank=[1``) is an LsqError naming the override."""
-    try:
-        return yaml.safe_load(value)
-    except yaml.YAMLError as exc:
-        # a MarkedYAMLError says what it was parsing and what it found; its str() adds multi-line marks
-        words = [w for w in (getattr(exc, "context", None), getattr(exc, "problem", None)) if w]
-        detail = ": ".join(words) or str(exc).splitlines()[0]
-        raise LsqError(f"override {item!r}: value is not valid YAML ({detail})") from None
-
-
-def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """A YAML file's top-level mapping; one-line errors for a missing file, bad YAML or a non-mapping."""
-    p = Path(path)
-    if not p.is_file():
-        raise LsqError(f"{p}: config file not found")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise LsqError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise LsqError(f"{p}: expected a mapping at the top level")
-    return raw
+def key_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The training config as it enters step keys and checkpoint stamps: without where it goes, whether it
+    resumes, and how many processes train it (the same global batch, the same run)."""
+    return cfg.model_dump(mode="json", exclude={"output_dir": True, "resume": True, "train": {"processes"}})
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """Read a YAML preset, apply overrides, validate; errors name the key and the bad value."""
-    raw = read_yaml_mapping(path) if path is not None else {}
-    raw = apply_overrides(raw, list(overrides))
-    try:
-        return TrainConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise LsqError(validation_message(exc)) from None
-
-
-def validation_message(exc: ValidationError) -> str:
-    """A pydantic error as one line: ``key.sub: problem (got VALUE)``."""
-    parts = []
-    for e in exc.errors():
-        loc = ".".join(str(x) for x in e.get("loc", ()))
-        msg = e.get("msg", "").removeprefix("Value error, ")
-        got = e.get("input")
-        if not loc:  # a whole-config check: its message already starts with the key at fault
-            parts.append(msg)
-            continue
-        parts.append(f"{loc}: {msg}" + ("" if isinstance(got, dict) else f" (got {got!r})"))
-    return "; ".join(parts)
+    return load_config(TrainConfig, path, overrides)

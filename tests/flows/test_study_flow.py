@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import mlflow
 
-import lsq.study as study_mod
+import experiments.study as study_mod
 from flows.study import study_flow
 from tests.lsq.test_study import fake_runner
 

@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 from lsq.cli import main
-from lsq.train import COMPLETE_MARK, SUMMARY_NAME, train
+from lsq.checkpoints import COMPLETE_MARK
+from lsq.train import SUMMARY_NAME, train
 from lsq.train_config import TrainConfig
 from tests.lsq.tiny import built_once, cls_config, cls_csv, save_tiny_bert  # noqa: F401  (fixtures)
 

@@ -15,16 +15,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import lsq.steps
 import lsq.train
 from lsq import steps
+from lsq.config import SqueezeConfig
 from lsq.data import DataConfig, fingerprint, load_data
 from lsq.errors import LsqError
 from lsq.records import Evaluation, Squeezed, Variant
-from lsq.train_config import TrainConfig
+from lsq.train_config import TrainConfig, key_config
 from lsq.workdir import RECORD_NAME, adapter_digest, claimed, finished, publish, step_key
 from tests.lsq.tiny import cls_config, cls_csv, tiny_bert  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[2]
+EXACT = SqueezeConfig(ranks=(4, 2), alpha_policy="keep-scale", method="exact")
 
 
 def test_step_key_covers_every_input_and_ignores_key_order():
@@ -106,7 +109,7 @@ def test_steps_get_their_own_folders_and_reuse_finished_work(tiny_bert, cls_csv,
         summary = json.loads((Path(v.adapter_dir).parent / "train_summary.json").read_text())
         assert summary["config"]["train"]["seed"] == seed and adapter_digest(v.adapter_dir) == v.adapter_sha256
 
-    squeezed = steps.squeeze_step(one, (4, 2), {"alpha_policy": "keep-scale", "method": "exact"}, root, code, plot=False)
+    squeezed = steps.squeeze_step(one, EXACT, root, code, plot=False)
     assert [v.rank for v in squeezed.variants] == [4, 2] and squeezed.source == one
     r2 = squeezed.variants[1]
     assert 0 < r2.retained_energy < 1 and r2.total_train_seconds == one.total_train_seconds
@@ -120,11 +123,10 @@ def test_steps_get_their_own_folders_and_reuse_finished_work(tiny_bert, cls_csv,
     def no_training(*args, **kwargs):
         raise AssertionError("a finished step ran again")
 
-    monkeypatch.setattr(lsq.train, "train", no_training)
-    monkeypatch.setattr("lsq.api.squeeze_adapter", no_training)
+    monkeypatch.setattr(lsq.steps, "train", no_training)
+    monkeypatch.setattr("lsq.steps.squeeze_adapter", no_training)
     assert steps.train_step(source(1), fp, code) == one
-    assert steps.squeeze_step(one, (4, 2), {"alpha_policy": "keep-scale", "method": "exact"}, root, code,
-                              plot=False) == squeezed
+    assert steps.squeeze_step(one, EXACT, root, code, plot=False) == squeezed
     assert steps.train_step(cont_cfg, fp, code, parent=r2) == cont
     # other data or other code: another folder, so the step runs (and here fails loudly)
     with pytest.raises(AssertionError, match="ran again"):
@@ -150,15 +152,48 @@ def test_cont_needs_its_parent(tiny_bert, cls_csv, tmp_path):
         steps.train_step(cfg, "fp", "code")
 
 
-def test_a_setting_added_later_keeps_keys_while_it_is_off(tmp_path):
-    """train.eval_steps came after studies had finished steps: off, it is not part of the key (their work
-    stays reusable, checkpoints resume); on, it is (the run logs other curves)."""
+def _package_copy(tmp_path: Path) -> Path:
+    copy = tmp_path / "lsq"
+    copy.mkdir()
+    for path in steps.PACKAGE.glob("*.py"):
+        (copy / path.name).write_bytes(path.read_bytes())
+    return copy
+
+
+def test_the_code_key_changes_with_the_code_that_makes_adapters_and_scores(tmp_path):
+    """A change to the squeeze maths, training or scoring re-keys every step (it could change an adapter or a
+    metric); a change to the command line's help, the reports or the plots keeps finished steps reusable."""
+    package = _package_copy(tmp_path)
+    before = steps.code_version(package)
+    assert before == steps.code_version()  # the copy is the package
+    for name in ("linalg", "train", "evaluate", "objectives"):
+        path = package / f"{name}.py"
+        original = path.read_bytes()
+        path.write_bytes(original + b"\nEPS = 1e-9\n")
+        assert steps.code_version(package) != before, name
+        path.write_bytes(original)
+    for name in ("cli", "commands", "report", "plotting"):
+        path = package / f"{name}.py"
+        text = path.read_text()
+        path.write_text(text.replace('"""', '"""Edited help. ', 1) + "\n# a comment\n")
+        assert steps.code_version(package) == before, name
+
+
+def test_every_module_is_keyed_or_said_not_to_change_results():
+    """A new module must be sorted: keyed (it can change an adapter or a score) or not."""
+    modules = {path.stem for path in steps.PACKAGE.glob("*.py")}
+    keyed, unkeyed = set(steps.KEYED_MODULES), set(steps.UNKEYED_MODULES)
+    assert not keyed & unkeyed
+    assert modules == keyed | unkeyed, (modules - keyed - unkeyed, (keyed | unkeyed) - modules)
+
+
+def test_the_key_config_leaves_out_where_and_how_many_processes(tmp_path):
     raw = cls_config(tmp_path / "model", tmp_path / "data.csv", tmp_path / "out")
-    off = TrainConfig.model_validate(raw)
-    assert "eval_steps" not in steps.key_config(off)["train"]
-    before = off.model_dump(mode="json", exclude={"output_dir": True, "resume": True, "train": {"processes"}})
-    before["train"].pop("eval_steps")  # the config as it was dumped before the setting existed
-    assert steps.key_config(off) == before
+    one = TrainConfig.model_validate(raw)
+    other = TrainConfig.model_validate({**raw, "output_dir": str(tmp_path / "elsewhere"), "resume": False,
+                                        "train": {**raw["train"], "processes": 2}})
+    assert key_config(one) == key_config(other) and "output_dir" not in key_config(one)
     on = TrainConfig.model_validate({**raw, "train": {**raw["train"], "eval_steps": 5}})
-    assert steps.key_config(on)["train"]["eval_steps"] == 5
-    assert steps.train_folder(on, "fp", "code") != steps.train_folder(off, "fp", "code")
+    assert key_config(on)["train"]["eval_steps"] == 5
+    assert steps.train_folder(on, "fp", "code") != steps.train_folder(one, "fp", "code")
+

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from lsq import steps
+from lsq.config import SqueezeConfig
 from lsq.data import DataConfig, fingerprint, load_data
 from lsq.errors import LsqError
 from lsq.models import ModelConfig
@@ -114,7 +115,7 @@ def test_units_on_two_machines_share_only_the_root(tiny_bert, cls_csv, tmp_path,
                                        **base))
     assert source.variant.adapter_dir.startswith(root) and source.variant.worker == "machine-a"
     assert source.variant.device == "cpu"
-    squeezed = steps.squeeze_unit(source.variant, (2,), {}, Storage(root, tmp_path / "a"), code)
+    squeezed = steps.squeeze_unit(source.variant, SqueezeConfig(ranks=(2,)), Storage(root, tmp_path / "a"), code)
     [post] = squeezed.variants
     assert post.adapter_dir.startswith(root)
 
@@ -128,7 +129,7 @@ def test_units_on_two_machines_share_only_the_root(tiny_bert, cls_csv, tmp_path,
     assert (tmp_path / "b" / "cache" / post.adapter_sha256 / "adapter_model.safetensors").is_file()
     assert not any((tmp_path / "b").rglob("*source-r8*"))
     # the same unit again, anywhere: the kept result, no training
-    monkeypatch.setattr("lsq.train.train", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr("lsq.steps.train", lambda *a, **k: pytest.fail("trained again"))
     assert steps.run_unit(unit.model_copy(update={"output_dir": str(tmp_path / "c")})) == cont
     # a worker with other code refuses the unit instead of publishing under another code's name
     with pytest.raises(LsqError, match="install the same lsq version"):

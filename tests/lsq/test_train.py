@@ -26,7 +26,8 @@ from lsq.config import SqueezeConfig
 from lsq.data import DataConfig, fingerprint, load_data
 from lsq.errors import LsqError
 from lsq.objectives import IGNORE, PadCollator, _sft_ids, tokenize_causal_lm
-from lsq.train import COMPLETE_MARK, SUMMARY_NAME, train
+from lsq.checkpoints import COMPLETE_MARK
+from lsq.train import SUMMARY_NAME, train
 from lsq.train_config import TrainConfig
 from tests.lsq.tiny import cls_config, cls_csv, lm_jsonl, tiny_bert, tiny_llama  # noqa: F401  (fixtures)
 

@@ -12,7 +12,8 @@ import yaml
 
 from lsq.cli import main
 from lsq.errors import LsqError
-from lsq.train_config import TrainConfig, apply_overrides, load_train_config
+from lsq.config_files import apply_overrides
+from lsq.train_config import TrainConfig, load_train_config
 
 REPO = Path(__file__).resolve().parents[2]
 QUICK = REPO / "configs" / "quick.yaml"

@@ -191,6 +191,7 @@ def _apply(raw: dict, changes: dict) -> dict:
 
 def count_trainings(monkeypatch) -> list[str]:
     """The methods of every training that runs from now on (``lsq.train.train`` wrapped), in order."""
+    import lsq.steps
     import lsq.train
 
     trained: list[str] = []
@@ -200,5 +201,5 @@ def count_trainings(monkeypatch) -> list[str]:
         trained.append(cfg.method)
         return real_train(cfg, log=log, data=data)
 
-    monkeypatch.setattr(lsq.train, "train", counting_train)
+    monkeypatch.setattr(lsq.steps, "train", counting_train)
     return trained

@@ -1,4 +1,4 @@
-"""The study engine (lsq/study.py): learning rates from validation only, resumable records, equal
+"""The study engine (experiments/study.py): learning rates from validation only, resumable records, equal
 budgets, and the aggregation checked against an independent computation; one real tiny study."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import statistics
 
 import pytest
 
-import lsq.study as study_mod
+import experiments.study as study_mod
 from lsq.errors import LsqError
-from lsq.study import Job, Study, StudyConfig, load_study_config
-from lsq.study_report import lr_table, markdown_table, mean_se, summarize
+from experiments.study import Job, Study, StudyConfig, load_study_config
+from experiments.study_report import lr_table, markdown_table, mean_se, summarize
 from tests.lsq.tiny import (
     built_once,
     count_trainings,

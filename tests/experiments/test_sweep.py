@@ -1,4 +1,4 @@
-"""The budget sweep (lsq/sweep.py): per-budget choices from validation only (rates, In-Squeeze's
+"""The budget sweep (experiments/sweep.py): per-budget choices from validation only (rates, In-Squeeze's
 first-stage share), one pinned code version, the plan, crossings and ladder costs checked against
 hand computations, and one real tiny sweep that resumes."""
 
@@ -8,12 +8,12 @@ import json
 
 import pytest
 
-import lsq.study as study_mod
-import lsq.sweep as sweep_mod
+import experiments.study as study_mod
+import experiments.sweep as sweep_mod
 from lsq.errors import LsqError
-from lsq.study import Job, Study, StudyConfig
-from lsq.sweep import Sweep, SweepConfig, ladder_costs, load_sweep_config
-from lsq.sweep_report import by_budget, crossings, report, write_report
+from experiments.study import Job, Study, StudyConfig
+from experiments.sweep import Sweep, SweepConfig, ladder_costs, load_sweep_config
+from experiments.sweep_report import by_budget, crossings, report, write_report
 from tests.lsq.tiny import built_once, count_trainings, save_tiny_bert, write_classification_csv
 
 
@@ -84,15 +84,14 @@ def test_the_code_version_is_pinned(tmp_path, monkeypatch):
     monkeypatch.setattr(study_mod, "run_job", validation_runner([]))
     cfg = small(budgets=(8,))
     first = Sweep(cfg, tmp_path, log=lambda _: None)
-    assert first.code_note() is None
-    monkeypatch.setattr(sweep_mod, "code_version", lambda: "other-code")
-    with pytest.raises(LsqError, match="--keep-code"):
+    again = Sweep(cfg, tmp_path, log=lambda _: None)
+    assert again.code == first.code and again.study(8).code == first.code
+    monkeypatch.setattr(sweep_mod, "code_version", lambda: "other-code")  # code that can change adapters or scores
+    with pytest.raises(LsqError, match="started with lsq code .* this is other-code"):
         Sweep(cfg, tmp_path, log=lambda _: None)
-    kept = Sweep(cfg, tmp_path, log=lambda _: None, keep_code=True)
-    assert kept.code == first.code and kept.study(8).code == first.code
-    assert "other-code" in kept.code_note()
+    monkeypatch.setattr(sweep_mod, "code_version", lambda: first.code)
     with pytest.raises(LsqError, match="other settings"):
-        Sweep(small(budgets=(8, 16)), tmp_path, log=lambda _: None, keep_code=True)
+        Sweep(small(budgets=(8, 16)), tmp_path, log=lambda _: None)
 
 
 def test_crossings_against_a_hand_computation():
@@ -162,7 +161,7 @@ def test_a_real_tiny_sweep_with_its_ladder_resumes(tmp_path_factory, tmp_path, m
     assert row["direct_seconds"] > 0 and row["squeeze_seconds"] > 0
     # the ladder reused the sweep's own rank-1 direct run at 10 steps (one steps folder)
     assert len(list((tmp_path / "sweep" / "steps").glob("direct-r1-*"))) == 2  # 6 and 10 steps
-    text = write_report(cfg, records, tmp_path, "cmd", 1.0, sweep.code_note(), ladder)
+    text = write_report(cfg, records, tmp_path, "cmd", 1.0, ladder)
     assert (tmp_path / "sweep.png").stat().st_size > 0 and "## What one run saves" in text
     summary = json.loads((tmp_path / "sweep_summary.json").read_text())
     assert {row["budget"] for row in summary["summary"]} == {6, 10}

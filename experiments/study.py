@@ -25,7 +25,7 @@ in a work folder named by its whole input under ``<root>/steps``: an interrupted
 reuses every finished step and resumes the one that was cut off from its checkpoint. There is no
 second cache; ``records.jsonl`` is a log (one line appended per job run, for people), never read back.
 
-This module is the engine and ``lsq/study_report.py`` aggregates and reports. ``benchmarks/study.py``
+This module is the engine and ``experiments/study_report.py`` aggregates and reports. ``benchmarks/study.py``
 is the command and ``flows/study.py`` the Prefect flow that logs every record to MLflow. Pure lsq:
 no prefect, no mlflow.
 """
@@ -41,14 +41,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from lsq.data import DataConfig
+from lsq.config import SqueezeConfig
+from lsq.config_files import load_config
+from lsq.data import DataConfig, fingerprint, load_data
 from lsq.errors import LsqError, TrainingDiverged
 from lsq.models import ModelConfig
 from lsq.records import Variant
 from lsq.steps import code_version, evaluate_step, squeeze_step, train_step
-from lsq.train_config import apply_overrides, split_evenly, validation_message
+from lsq.train_config import TrainConfig, split_evenly
 
 TASKS = ("movie", "amazon", "nyt", "tweets")
 METHODS = ("direct", "post", "cont", "in", "adalora")
@@ -199,8 +201,6 @@ class Study:
     # ------------------------------------------------------------------ jobs
 
     def data(self, task: str):
-        from lsq.data import fingerprint, load_data
-
         if task not in self._data:
             self._data.clear()  # one task in memory at a time
             self._data[task] = load_data(self.config.data(task))
@@ -292,8 +292,6 @@ class Study:
 
 def _train_config(study: Study, job: Job, method: str, rank: int, steps: int):
     """The step config of one training of ``job`` (its folder: :func:`lsq.steps.train_folder`)."""
-    from lsq.train_config import TrainConfig
-
     c = study.config
     train = {"steps": steps, "batch_size": c.batch_size, "lr": job.lr, "seed": job.seed,
              "warmup_steps": int(c.warmup_fraction * steps),
@@ -330,7 +328,7 @@ def source_of(job: Job, config: StudyConfig) -> Job | None:
     return Job(job.task, job.seed, "source" if job.method == "post" else "source-cont", config.source_rank, job.lr)
 
 
-def _train(study: Study, job: Job, method: str, rank: int, steps: int, parent: Variant | None = None) -> Variant:
+def train_variant(study: Study, job: Job, method: str, rank: int, steps: int, parent: Variant | None = None) -> Variant:
     return train_step(_train_config(study, job, method, rank, steps), study.fingerprint(job.task), study.code,
                       parent=parent, data=study.data(job.task))
 
@@ -357,14 +355,14 @@ def run_job(job: Job, study: Study) -> dict[str, Any]:
     recover = c.recover_steps if job.method in ("cont", "source-cont") else 0
     try:
         if job.method in ("direct", "in", "adalora"):
-            return _scores(study, _train(study, job, job.method, job.rank, c.steps), job)
-        source = _train(study, job, "source", c.source_rank, c.steps - recover)  # source, source-cont, post, cont
+            return _scores(study, train_variant(study, job, job.method, job.rank, c.steps), job)
+        source = train_variant(study, job, "source", c.source_rank, c.steps - recover)  # source, source-cont, post, cont
         if job.method in ("source", "source-cont"):
             return _scores(study, source, job)
-        squeezed = squeeze_step(source, c.ranks, {}, study.steps_root, study.code, plot=False)
+        squeezed = squeeze_step(source, SqueezeConfig(ranks=c.ranks), study.steps_root, study.code, plot=False)
         variant = next(v for v in squeezed.variants if v.rank == job.rank)
         if job.method == "cont":
-            variant = _train(study, job, "cont", job.rank, c.recover_steps, parent=variant)
+            variant = train_variant(study, job, "cont", job.rank, c.recover_steps, parent=variant)
         return {**_scores(study, variant, job), "retained_energy": variant.retained_energy,
                 "relative_error": variant.relative_error}
     except TrainingDiverged:
@@ -382,7 +380,4 @@ def _diverged(steps: int, metric: str) -> dict[str, Any]:
 def load_study_config(preset: str, overrides: list[str]) -> StudyConfig:
     if preset not in PRESETS:
         raise LsqError(f"--preset: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
-    try:
-        return StudyConfig.model_validate(apply_overrides(PRESETS[preset].model_dump(), overrides))
-    except ValidationError as exc:
-        raise LsqError(validation_message(exc)) from None
+    return load_config(StudyConfig, PRESETS[preset], overrides)

@@ -1,4 +1,4 @@
-"""Aggregation and reporting of the study (lsq/study.py runs it): mean and standard error over
+"""Aggregation and reporting of the study (experiments/study.py runs it): mean and standard error over
 seeds, the markdown tables (accuracy; chosen learning rates), the accuracy-against-size plot, and
 the files ``study.md``, ``study.png`` and ``summary.json``. Pure lsq: no torch, prefect or mlflow.
 """
@@ -11,10 +11,12 @@ import os
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from lsq.study import Study, StudyConfig
+from matplotlib.figure import Figure
+
+from experiments.study import Study, StudyConfig
+from lsq.plotting import PLOT_LOCK
 
 
 def mean_se(values: Sequence[float]) -> tuple[float, float]:
@@ -73,10 +75,6 @@ def markdown_table(summary: Mapping[tuple[str, str, int], Mapping[str, Any]], me
 def plot_summary(summary: Mapping[tuple[str, str, int], Mapping[str, Any]], methods: Sequence[str], path: str | Path,
                  source: Mapping[str, Any] | None = None) -> None:
     """Mean test accuracy over tasks (± standard error over seeds) against LoRA parameters, per method."""
-    from matplotlib.figure import Figure
-
-    from lsq.plotting import PLOT_LOCK
-
     # x: the LoRA parameters in each method's own adapter file, mean over tasks (AdaLoRA saves the
     # ranks its budget kept, module by module, so its size is close to but not exactly rank k's)
     with PLOT_LOCK:

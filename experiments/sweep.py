@@ -1,7 +1,7 @@
-"""The budget sweep: the study (:mod:`lsq.study`) at several step budgets, to see whether the
+"""The budget sweep: the study (:mod:`experiments.study`) at several step budgets, to see whether the
 methods' order changes as training gets longer.
 
-For each budget ``T`` in ``budgets`` the sweep runs one :class:`~lsq.study.Study` with ``steps=T``
+For each budget ``T`` in ``budgets`` the sweep runs one :class:`~experiments.study.Study` with ``steps=T``
 and ``recover_steps = round(recover_fraction * T)`` (Cont-Squeeze's recovery inside the budget).
 Every choice is made per budget on validation data, exactly as in a single study: each method's
 learning rate per rank from its grid, then In-Squeeze's first-stage share (``in_fractions``) at
@@ -9,9 +9,10 @@ that rate. The test split is read only for the report.
 
 Resuming: every adapter is made by the pipeline's steps in ``<root>/steps`` (shared by all budgets),
 so a sweep run again reuses every finished step and resumes the cut one from its last checkpoint.
-Steps are keyed by the lsq code version; the sweep pins the version it started with in
-``<root>/sweep.json`` and refuses to mix versions unless asked (``keep_code=True``: finished steps
-stay valid, and the report says the code changed). Budgets run from the smallest up, so an
+Steps are keyed by the version of the lsq code that makes adapters and scores
+(:func:`lsq.steps.code_version`: a change to the command line, the reports or this harness keeps every finished
+step); the sweep pins the version it started with in ``<root>/sweep.json`` and refuses to go on under code that
+could change its adapters or scores (one sweep, one engine). Budgets run from the smallest up, so an
 interrupted sweep has whole budgets to show.
 
 Pure lsq: no prefect, no mlflow. ``benchmarks/budget_sweep.py`` is the command and
@@ -22,16 +23,21 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
+import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from experiments.study import Job, Study, StudyConfig, source_of, train_variant
+from lsq.api import squeeze_adapter
+from lsq.config import SqueezeConfig
+from lsq.config_files import load_config
 from lsq.errors import LsqError
 from lsq.steps import code_version
-from lsq.study import Study, StudyConfig, source_of
-from lsq.train_config import apply_overrides, validation_message
 
 SWEEP_FILE = "sweep.json"
 
@@ -110,17 +116,15 @@ class Sweep:
     """Runs the study at every budget, smallest first, with one steps folder and one pinned code version."""
 
     def __init__(self, config: SweepConfig, root: str | os.PathLike, log: Callable[[str], None] = print,
-                 on_record: Callable[[dict[str, Any]], None] | None = None, keep_code: bool = False,
-                 pinned: tuple[str, str | None] | None = None):
+                 on_record: Callable[[dict[str, Any]], None] | None = None, pinned: str | None = None):
         self.config = config
         self.root = Path(root)
         self.log = log
         self.on_record = on_record
-        # ``pinned``: (code, code_changed) of a Sweep already checked in this run (the flow's tasks)
-        self.code, self.code_changed = pinned or self._pin_code(keep_code)
+        self.code = pinned or self._pin_code()  # ``pinned``: the code of a Sweep already checked in this run
         self._data: dict[str, Any] = {}  # one task's data shared by the budgets' studies
 
-    def _pin_code(self, keep_code: bool) -> tuple[str, str | None]:
+    def _pin_code(self) -> str:
         """The code version the sweep's steps are keyed by: the one it started with."""
         self.root.mkdir(parents=True, exist_ok=True)
         path, now = self.root / SWEEP_FILE, code_version()
@@ -133,22 +137,13 @@ class Sweep:
             if not same:
                 raise LsqError(f"{self.root}: holds a sweep of other settings ({path}); use another --out")
             if pinned["code"] != now:
-                if not keep_code:
-                    raise LsqError(f"{self.root}: the sweep started with lsq code {pinned['code']}, this is {now}; "
-                                   "rerun with --keep-code to reuse its finished steps, or use another --out")
-                return pinned["code"], now
-            return now, None
+                raise LsqError(f"{self.root}: the sweep started with lsq code {pinned['code']}, this is {now} (a change "
+                               "that can change adapters or scores); finish it with that code, or use another --out")
+            return now
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"code": now, "config": self.config.model_dump(mode="json")}, indent=1) + "\n")
         os.replace(tmp, path)
-        return now, None
-
-    def code_note(self) -> str | None:
-        """A line for the report when the sweep was resumed with other lsq code (``keep_code``)."""
-        if self.code_changed is None:
-            return None
-        return (f"The lsq code changed during the sweep (steps keyed by {self.code}, resumed with {self.code_changed}"
-                ", --keep-code): finished steps were reused.")
+        return now
 
     def study(self, budget: int) -> Study:
         return Study(self.config.at(budget), self.root / f"T{budget}", log=self.log, on_record=self.on_record,
@@ -207,17 +202,9 @@ class Sweep:
 def time_squeeze(study: Study, source_record: dict[str, Any]) -> float:
     """Seconds of one squeeze of a ladder source to every ladder rank (median of 3, in this process,
     into a temporary folder: the step's own folder holds its finished result)."""
-    import statistics
-    import tempfile
-    import time
-
-    from lsq.api import squeeze_adapter
-    from lsq.config import SqueezeConfig
-    from lsq.study import Job, _train
-
     c = study.config
     job = Job(source_record["task"], source_record["seed"], "source-cont", c.source_rank, source_record["lr"])
-    source = _train(study, job, "source", c.source_rank, c.steps - c.recover_steps)  # finished: reused
+    source = train_variant(study, job, "source", c.source_rank, c.steps - c.recover_steps)  # finished: reused
     times = []
     for _ in range(3):
         with tempfile.TemporaryDirectory() as tmp:
@@ -260,8 +247,6 @@ def ladder_costs(records: list[dict[str, Any]], sources: list[dict[str, Any]], s
 
 def planned_jobs(c: StudyConfig) -> set:
     """Every job a study of ``c`` runs (an upper bound: each choice's candidates at every rank)."""
-    from lsq.study import Job
-
     jobs = set()
     sel_ranks = [c.select_rank] if c.select_rank else list(c.ranks)
     for m in c.methods:
@@ -300,7 +285,4 @@ def load_sweep_config(preset: str, overrides: list[str]) -> SweepConfig:
         raise LsqError(f"--preset: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
     own = set(SweepConfig.model_fields) - {"study"}
     qualified = [o if o.split("=", 1)[0].split(".")[0] in own | {"study"} else f"study.{o}" for o in overrides]
-    try:
-        return SweepConfig.model_validate(apply_overrides(PRESETS[preset].model_dump(), qualified))
-    except ValidationError as exc:
-        raise LsqError(validation_message(exc)) from None
+    return load_config(SweepConfig, PRESETS[preset], qualified)

@@ -1,4 +1,4 @@
-"""Report of the budget sweep (lsq/sweep.py): accuracy against budget per method, one panel per rank;
+"""Report of the budget sweep (experiments/sweep.py): accuracy against budget per method, one panel per rank;
 tables (mean over tasks, and per task) with standard errors over seeds; where the methods' order
 changes between budgets; the choices made on validation. Pure lsq: no torch, prefect or mlflow.
 """
@@ -11,7 +11,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lsq.study_report import summarize
+from matplotlib.figure import Figure
+
+from experiments.study_report import summarize
+from lsq.plotting import PLOT_LOCK
 
 # (a, b): the pairs whose order the report follows across budgets
 PAIRS = (("in", "cont"), ("direct", "cont"), ("direct", "in"), ("post", "cont"))
@@ -101,10 +104,6 @@ def choices_table(records: Iterable[Mapping[str, Any]], methods: Sequence[str]) 
 def plot_budgets(summaries: Mapping[int, Mapping], methods: Sequence[str], ranks: Sequence[int],
                  path: str | Path, sources: Mapping[int, Mapping] | None = None) -> None:
     """Mean test accuracy over tasks (± standard error over seeds) against the step budget, one panel per rank."""
-    from matplotlib.figure import Figure
-
-    from lsq.plotting import PLOT_LOCK
-
     with PLOT_LOCK:
         fig = Figure(figsize=(4.2 * len(ranks), 4.2))
         axes = fig.subplots(1, len(ranks), sharey=True, squeeze=False)[0]
@@ -166,7 +165,7 @@ def ladder_section(ladder: Mapping[str, Any], config) -> str:
     return "\n".join(lines)
 
 
-def report(config, records: list[dict[str, Any]], command: str, seconds: float, code_note: str | None = None,
+def report(config, records: list[dict[str, Any]], command: str, seconds: float,
            ladder: Mapping[str, Any] | None = None) -> str:
     """The sweep's markdown: accuracy against budget (mean over tasks, then per task), crossings, choices."""
     s = config.study
@@ -198,20 +197,18 @@ def report(config, records: list[dict[str, Any]], command: str, seconds: float, 
         lines += ["", f"{task}:", "", budget_table(summaries, s.methods, s.ranks, task=task)]
     lines += ["", f"Command: `{command}`; {seconds / 60:.1f} min of wall time in this invocation on {os.cpu_count()} CPUs"
               f" ({len(records)} chosen records)."]
-    if code_note:
-        lines.append(code_note)
     return "\n".join(lines)
 
 
 def write_report(config, records: list[dict[str, Any]], folder: str | os.PathLike, command: str, seconds: float,
-                 code_note: str | None = None, ladder: Mapping[str, Any] | None = None) -> str:
+                 ladder: Mapping[str, Any] | None = None) -> str:
     """``sweep.md``, ``sweep.png`` and ``sweep_summary.json`` (the summary and every chosen record, so
     the numbers outlive the run folder) in ``folder``; returns the markdown."""
     folder = Path(folder)
     s = config.study
     summaries = by_budget(records, s.methods)
     sources = {t: v.get(("mean", "source", s.source_rank)) for t, v in by_budget(records, ("source",)).items()}
-    text = report(config, records, command, seconds, code_note, ladder)
+    text = report(config, records, command, seconds, ladder)
     plot_budgets(summaries, s.methods, s.ranks, folder / "sweep.png", sources=sources)
     (folder / "sweep.md").write_text(text + "\n")
     (folder / "sweep_summary.json").write_text(json.dumps(
