@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from lsq.data import no_progress_bars
+from lsq.data_sources import no_progress_bars
 from lsq.errors import LsqError
 
 IGNORE = -100

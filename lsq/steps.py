@@ -47,7 +47,8 @@ PACKAGE = Path(__file__).resolve().parent
 # the two lists (tests/lsq/test_steps.py checks that every module of the package is in exactly one).
 KEYED_MODULES = (
     "adapter", "api", "builtin_data", "builtin_models", "builtin_tasks", "checkpoints", "config", "data",
-    "data_files", "distributed", "evaluate", "insqueeze", "linalg", "live", "loading", "models", "objectives",
+    "data_files", "data_sources", "distributed", "evaluate", "insqueeze", "linalg", "live", "loading", "models",
+    "objectives",
     "policies", "records", "squeeze", "steps", "train", "train_config", "train_worker", "workdir",
 )
 UNKEYED_MODULES = (
