@@ -12,7 +12,6 @@ unchanged; rank and alpha resolution follows ``peft.utils.other.get_pattern_key`
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import ctypes
 import errno
@@ -21,7 +20,6 @@ import json
 import math
 import os
 import re
-import secrets
 import shutil
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lsq.errors import LsqError, write_failure
+from lsq.workdir import discard_temporary, new_temporary
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -234,18 +233,6 @@ def write_adapter(folder: Path, config: Mapping[str, Any], weights: Mapping[str,
         raise OSError(failure.errno, failure.strerror, failure.filename) from None
 
 
-# Temporary folders of the AtomicFolders open in this process. A signal turned into an exception
-# (the CLI's SIGTERM, Ctrl-C) can land between two lines where no ``with`` clean-up runs yet, or
-# before __exit__'s first line; whatever is left is removed when the process exits.
-_UNFINISHED: set[Path] = set()
-
-
-@atexit.register
-def _remove_unfinished() -> None:
-    for path in list(_UNFINISHED):
-        shutil.rmtree(path, ignore_errors=True)
-
-
 class AtomicFolder:
     """Build a folder under a temporary name beside ``target`` and rename it into place on success.
 
@@ -271,19 +258,11 @@ class AtomicFolder:
             self.target.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise (write_failure(exc, self.target) or exc) from None
-        while True:  # not tempfile.mkdtemp: a signal inside it, after its mkdir, would lose the name
-            self.tmp = self.target.parent / f".{self.target.name}.{secrets.token_hex(4)}.tmp"
-            _UNFINISHED.add(self.tmp)
-            try:
-                os.mkdir(self.tmp)
-                return self.tmp
-            except FileExistsError:
-                _UNFINISHED.discard(self.tmp)  # that name is someone else's: draw another
-            except BaseException as exc:  # SIGTERM or Ctrl-C right after the mkdir: __exit__ will not run
-                self._remove_tmp()
-                if (failure := write_failure(exc, self.target)) is not None:
-                    raise failure from None
-                raise
+        try:  # registered before it exists, removed at exit if a signal lands before __exit__ can run
+            self.tmp = new_temporary(self.target.parent, f".{self.target.name}.")
+        except OSError as exc:
+            raise (write_failure(exc, self.target) or exc) from None
+        return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
@@ -310,8 +289,7 @@ class AtomicFolder:
         return self.target
 
     def _remove_tmp(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        _UNFINISHED.discard(self.tmp)
+        discard_temporary(self.tmp)
 
     def _publish(self) -> None:
         """Rename the finished folder into place, refusing a target that appeared while it was written."""

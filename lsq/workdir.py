@@ -94,9 +94,9 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise (write_failure(exc, path) or exc) from None
 
 
-# Temporary files and folders of this process not yet renamed into place or removed. A signal turned into an
-# exception (the CLI's SIGTERM, Prefect's, Ctrl-C) can land where no clean-up runs yet: whatever is left here is
-# removed when the process exits.
+# Temporary files and folders of this process not yet renamed into place or removed (atomic writes, the
+# AtomicFolder of lsq.adapter, the storage's downloads). A signal turned into an exception (the CLI's SIGTERM,
+# Prefect's, Ctrl-C) can land where no clean-up runs yet: whatever is left here is removed when the process exits.
 _UNFINISHED: set[Path] = set()
 
 

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lsq.adapter
+import lsq.workdir
 from lsq.adapter import AtomicFolder, find_modules, read_adapter
 from lsq.errors import LsqError
 
@@ -146,7 +147,7 @@ def test_interrupt_right_after_the_temporary_folder_is_made(tmp_path, monkeypatc
         with AtomicFolder(tmp_path / "out"):
             pass
     monkeypatch.undo()
-    assert list(tmp_path.iterdir()) == [] and not lsq.adapter._UNFINISHED
+    assert list(tmp_path.iterdir()) == [] and not lsq.workdir._UNFINISHED
 
 
 # ------------------------------------------------------------------------------- real processes

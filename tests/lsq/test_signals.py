@@ -228,7 +228,7 @@ def test_interrupt_right_after_force_moves_the_old_output_aside(tmp_path, monkey
             _then_interrupt(monkeypatch, os, "replace")
     monkeypatch.undo()
     assert os.listdir(tmp_path) == ["out"] and os.listdir(target) == ["old.txt"]
-    assert not lsq.adapter._UNFINISHED
+    assert not lsq.workdir._UNFINISHED
 
 
 def test_the_plot_child_stops_before_its_folder_is_removed(tmp_path):
