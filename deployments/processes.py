@@ -2,12 +2,13 @@
 child process that ends with its parent.
 
 - :class:`PrefectServer`: ``prefect server start`` with its services (scheduler, triggers: the
-  lost-worker automation needs them), its own ``PREFECT_HOME`` and database, on a free loopback port.
+  lost-worker automation needs them), its own ``PREFECT_HOME`` and database, on a free loopback port
+  (started again on a new one when another process took it first).
 - :class:`Worker`: ``prefect worker start --pool P --limit 1`` in its own folder (its own cache,
   ``HOME`` and work folder: as another machine would be), its own process group, with
   ``LSQ_WORKER`` naming it and ``CUDA_VISIBLE_DEVICES`` giving it one device when it has one.
 
-Both are stopped by :meth:`stop` (the whole process group: the worker's flow runs with it) and, when
+Both are :class:`lsq.processes.ServerProcess` processes, stopped by :meth:`stop` (the whole process group: the worker's flow runs with it) and, when
 the parent dies, by the kernel (``PR_SET_PDEATHSIG``; a unit's flow run asks for the same towards
 its worker, see ``flows/unit.py``).
 """
@@ -21,8 +22,9 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from deployments.server_process import ServerProcess
-from flows.server import _free_port
+import psutil
+
+from lsq.processes import ServerProcess, entered, free_port
 
 BIN = Path(sys.executable).parent
 
@@ -42,24 +44,36 @@ class PrefectServer:
         self.folder = Path(folder)
         self.timeout = timeout
         self.ui = ui  # the web UI at http://127.0.0.1:<port>/ (off: the API only)
-        self.port = _free_port()
-        self.api_url = f"http://127.0.0.1:{self.port}/api"
+        self.port = free_port()
         self.database_url = database_url or f"sqlite+aiosqlite:///{self.folder / 'prefect.db'}"
         self.process = ServerProcess("Prefect server", self.folder / "prefect-server.log")
 
+    @property
+    def api_url(self) -> str:
+        """Final once :meth:`wait` returns (a port taken before the server bound it is replaced there)."""
+        return f"http://127.0.0.1:{self.port}/api"
+
     def start(self) -> PrefectServer:
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._launch()
+        return self
+
+    def _launch(self) -> None:
         env = _quiet_env(PREFECT_HOME=str(self.folder / "home"), PREFECT_API_DATABASE_CONNECTION_URL=self.database_url,
                          PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(self.port),  # the UI's API URL
                          PREFECT_LOGGING_LEVEL="WARNING")
         self.process.spawn([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(self.port),
                             "--ui" if self.ui else "--no-ui", "--analytics-off"], env=env, cwd=self.folder,
-                           deathsig=signal.SIGTERM)
-        return self
+                           deathsig=signal.SIGTERM, ports=(self.port,))
+
+    def _relaunch(self) -> None:
+        self.port = free_port()
+        self._launch()
 
     def wait(self) -> PrefectServer:
         try:
-            self.process.wait_until(self._healthy, self.timeout, f"answer at {self.api_url}/health")
+            self.process.wait_until(self._healthy, self.timeout, lambda: f"answer at {self.api_url}/health",
+                                    respawn=self._relaunch)
         except BaseException:
             self.stop()
             raise
@@ -74,7 +88,7 @@ class PrefectServer:
         self.process.stop(signal.SIGTERM, grace=10.0)
 
     def __enter__(self) -> PrefectServer:
-        return self.start().wait()
+        return entered(self)
 
     def __exit__(self, *exc) -> None:
         self.stop()
@@ -111,8 +125,6 @@ class Worker:
 
     def pids(self) -> list[int]:
         """The worker and every process under it (its flow runs)."""
-        import psutil
-
         if self.process.pid is None or self.process.exited() is not None:
             return []
         try:

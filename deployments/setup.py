@@ -9,7 +9,8 @@
 
 Idempotent: an existing pool is left as it is, an existing limit is set to N. Talks to PREFECT_API_URL
 (the CLI equivalents: ``prefect work-pool create lsq-process --type process`` and
-``prefect concurrency-limit create lsq-compute N``).
+``prefect concurrency-limit create lsq-compute N``). A failure is one line ``setup: error: ...`` on
+stderr: exit status 1 when the server is unreachable or refuses, 2 for bad input.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ import argparse
 import os
 import shutil
 import subprocess
+import sys
 
+import httpx
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
-from prefect.exceptions import ObjectAlreadyExists
+from prefect.exceptions import ObjectAlreadyExists, PrefectException
 
+from lsq.errors import one_line
 from tasks import COMPUTE_TAG
 
 POOL = "lsq-process"
@@ -73,15 +77,26 @@ def setup(pool: str = POOL, slots: int | None = None) -> dict[str, object]:
                 "tag": limit.tag, "slots": limit.concurrency_limit}
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deployments.setup", description=__doc__.split("\n\n")[0])
     parser.add_argument("--pool", default=POOL, help=f"work pool name (default {POOL})")
     parser.add_argument("--slots", type=int, default=None, help="concurrent lsq-compute task runs (default: GPUs or 1)")
     args = parser.parse_args(argv)
-    state = setup(args.pool, args.slots)
+    try:
+        state = setup(args.pool, args.slots)
+    except (httpx.HTTPError, PrefectException, RuntimeError, OSError) as exc:  # unreachable, refused
+        from prefect.settings import PREFECT_API_URL
+
+        print(f"setup: error: Prefect API {PREFECT_API_URL.value()}: {type(exc).__name__}: {one_line(exc)}",
+              file=sys.stderr)
+        return 1
+    except ValueError as exc:  # bad input (--slots 0)
+        print(f"setup: error: {one_line(exc)}", file=sys.stderr)
+        return 2
     print(f"work pool {state['pool']} ({'created' if state['pool_created'] else 'exists'}); "
           f"tag limit {state['tag']} = {state['slots']}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

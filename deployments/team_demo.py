@@ -9,7 +9,9 @@ per GPU on real machines). Each worker has its own folder, ``HOME`` and cache, a
 shared between them: units exchange adapters and records only through ``storage.root`` in the
 object store, and the registry only through the MLflow server. It deploys the unit flow and the
 pipeline, runs the pipeline deployment, prints what ran where, and stops every process it started,
-also on failure, Ctrl-C or SIGTERM. The last line on stdout is one JSON object::
+also on failure, Ctrl-C or SIGTERM. A failure is one line ``team_demo: error: ...`` on stderr
+(a server that did not start: its name, command line, port and last output) and exit status 1
+(2 for bad input). Otherwise the last line on stdout is one JSON object::
 
     {"tracking_backend": "postgresql://lsq@127.0.0.1:PORT/mlflow", "artifact_root": "s3://lsq/mlflow",
      "storage_root": "s3://lsq/runs", "workers": {"worker-a": ["source-r32", ...], ...},
@@ -30,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from flows.server import terminate_on_sigterm
-from lsq.errors import LsqError
+from lsq.errors import LsqError, one_line
+from lsq.processes import ServerFailed
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "team-demo.yaml"
@@ -93,7 +96,7 @@ def load_from_third_folder(tracking_uri: str, name: str, versions: list[dict[str
 
     from lsq.workdir import adapter_digest
     from tasks.tracking import download_adapter
-    from tasks.tracking.registry import DIGEST_TAG
+    from tasks.tracking.model_registry import DIGEST_TAG
 
     hidden = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith(("AWS_", "MLFLOW_S3_"))}
     try:
@@ -117,7 +120,7 @@ def run_demo(folder: Path, config: str | Path, overrides: list[str], heartbeat_t
     from deployments import team
     from deployments.processes import PrefectServer, Worker
     from deployments.stack import TeamServers
-    from flows.server import _drain_prefect_workers
+    from flows.server import drain_prefect_workers
 
     started = time.perf_counter()
     with ExitStack() as stack:
@@ -130,7 +133,7 @@ def run_demo(folder: Path, config: str | Path, overrides: list[str], heartbeat_t
         storage_root = f"s3://{store.bucket}/runs"
         cfg = team_config(config, overrides, servers.tracking_uri, storage_root)
         with temporary_settings({PREFECT_API_URL: prefect.api_url}):
-            stack.callback(_drain_prefect_workers)
+            stack.callback(drain_prefect_workers)
             team.setup(team.UNIT_POOL, heartbeat_timeout)
             team.create_pool(CONTROL_POOL, "lsq pipelines: the flow runs that dispatch units and register")
             deployment = team.deploy_pipeline("team-demo", cfg, CONTROL_POOL)
@@ -175,12 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run_demo(folder, args.config, list(args.overrides), args.heartbeat_timeout,
                           out=lambda line: print(line, flush=True))
-    except LsqError as exc:
-        print(f"lsq: error: {exc}", file=sys.stderr)
-        return 2
-    except (RuntimeError, OSError) as exc:
-        print(f"lsq: team demo failed: {exc}", file=sys.stderr)
+    except (ServerFailed, RuntimeError, OSError) as exc:  # a server that did not start, a run that failed
+        print(f"team_demo: error: {one_line(exc)}", file=sys.stderr)
         return 1
+    except LsqError as exc:  # bad input (the config, an override)
+        print(f"team_demo: error: {one_line(exc)}", file=sys.stderr)
+        return 2
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)

@@ -43,9 +43,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from deployments.common import child_env  # noqa: E402
 from deployments.processes import PrefectServer  # noqa: E402
-from deployments.server_process import ServerProcess, child_env, free_ports  # noqa: E402
-from flows.server import die_with_parent_by  # noqa: E402
+from lsq.processes import ServerProcess, die_with_parent_by, free_port  # noqa: E402
 
 OUT = REPO / "docs" / "screenshots"
 WINDOW = {"runs": "1800,800", "charts": "1800,2000", "parent": "1400,1800", "version": "1400,1100",
@@ -87,7 +87,7 @@ def pages(uri: str, base: str) -> dict[str, str]:
     plots never settle in a headless browser; its curves are in ``charts.png``.)"""
     from mlflow import MlflowClient
 
-    from tasks.registry import run_url, runs_url
+    from tasks.promotion import run_url, runs_url
 
     client = MlflowClient(uri, registry_uri=uri)
     [model] = client.search_registered_models(max_results=1)
@@ -162,16 +162,26 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lsq-screenshots-") as tmp:
         work = Path(tmp)
         prefect = None if args.store else PrefectServer(work / "prefect", ui=True)
-        [port] = free_ports(1)
-        base = f"http://127.0.0.1:{port}"
         server = ServerProcess("mlflow server", work / "mlflow-server.log")
+        port = free_port()
+
+        def launch(uri: str) -> None:
+            server.spawn([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
+                          "--port", str(port), "--workers", "1"], child_env(), work, signal.SIGTERM, ports=(port,))
+
+        def relaunch() -> None:  # its port was taken before it could bind it
+            nonlocal port
+            port = free_port()
+            launch(uri)
+
         try:
             if prefect is not None:
                 prefect.start().wait()
             uri = args.store or tiny_store(work, prefect.api_url if prefect else None)
-            server.spawn([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
-                          "--port", str(port), "--workers", "1"], child_env(), work, signal.SIGTERM)
-            server.wait_until(lambda: answers(f"{base}/health"), 180, "answer on /health")
+            launch(uri)
+            server.wait_until(lambda: answers(f"http://127.0.0.1:{port}/health"), 180, "answer on /health",
+                              respawn=relaunch)
+            base = f"http://127.0.0.1:{port}"
             shots = pages(uri, base)
             if prefect is not None:
                 shots.update(prefect_pages(prefect.api_url))

@@ -23,7 +23,7 @@ if os.environ.get("LSQ_EXIT_WITH_WORKER") == "1":  # set by deployments.processe
     # takes its flow runs with it, silently, as a lost machine would (else they would finish as orphans)
     import signal
 
-    from flows.server import die_with_parent_by
+    from lsq.processes import die_with_parent_by
 
     die_with_parent_by(signal.SIGKILL)()
 

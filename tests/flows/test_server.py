@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -30,11 +32,33 @@ def gone(pid: int, within: float = 15.0) -> bool:
 
 def test_a_server_that_does_not_start_in_time_is_stopped(monkeypatch):
     server = TemporaryServer(timeout=0.2).start()
-    pid, home = server.process.pid, server.home
+    pid, home, port = server.process.pid, server.home, server.port
     assert is_temporary(server.api_url)
-    with pytest.raises(LsqError, match="did not answer within 0.2 s"):
+    with pytest.raises(LsqError, match="did not answer within 0.2 s") as failed:
         server.wait()
     assert gone(pid) and not Path(home).exists() and not is_temporary(server.api_url)
+    message = str(failed.value)  # one line: the server, its command line, its port
+    assert message.startswith("temporary Prefect server did not answer") and "\n" not in message
+    assert f"--port {port} " in message and f"; port {port}; last output: " in message
+
+
+@pytest.mark.slow
+def test_a_port_taken_before_the_server_bound_it_is_replaced():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        server = TemporaryServer()
+        server.port = taken.getsockname()[1]  # picked free, then taken by someone else
+        server.start()
+        try:
+            server.wait()
+            assert server.port != taken.getsockname()[1] and is_temporary(server.api_url)
+            with urllib.request.urlopen(f"{server.api_url}/health", timeout=10) as response:
+                assert response.status == 200
+        finally:
+            pid = server.process.pid
+            server.stop()
+    assert gone(pid) and not is_temporary(server.api_url) and not Path(server.home).exists()
 
 
 @pytest.mark.slow
@@ -45,8 +69,6 @@ def test_the_server_answers_then_dies_with_its_killed_parent(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         pid, url, home = parent.stdout.readline().split()
-        import urllib.request
-
         with urllib.request.urlopen(f"{url}/health", timeout=10) as response:
             assert response.status == 200
         assert psutil.Process(int(pid)).ppid() == parent.pid

@@ -51,9 +51,9 @@ def pool(team_servers, tmp_path_factory):
         try:
             yield server, workers, base
         finally:
-            from flows.server import _drain_prefect_workers
+            from flows.server import drain_prefect_workers
 
-            _drain_prefect_workers()  # this process's logs reach the server before it stops
+            drain_prefect_workers()  # this process's logs reach the server before it stops
             pids = {p for w in workers.values() for p in w.pids()}
             for w in workers.values():
                 w.stop()

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from deployments.stack import MlflowServer
-from flows.server import _free_port
+from lsq.processes import free_port
 from lsq.errors import LsqError
 from tasks.preflight import preflight
 from tests.team.conftest import one_line, secrets_of
@@ -46,7 +46,7 @@ def test_all_reachable_passes_and_leaves_nothing(team_servers, tmp_path, monkeyp
 
 
 def test_a_tracking_server_that_is_down(team_servers):
-    port = _free_port()
+    port = free_port()
     message, seconds = failure(f"http://lsq:tracking-password@127.0.0.1:{port}", None, timeout=5)
     assert message == f"preflight: tracking server http://lsq:***@127.0.0.1:{port} unreachable (Connection refused)"
     assert seconds < 15
@@ -54,7 +54,7 @@ def test_a_tracking_server_that_is_down(team_servers):
 
 
 def test_an_object_store_that_is_down_behind_a_running_server(team_servers, tmp_path, no_leftover_processes):
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     env = {**team_servers.object_store.env(), "AWS_ENDPOINT_URL_S3": dead, "AWS_ENDPOINT_URL": dead,
            "MLFLOW_S3_ENDPOINT_URL": dead}
     with MlflowServer(tmp_path, team_servers.postgres.uri, "s3://lsq/mlflow", env) as broken:
@@ -83,7 +83,7 @@ def test_a_storage_root_that_is_not_writable(tmp_path, monkeypatch):
 
     use_object_store(monkeypatch, {"AWS_ACCESS_KEY_ID": "lsqtest", "AWS_SECRET_ACCESS_KEY": FAKE_SECRET,
                                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-                                   "AWS_ENDPOINT_URL_S3": "?"}, endpoint=f"http://127.0.0.1:{_free_port()}")
+                                   "AWS_ENDPOINT_URL_S3": "?"}, endpoint=f"http://127.0.0.1:{free_port()}")
     message, seconds = failure(tracking, "s3://lsq/runs", timeout=5)
     assert message.startswith("preflight: storage root s3://lsq/runs not writable ("), message
     assert seconds < 15

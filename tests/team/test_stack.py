@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from deployments import stack
-from deployments.stack import MlflowServer, TeamServers
+from deployments.stack import MlflowServer, Postgres, TeamServers
 from lsq.errors import LsqError
 from tasks.tracking import client_for, download_adapter, log_folder
 from tests.team.conftest import descendants, gone, secrets_of
@@ -123,12 +123,25 @@ def test_a_server_that_fails_stops_those_started_and_names_itself(tmp_path, monk
     team = TeamServers(tmp_path)
     with pytest.raises(LsqError) as failed:
         team.start()
-    message = str(failed.value)
-    assert message.startswith("mlflow exited during start-up") and "mlflow.log" in message
+    message = str(failed.value)  # one line: the server, its command line, its port, its last output
+    assert message.startswith("mlflow exited during start-up") and "mlflow.log" in message and "\n" not in message
+    assert " -m mlflow server --host 127.0.0.1 --port " in message and "; port " in message
     assert "nosuchdb://lsq:***@" in message  # the tail of its log, secrets masked
     for secret in secrets_of(team):
         assert secret not in message
     assert len(started["before"]) >= 2 and gone(started["before"]) == set()
+
+
+def test_a_port_taken_before_the_server_bound_it_is_replaced(tmp_path, no_leftover_processes):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        postgres = Postgres(tmp_path)
+        postgres.port = taken.getsockname()[1]  # picked free, then taken by someone else
+        with postgres:
+            assert postgres.port != taken.getsockname()[1] and f":{postgres.port}/" in postgres.redacted_uri
+            postgres.connect().close()
+            assert "already in use" in (tmp_path / "postgres.log").read_text()
 
 
 def test_the_stack_dies_with_its_killed_parent(tmp_path):
