@@ -25,15 +25,18 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="lsq-orch-")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work}/mlflow.db"
     start = time.perf_counter()
-    from flows.server import prefect_api, start_unless_configured
+    from flows.pipeline_command import preboot_server
 
-    server = start_unless_configured()  # before the heavy imports, as `python -m flows.squeeze_pipeline` does
+    server = preboot_server()  # before the heavy imports, as `python -m flows.squeeze_pipeline` does
     import flows.squeeze_pipeline as pipeline
     import lsq.api
     import lsq.evaluate
+    import lsq.pipeline_config
     import lsq.train
     import tasks.steps as steps
+    from flows.server import prefect_api
     from tasks import tracking
+    from tasks.tracking import parent_runs
 
     imported = time.perf_counter() - start
     compute = {"seconds": 0.0, "calls": 0}
@@ -59,10 +62,11 @@ def main() -> None:
     # lsq.steps imports these at call time, so wrapping them where they live times every call once
     # (evaluate_adapter calls evaluate_splits; train loads its data inside)
     for module, name in ((lsq.train, "train"), (lsq.api, "squeeze_adapter"), (lsq.evaluate, "evaluate_splits"),
-                         (steps, "load_data"), (steps, "fingerprint")):
+                         (steps, "load_data"), (lsq.pipeline_config, "fingerprint")):
         setattr(module, name, timed(getattr(module, name)))
     for name in ("log_variant_run", "register_variant", "log_pareto", "start_pipeline_run", "set_alias", "finish_run"):
         setattr(tracking, name, timed(getattr(tracking, name), "MLflow logging and registry writes"))
+    parent_runs.finish_run = tracking.finish_run  # what tracking.parent_run calls to end the parent run
     with prefect_api(server):
         result = pipeline.squeeze_pipeline(config, [*overrides, f"output_dir={work}/runs"])
     wall = time.perf_counter() - start

@@ -31,15 +31,17 @@ from tasks.steps import prepare_data
 @flow(name="lsq-monitor", log_prints=False, persist_result=False)
 def monitor(config: str | dict[str, Any] | None = None, overrides: list[str] | None = None,
             margin: float = 0.02) -> MonitorResult:
-    cfg: PipelineConfig = load_pipeline_config(config, overrides or [])  # a bad config stops here
-    cfg, _ = resolve_promotion(cfg)  # promotion.metric=auto: the metric the pipeline chose on these labels
+    given: PipelineConfig = load_pipeline_config(config, overrides or [])  # a bad config stops here
     if not margin >= 0:
         raise ValueError(f"margin: {margin} must be >= 0")
     log = get_run_logger()
+    data = prepare_data(given.data)
+    # promotion.metric=auto: the metric the pipeline chose on these labels
+    cfg, _ = resolve_promotion(given, data)
     uri = tracking.default_tracking_uri(cfg.tracking)
     name, source = cfg.registered_model, str(Path(config).resolve()) if isinstance(config, str) else None
 
-    fingerprint = prepare_data(cfg.data)
+    fingerprint = data.fingerprint
     champion = evaluate_champion(uri, cfg)
     trained_on = versions_trained_on(uri, name, fingerprint)
     findings = [check_dataset(name, fingerprint, champion and champion.tags, champion and champion.version,

@@ -12,13 +12,16 @@ from __future__ import annotations
 import posixpath
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lsq.data import DataConfig
-from lsq.errors import LsqError
+from lsq.config import SqueezeConfig
+from lsq.config_files import load_config
+from lsq.data import DataConfig, fingerprint
+from lsq.errors import LsqError, one_line
 from lsq.models import ModelConfig
+from lsq.records import PreparedData
 from lsq.train_config import (
     AdaLoraSettings,
     ContSettings,
@@ -26,10 +29,10 @@ from lsq.train_config import (
     LoraSettings,
     OptimSettings,
     TrainConfig,
-    apply_overrides,
-    read_yaml_mapping,
-    validation_message,
 )
+
+if TYPE_CHECKING:
+    from datasets import DatasetDict
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 # every adapter is scored on both: validation chooses the winner, test is reported beside it (no leak)
@@ -226,6 +229,10 @@ class PipelineConfig(BaseModel):
         data = Path(data.removeprefix("builtin:")).stem
         return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"lsq-{model}-{data}")
 
+    def squeeze_config(self) -> SqueezeConfig:
+        """How Post-Squeeze cuts the source: to every ``target_ranks``, with the ``squeeze`` settings."""
+        return SqueezeConfig(ranks=self.target_ranks, **self.squeeze.model_dump())
+
     def step_config(self, method: str, rank: int, adapter: str | None = None) -> TrainConfig:
         """The :class:`TrainConfig` of one training step (``source``, ``cont``, ``in``, ``direct``, ``adalora``).
 
@@ -240,35 +247,55 @@ class PipelineConfig(BaseModel):
                 output_dir=self.output_dir,  # the step's own folder inside it: lsq.steps.train_folder
             )
         except ValidationError as exc:
-            raise ValueError(f"{method} step: {validation_message(exc)}") from None
+            raise ValueError(f"{method} step: {one_line(exc)}") from None
 
 
-def resolve_promotion(cfg: PipelineConfig, data=None) -> tuple[PipelineConfig, str]:
+def prepared_data(data: DatasetDict) -> PreparedData:
+    """What the pipeline's later steps need of loaded ``data`` (:class:`PreparedData`): its fingerprint, and for
+    promotion and registration the class names and their shares of the training split, or whether the rows
+    carry choices."""
+    from collections import Counter
+
+    from datasets import ClassLabel
+
+    train = data["train"]
+    label = train.features.get("label")
+    names = shares = None
+    if isinstance(label, ClassLabel):
+        names = tuple(str(n) for n in label.names)
+        counts = Counter(int(x) for x in train["label"])
+        total = sum(counts.values()) or 1
+        shares = tuple(counts.get(i, 0) / total for i in range(max(len(names), max(counts, default=-1) + 1)))
+    return PreparedData(fingerprint=fingerprint(data), class_names=names, label_shares=shares,
+                        has_choices="choices" in train.column_names,
+                        splits={str(name): len(split) for name, split in data.items()})
+
+
+def resolve_promotion(cfg: PipelineConfig, data: PreparedData | DatasetDict) -> tuple[PipelineConfig, str]:
     """``cfg`` with a concrete ``promotion.metric``, and why it is that one (a sentence).
 
-    ``auto`` reads the training split (``data``, a loaded DatasetDict, or loaded here). Classification:
-    macro-F1 when the rarest class holds less than :data:`AUTO_MINORITY_SHARE` of it (accuracy would
-    reward predicting the majority class), else accuracy. Causal LM: choice accuracy when the rows carry
-    choices (multiple choice, the paper's setup), else exact match of the generated answer.
+    ``auto`` reads the training split as :func:`prepared_data` describes it (``data``: that record, or the
+    loaded DatasetDict it is made from); nothing is loaded here. Classification: macro-F1 when the rarest
+    class holds less than :data:`AUTO_MINORITY_SHARE` of it (accuracy would reward predicting the majority
+    class), else accuracy. Causal LM: choice accuracy when the rows carry choices (multiple choice, the
+    paper's setup), else exact match of the generated answer.
     """
     metric = cfg.promotion.metric
     if metric != "auto":
         return cfg, f"promotion.metric={metric} (set in the config)"
-    from lsq.data import load_data
-
-    data = data if data is not None else load_data(cfg.data)
+    prepared = data if isinstance(data, PreparedData) else prepared_data(data)
     if cfg.model.task != "classification":
-        choices = "choices" in data["train"].column_names
+        choices = prepared.has_choices
         metric = "choice_accuracy" if choices else "exact_match"
         why = (f"promotion.metric=auto: {metric}, because the causal LM data "
                + ("has choices (multiple choice)" if choices else "has answers to generate and no choices"))
     else:
-        from collections import Counter
-
-        counts = Counter(int(x) for x in data["train"]["label"])
-        rarest = min(counts, key=counts.get)
-        share = counts[rarest] / sum(counts.values())
-        names = getattr(data["train"].features["label"], "names", None) or []
+        if not prepared.label_shares:
+            raise LsqError("promotion.metric=auto: the data has no class labels to choose the metric on")
+        present = {i: share for i, share in enumerate(prepared.label_shares) if share > 0}
+        rarest = min(present, key=present.get)
+        share = present[rarest]
+        names = prepared.class_names or ()
         name = names[rarest] if rarest < len(names) else str(rarest)
         metric = "macro_f1" if share < AUTO_MINORITY_SHARE else "accuracy"
         why = (f"promotion.metric=auto: {metric}, because the rarest class ({name}) is {share:.1%} of the training "
@@ -278,13 +305,4 @@ def resolve_promotion(cfg: PipelineConfig, data=None) -> tuple[PipelineConfig, s
 
 def load_pipeline_config(source: str | Path | dict[str, Any] | None = None, overrides: list[str] = ()) -> PipelineConfig:
     """A pipeline config from a YAML file, a dict or the defaults, with ``key=value`` overrides."""
-    if isinstance(source, dict):
-        raw = dict(source)
-    elif source is None:
-        raw = {}
-    else:
-        raw = read_yaml_mapping(source)
-    try:
-        return PipelineConfig.model_validate(apply_overrides(raw, list(overrides)))
-    except ValidationError as exc:
-        raise LsqError(validation_message(exc)) from None
+    return load_config(PipelineConfig, source, overrides)

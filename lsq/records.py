@@ -13,6 +13,7 @@ of split ``validation`` ``val_accuracy``; sizes and squeeze numbers keep their o
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -22,6 +23,27 @@ _RECORD = ConfigDict(frozen=True, extra="forbid")
 
 SIZE_METRICS = ("trainable_params", "lora_params", "adapter_bytes")
 SPLIT_PREFIX = {"test": "test", "validation": "val", "train": "train"}
+
+
+class TrainResult(BaseModel):
+    """What one training run made (``lsq.train.train``): the adapter folder and how it got there. It also
+    crosses processes: a data-parallel worker sends rank 0's as JSON to the launcher."""
+
+    model_config = _RECORD
+
+    adapter_dir: Path
+    method: str
+    rank: int
+    steps: int
+    train_seconds: float
+    train_loss: float
+    dataset_fingerprint: str
+    rank_events: list[dict[str, Any]] = []  # In-Squeeze's rank cuts, in order
+    processes: int = 1
+    replica_digests: list[str] = []  # per process, at the end (data parallelism)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
 
 
 class Variant(BaseModel):
@@ -200,7 +222,7 @@ class PipelineResult(BaseModel):
 
 
 class StudyRecord(BaseModel):
-    """One job of the study (lsq/study.py): its settings, its adapter's size and its scores."""
+    """One job of the study (experiments/study.py): its settings, its adapter's size and its scores."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="constants")
 
@@ -275,3 +297,23 @@ class MonitorResult(BaseModel):
     fingerprint: str
     champion: ChampionCheck | None
     events: tuple[Emitted, ...]
+
+
+class PreparedData(BaseModel):
+    """The data of one pipeline run as the steps after its preparation need it (``tasks.steps.prepare_data``):
+    what identifies it, and what promotion and registration read from it, so that neither loads it again."""
+
+    model_config = _RECORD
+
+    fingerprint: str = Field(description="content digest of every split (lsq.data.fingerprint)")
+    class_names: tuple[str, ...] | None = Field(None, description="classification: the class names, id = position "
+                                                "(what the registered model predicts); None for causal LM data")
+    label_shares: tuple[float, ...] | None = Field(None, description="classification: each class's share of the "
+                                                   "training split, by id (0.0: absent from it)")
+    has_choices: bool = Field(False, description="causal LM: the training rows carry choices (multiple choice)")
+    splits: dict[str, int] = Field(default_factory=dict, description="rows per split")
+
+    @property
+    def num_labels(self) -> int | None:
+        """The number of classes (None for causal LM data)."""
+        return None if self.class_names is None else len(self.class_names)

@@ -26,10 +26,10 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from lsq import steps
-from lsq.data import DataConfig, fingerprint, load_data
+from lsq.data import DataConfig, load_data
 from lsq.errors import LsqError
-from lsq.pipeline_config import SCORED_SPLITS, PipelineConfig, SqueezeStep
-from lsq.records import Squeezed, UnitResult, Variant
+from lsq.pipeline_config import SCORED_SPLITS, PipelineConfig, prepared_data
+from lsq.records import PreparedData, Squeezed, UnitResult, Variant
 from lsq.steps import Log, Unit, code_version
 from lsq.storage import Storage
 from tasks import COMPUTE_TAG, tracking
@@ -80,9 +80,10 @@ def make_unit(cfg: PipelineConfig, data_fingerprint: str, code: str, method: str
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_bad_input, task_run_name="prepare data",
       **_NO_RESULTS)
-def prepare_data(data: DataConfig) -> str:
-    """Fetch, parse and split the data as it is now; return its content fingerprint."""
-    return fingerprint(load_data(data))
+def prepare_data(data: DataConfig) -> PreparedData:
+    """Fetch, parse and split the data as it is now: its fingerprint, and what promotion and registration read
+    of it (class names and shares, choices), so that they never load it again."""
+    return prepared_data(load_data(data))
 
 
 @contextmanager
@@ -140,10 +141,10 @@ def run_unit(unit: Unit, runs: ChildRuns | None = None) -> UnitResult:
 
 @task(retries=1, retry_condition_fn=retry_unless_bad_input, tags=[COMPUTE_TAG],
       task_run_name="squeeze {source.label}", **_NO_RESULTS)
-def squeeze_source(source: Variant, ranks: tuple[int, ...], step: SqueezeStep, cfg: PipelineConfig,
-                   code: str) -> Squeezed:
-    """Post-Squeeze: one decomposition of the source, one adapter per target rank, kept in the storage."""
-    return steps.squeeze_unit(source, ranks, step.model_dump(), storage_of(cfg), code)
+def squeeze_source(source: Variant, cfg: PipelineConfig, code: str) -> Squeezed:
+    """Post-Squeeze: one decomposition of the source, one adapter per target rank, kept in the storage; how it
+    squeezes is :meth:`PipelineConfig.squeeze_config` (typed, never a dict)."""
+    return steps.squeeze_unit(source, cfg.squeeze_config(), storage_of(cfg), code)
 
 
 @task(retries=0, task_run_name="dispatch {unit.kind} {unit.label}", **_NO_RESULTS)

@@ -211,6 +211,17 @@ def tracking_uri(uri: str):
 
 
 # -------------------------------------------------------------------------------------- helpers
+def all_runs(client: mlflow.MlflowClient, experiment_id: str, query: str) -> list:
+    """Every run of ``experiment_id`` matching ``query``, page after page."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], query, max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
 def _params(values: Mapping[str, Any]) -> list[Param]:
     """MLflow params from a mapping: None dropped, lists joined with commas, values cut to 6000 characters."""
     return [Param(k, _tag(v)[:6000]) for k, v in values.items() if v is not None]

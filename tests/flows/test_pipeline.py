@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
 
+import lsq.steps
 import lsq.train
 import tasks.steps
 import flows.squeeze_pipeline as pipeline_module
@@ -111,7 +112,7 @@ def test_pipeline_end_to_end_then_cached_rerun(tiny_config, tiny_csv, monkeypatc
     mtimes = [p.stat().st_mtime_ns for p in adapters]
     real_train = lsq.train.train
     trained = []
-    monkeypatch.setattr(lsq.train, "train", lambda cfg, log=None, data=None, **kw: trained.append(cfg) or real_train(cfg, log, data, **kw))
+    monkeypatch.setattr(lsq.steps, "train", lambda cfg, log=None, data=None, **kw: trained.append(cfg) or real_train(cfg, log, data, **kw))
     state = squeeze_pipeline(cfg, return_state=True)
     assert state.is_completed(), state.message
     states = task_runs(state)
@@ -219,7 +220,7 @@ def test_failing_training_retries_then_fails_the_flow(tiny_config, monkeypatch, 
         calls.append(cfg.method)
         raise error
 
-    monkeypatch.setattr(lsq.train, "train", broken_train)
+    monkeypatch.setattr(lsq.steps, "train", broken_train)
     monkeypatch.setattr(tasks.steps, "run_unit", tasks.steps.run_unit.with_options(retry_delay_seconds=0))
     state = squeeze_pipeline(tiny_config, return_state=True)
     assert state.is_failed() and str(error) in state.message
@@ -242,11 +243,11 @@ def test_failure_while_registering_leaves_no_half_registered_version(tiny_model,
         return found
 
     monkeypatch.setattr(MlflowClient, "search_model_versions", flaky)
-    import tasks.registry
+    import tasks.promotion
 
-    monkeypatch.setattr(tasks.registry, "log_and_register",
-                        tasks.registry.log_and_register.with_options(retry_delay_seconds=0))
-    monkeypatch.setattr(pipeline_module, "log_and_register", tasks.registry.log_and_register)
+    monkeypatch.setattr(tasks.promotion, "log_and_register",
+                        tasks.promotion.log_and_register.with_options(retry_delay_seconds=0))
+    monkeypatch.setattr(pipeline_module, "log_and_register", tasks.promotion.log_and_register)
     state = squeeze_pipeline(cfg, return_state=True)
     assert state.is_failed() and "registry went away" in state.message
     left = versions(cfg)

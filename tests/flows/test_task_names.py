@@ -19,9 +19,9 @@ from prefect.logging.handlers import APILogWorker
 
 import lsq.steps
 from lsq.pipeline_config import load_pipeline_config
-from lsq.records import Decision, Evaluation, Squeezed, UnitResult, Variant
+from lsq.records import Decision, Evaluation, PreparedData, Squeezed, UnitResult, Variant
 from lsq.serving import ServingCheck
-from tasks import registry, steps, tracking
+from tasks import promotion, steps, tracking
 
 
 def variant(method: str, rank: int) -> Variant:
@@ -46,7 +46,7 @@ def test_task_runs_log_lines_and_links(tiny_config, monkeypatch):
     monkeypatch.setattr(tracking, "ensure_experiment", lambda uri, name: "7")
     monkeypatch.setattr(tracking, "log_variant_run", lambda uri, exp, parent, v, params, metrics, **kw: f"run{v.label}00")
     monkeypatch.setattr(tracking, "register_variant", lambda *a, **k: "3")
-    monkeypatch.setattr(registry, "check_adapter", lambda folder: ServingCheck(False, reasons=("a head",)))
+    monkeypatch.setattr(promotion, "check_adapter", lambda folder: ServingCheck(False, reasons=("a head",)))
     monkeypatch.setattr(tracking, "log_pareto", lambda *a, **k: None)
     described = []
     monkeypatch.setattr(tracking, "describe_pipeline_run", lambda uri, run, note, metrics, table: described.append(
@@ -57,12 +57,13 @@ def test_task_runs_log_lines_and_links(tiny_config, monkeypatch):
 
     @flow
     def story():
-        squeezed = steps.squeeze_source(source, (4,), cfg.squeeze, cfg, "code")
+        squeezed = steps.squeeze_source(source, cfg, "code")
         units = [steps.make_unit(cfg, "fp", "code", "cont", 4, squeezed.variants[0]),
                  steps.make_unit(cfg, "fp", "code", parent=squeezed.variants[0])]
-        rows = [registry.log_and_register(uri, cfg, "parent0123456789", r.variant, r.evaluations, "fp")
+        data = PreparedData(fingerprint="fp", class_names=("neg", "pos"))
+        rows = [promotion.log_and_register(uri, cfg, "parent0123456789", r.variant, r.evaluations, data)
                 for r in (steps.run_unit(u) for u in units)]
-        return registry.report(uri, cfg, "parent0123456789", rows, decision)
+        return promotion.report(uri, cfg, "parent0123456789", rows, decision)
 
     state = story(return_state=True)
     assert state.is_completed(), state.message
@@ -100,5 +101,5 @@ def test_task_runs_log_lines_and_links(tiny_config, monkeypatch):
 
 def test_run_url_of_a_local_store_points_at_mlflow_ui():
     ml = "?workflowType=machine_learning"  # a fresh browser lands on the run's ML layout
-    assert registry.run_url("sqlite:///tmp/mlflow.db", "1", "abc") == "http://127.0.0.1:5000/#/experiments/1/runs/abc" + ml
-    assert registry.run_url("https://u:p@host/mlflow/?token=x", "2", "r") == "https://host/mlflow/#/experiments/2/runs/r" + ml
+    assert promotion.run_url("sqlite:///tmp/mlflow.db", "1", "abc") == "http://127.0.0.1:5000/#/experiments/1/runs/abc" + ml
+    assert promotion.run_url("https://u:p@host/mlflow/?token=x", "2", "r") == "https://host/mlflow/#/experiments/2/runs/r" + ml

@@ -28,21 +28,21 @@ def main(job: dict) -> dict:
     from lsq.models import ModelConfig
     from lsq.variants import Variant, decide
     from tasks import tracking
-    from tasks.tracking import registry, store
+    from tasks.tracking import model_registry, store
 
     store.RETRY_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0)  # two processes on one sqlite file: be patient
     uri, model, cfg = job["uri"], job["model"], ModelConfig(name=job["base"], device="cpu")
     data = {"lsq.dataset_fingerprint": "d1"}
-    real = registry._ensure_registered_model
+    real = model_registry._ensure_registered_model
 
     def gated(*args):  # both racers have looked for the shared adapter (and found nothing) before either creates
         rendezvous(*job["created"])
         return real(*args)
 
-    registry._ensure_registered_model = gated
+    model_registry._ensure_registered_model = gated
     shared = tracking.register_variant(uri, model, job["shared_run"], Variant.model_validate(job["shared"]), cfg,
                                        {**data, "test_accuracy": "0.5"}, job["labels"])
-    registry._ensure_registered_model = real
+    model_registry._ensure_registered_model = real
     own = Variant.model_validate(job["own"])
     version = tracking.register_variant(uri, model, job["own_run"], own, cfg,
                                         {**data, "test_accuracy": str(job["score"])}, job["labels"])
@@ -54,7 +54,7 @@ def main(job: dict) -> dict:
         return decide({own.label: job["score"]}, {own.label: 1000}, 0.0, score)
 
     rendezvous(*job["promoting"])
-    decision = tracking.promote(uri, model, "champion", against, {own.label: version})
+    decision = tracking.promote_alias(uri, model, "champion", against, {own.label: version})
     return {"shared": shared, "own": version, "decision": decision.model_dump()}
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from lsq.models import ModelConfig
 from tasks import tracking
-from tasks.registry import run_url, runs_url
+from tasks.promotion import run_url, runs_url
 from tests.tasks.mlflow_store import EVALUATION, LABELS, MODEL, PARAMS
 
 pytestmark = pytest.mark.usefixtures("mlflow_uri")

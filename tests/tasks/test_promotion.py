@@ -1,11 +1,11 @@
-"""Promotion chooses on the validation split and reports the test score beside it (tasks.registry.decide_promotion)."""
+"""Promotion chooses on the validation split and reports the test score beside it (tasks.promotion.decide_promotion)."""
 
 import pytest
 
 from lsq.errors import LsqError
 from lsq.pipeline_config import load_pipeline_config
 from lsq.records import Registered
-from tasks.registry import decide_promotion, promotion_metric, reported_metric
+from tasks.promotion import decide_promotion, promotion_metric, reported_metric
 
 
 def row(label: str, val: float, test: float, size: int, serving: str = "yes: --max-lora-rank 8") -> Registered:

@@ -20,7 +20,7 @@ import pytest
 from lsq.models import ModelConfig
 from lsq.variants import decide
 from tasks import tracking
-from tasks.tracking import registry
+from tasks.tracking import model_registry, promotion_lock
 from tests.tasks.mlflow_store import LABELS, MODEL, child_run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,7 +39,7 @@ def _register(uri, variant, base, score: float, run_id: str | None = None) -> st
 
 
 def _against(uri: str, label: str, score: float, before=None):
-    """What tasks/registry.py passes to promote: decide this run's winner against a version's recorded score."""
+    """What tasks/promotion.py passes to promote_alias: decide this run's winner against a version's recorded score."""
     client = tracking.client_for(uri)
     seen = []
 
@@ -78,13 +78,13 @@ def test_threads_register_the_same_adapter_on_the_same_data_once(mlflow_uri, var
     v = variants[1]
     runs = [child_run(mlflow_uri, v)[1] for _ in range(n)]
     everyone_looked = threading.Barrier(n)
-    real = registry._ensure_registered_model
+    real = model_registry._ensure_registered_model
 
     def gated(*args):  # called after the look for an existing version, before the creation
         everyone_looked.wait(timeout=60)
         return real(*args)
 
-    monkeypatch.setattr(registry, "_ensure_registered_model", gated)
+    monkeypatch.setattr(model_registry, "_ensure_registered_model", gated)
     got: dict[str, str] = {}
     errors = _run_threads(*[lambda r=r: got.__setitem__(r, _register(mlflow_uri, v, base_dir, 0.8, r)) for r in runs])
     assert not errors, errors
@@ -158,11 +158,11 @@ def test_a_promotion_waits_for_the_one_in_progress_and_compares_with_its_champio
     results = {}
 
     def promote_early():
-        results["early"] = tracking.promote(mlflow_uri, MODEL, "champion", early_against, {early.label: v_early})
+        results["early"] = tracking.promote_alias(mlflow_uri, MODEL, "champion", early_against, {early.label: v_early})
 
     def promote_late():
         assert inside.wait(timeout=60)
-        results["late"] = tracking.promote(mlflow_uri, MODEL, "champion", late_against, {late.label: v_late})
+        results["late"] = tracking.promote_alias(mlflow_uri, MODEL, "champion", late_against, {late.label: v_late})
 
     assert not _run_threads(promote_early, promote_late)
     assert early_against.seen == [None] and late_against.seen == [v_early]  # it read the alias after the move
@@ -190,12 +190,12 @@ def test_without_a_shared_lock_compare_and_set_ends_on_the_better_version(
     def no_lock(uri, model_name):
         yield "compare-and-set"
 
-    monkeypatch.setattr(registry, "registry_lock", no_lock)
+    monkeypatch.setattr(promotion_lock, "registry_lock", no_lock)
     worse, better = variants[0], variants[2]
     v_worse, v_better = _register(mlflow_uri, worse, base_dir, 0.80), _register(mlflow_uri, better, base_dir, 0.90)
     both_checked = threading.Barrier(2)
     first_written, second_written = threading.Event(), threading.Event()
-    real_set_alias = registry.set_alias
+    real_set_alias = promotion_lock.set_alias
     calls = {"better": 0, "worse": 0}
 
     def set_alias(*args):
@@ -212,15 +212,15 @@ def test_without_a_shared_lock_compare_and_set_ends_on_the_better_version(
         if threading.current_thread().name == first_to_write:
             assert second_written.wait(timeout=60)
 
-    monkeypatch.setattr(registry, "set_alias", set_alias)
-    monkeypatch.setattr(registry, "_settle", settle)
+    monkeypatch.setattr(promotion_lock, "set_alias", set_alias)
+    monkeypatch.setattr(promotion_lock, "_settle", settle)
     against = {"worse": _against(mlflow_uri, worse.label, 0.80), "better": _against(mlflow_uri, better.label, 0.90)}
     versions = {"worse": {worse.label: v_worse}, "better": {better.label: v_better}}
     results, errors = {}, []
 
     def promote(me):
         try:
-            results[me] = tracking.promote(mlflow_uri, MODEL, "champion", against[me], versions[me])
+            results[me] = tracking.promote_alias(mlflow_uri, MODEL, "champion", against[me], versions[me])
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
@@ -245,7 +245,7 @@ def test_without_a_shared_lock_compare_and_set_ends_on_the_better_version(
 def test_promote_refuses_a_winner_it_has_no_version_for(mlflow_uri, variants, base_dir):
     v = _register(mlflow_uri, variants[0], base_dir, 0.8)
     with pytest.raises(KeyError, match="post-r2"):
-        tracking.promote(mlflow_uri, MODEL, "champion", _against(mlflow_uri, variants[0].label, 0.8), {"other": v})
+        tracking.promote_alias(mlflow_uri, MODEL, "champion", _against(mlflow_uri, variants[0].label, 0.8), {"other": v})
     assert tracking.alias_version(mlflow_uri, MODEL, "champion") is None
 
 
@@ -266,8 +266,8 @@ def test_registry_lock_kinds(mlflow_uri, tmp_path, monkeypatch, caplog):
     def unreachable(name):
         raise ConnectionError("connection refused")
 
-    monkeypatch.setattr(registry, "_prefect_limit", unreachable)
-    with caplog.at_level("WARNING", logger="tasks.tracking.registry"), tracking.registry_lock(server, MODEL) as how:
+    monkeypatch.setattr(promotion_lock, "_prefect_limit", unreachable)
+    with caplog.at_level("WARNING", logger="tasks.tracking.promotion_lock"), tracking.registry_lock(server, MODEL) as how:
         assert how == "compare-and-set"
     assert "connection refused" in caplog.text and "s3cret" not in caplog.text and "lsq:***@db.example" in caplog.text
 
@@ -280,7 +280,7 @@ def test_registry_lock_kinds(mlflow_uri, tmp_path, monkeypatch, caplog):
 
     import prefect.concurrency.sync
 
-    monkeypatch.setattr(registry, "_prefect_limit", lambda name: True)
+    monkeypatch.setattr(promotion_lock, "_prefect_limit", lambda name: True)
     monkeypatch.setattr(prefect.concurrency.sync, "concurrency", fake_concurrency)
     with tracking.registry_lock(server, "my model") as how:
         assert how == "prefect limit lsq-registry-my-model"

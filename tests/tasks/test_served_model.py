@@ -21,7 +21,8 @@ import pytest
 from lsq.models import ModelConfig
 from lsq.pipeline_config import load_pipeline_config
 from lsq.records import Evaluation
-from tasks import registry, tracking
+from tasks import promotion, tracking
+from tasks.steps import prepare_data
 from tests.lsq.test_serving import decoder_adapter
 from tests.lsq.tiny import built_once, save_chat_llama, write_causal_jsonl
 
@@ -50,14 +51,14 @@ def champion(mlflow_uri, variants, base_dir, tmp_path) -> str:
                                    trainable_params=10, lora_params=8, adapter_bytes=100)
                         for split, f1 in (("validation", 0.6), ("test", 0.55)))
     parent = tracking.start_pipeline_run(mlflow_uri, "lsq", "pipeline", {"seed": 0}, {})
-    row = registry.log_and_register.fn(mlflow_uri, cfg, parent, variant, evaluations, "fp")
+    row = promotion.log_and_register.fn(mlflow_uri, cfg, parent, variant, evaluations, prepare_data.fn(cfg.data))
     assert (row.metric, row.test_metric) == (0.6, 0.55)
     tags = tracking.client_for(mlflow_uri).get_model_version(MODEL, row.version).tags
     assert tags["lsq.metric"] == "macro_f1" and tags["val_macro_f1"] == "0.6" and tags["test_macro_f1"] == "0.55"
     assert "test_accuracy" not in tags and "val_accuracy" not in tags  # only the promotion metric is a tag
     # a classification adapter saves its head: servers of the vLLM kind would not load it, and the tag says so
     assert tags["lsq.serving.vllm"].startswith("no: modules_to_save (classifier") and row.serving == tags["lsq.serving.vllm"]
-    decision = registry.decide_promotion(cfg, [row], None)
+    decision = promotion.decide_promotion(cfg, [row], None)
     tracking.set_alias(mlflow_uri, MODEL, row.version, "champion", decision)
     return row.version
 
@@ -156,11 +157,11 @@ def decoder_version(mlflow_uri, chat_llama, chat_adapter, tmp_path) -> str:
                                    trainable_params=10, lora_params=8, adapter_bytes=100)
                         for split in ("validation", "test"))
     parent = tracking.start_pipeline_run(mlflow_uri, "lsq", "pipeline", {"seed": 0}, {})
-    row = registry.log_and_register.fn(mlflow_uri, cfg, parent, variant, evaluations, "fp")
+    row = promotion.log_and_register.fn(mlflow_uri, cfg, parent, variant, evaluations, prepare_data.fn(cfg.data))
     tags = tracking.client_for(mlflow_uri).get_model_version(DECODER, row.version).tags
     # a decoder's LoRA adapter saves no whole module: a vLLM-style server loads it with the next rank it names
     assert tags["lsq.serving.vllm"] == row.serving == "yes: --max-lora-rank 8"
-    tracking.set_alias(mlflow_uri, DECODER, row.version, "champion", registry.decide_promotion(cfg, [row], None))
+    tracking.set_alias(mlflow_uri, DECODER, row.version, "champion", promotion.decide_promotion(cfg, [row], None))
     return row.version
 
 

@@ -10,8 +10,9 @@ import time
 
 import pytest
 
+from lsq.processes import pid_alive, process_start
 from tasks import tracking
-from tasks.tracking import runs
+from tasks.tracking.stale_runs import stale_reason
 from tests.tasks.mlflow_store import MODEL
 
 pytestmark = pytest.mark.usefixtures("mlflow_uri")
@@ -45,7 +46,7 @@ def test_the_parent_run_records_its_process_and_heartbeat(mlflow_uri):
     tags = tracking.client_for(mlflow_uri).get_run(run_id).data.tags
     assert tags["lsq.flow_run"] == "x"
     assert tags["lsq.host"] == socket.gethostname() and tags["lsq.pid"] == str(os.getpid())
-    assert tags["lsq.pid_started"] == runs.process_start(os.getpid()) and tags["lsq.pid_started"].startswith("proc:")
+    assert tags["lsq.pid_started"] == process_start(os.getpid()) and tags["lsq.pid_started"].startswith("psutil:")
     assert before <= int(tags["lsq.heartbeat"]) <= time.time()
 
     tracking.client_for(mlflow_uri).set_tag(run_id, "lsq.heartbeat", "1")
@@ -92,7 +93,7 @@ def test_an_old_heartbeat_from_another_host_is_closed_a_recent_one_is_not(mlflow
 
 def test_on_this_host_a_live_process_is_kept_and_a_reused_pid_is_not(mlflow_uri):
     exp = tracking.ensure_experiment(mlflow_uri, EXPERIMENT)
-    ours = runs.process_start(os.getpid())
+    ours = process_start(os.getpid())
     quiet = _parent(mlflow_uri, "quiet", heartbeat=str(int(time.time()) - 5000))  # alive: its process ends it
     reused = _parent(mlflow_uri, "reused", pid_started=ours.rsplit(":", 1)[0] + ":1")  # same pid, other process
     closed = tracking.close_stale_runs(mlflow_uri, exp, TAGS)
@@ -102,9 +103,9 @@ def test_on_this_host_a_live_process_is_kept_and_a_reused_pid_is_not(mlflow_uri)
 
 
 def test_process_helpers():
-    assert runs.pid_alive(os.getpid()) and not runs.pid_alive(_dead_pid()) and not runs.pid_alive(0)
-    assert runs.process_start(os.getpid()) == runs.process_start(os.getpid())
-    assert runs.process_start(_dead_pid()) is None
+    assert pid_alive(os.getpid()) and not pid_alive(_dead_pid()) and not pid_alive(0)
+    assert process_start(os.getpid()) == process_start(os.getpid())
+    assert process_start(_dead_pid()) is None
     # a run of an older version (no process tags): its start time stands in for the heartbeat
-    assert runs.stale_reason({}, int(time.time() * 1000)) is None
-    assert "no heartbeat" in runs.stale_reason({}, int((time.time() - 1000) * 1000))
+    assert stale_reason({}, int(time.time() * 1000)) is None
+    assert "no heartbeat" in stale_reason({}, int((time.time() - 1000) * 1000))

@@ -1,24 +1,20 @@
-"""The model registry: one version per adapter and data, aliases for promotion, safe under concurrency.
+"""The model registry: one version per adapter and data, its tags and description, aliases, downloads.
 
-Two pipeline runs may register the same adapter on the same data and promote at the same moment,
-from threads of one process or from separate processes on one store. Registration needs no lock
-(see :func:`register_variant`); promotion reads the champion, decides and moves the alias under
-:func:`registry_lock` (see :func:`promote`). Registry writes retry on transient database errors.
+Two pipeline runs may register the same adapter on the same data at the same moment, from threads of
+one process or from separate processes on one store: registration needs no lock (see
+:func:`register_variant`). Moving an alias safely under concurrency is :mod:`.promotion_lock`'s job.
+Registry writes retry on transient database errors (:func:`.store.retry`).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import threading
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Mapping, Sequence
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -27,19 +23,16 @@ from lsq.models import ModelConfig
 from lsq.monitoring import FINGERPRINT_TAG
 from lsq.variants import Decision, Variant
 from lsq.workdir import adapter_digest
-from tasks.tracking.store import _quote, _slug, _tag, client_for, redact_uri, retry, sqlite_path, tracking_uri
+from tasks.tracking.store import _quote, _slug, _tag, client_for, retry, tracking_uri
 
 log = logging.getLogger(__name__)
 
-__all__ = ["adapter_digest", "alias_version", "champion", "download_adapter", "log_pyfunc", "promote",
-           "register_variant", "registry_lock", "set_alias", "versions_trained_on"]
+__all__ = ["adapter_digest", "alias_version", "champion", "download_adapter", "log_pyfunc", "register_variant",
+           "set_alias", "version_description", "versions_trained_on"]
 
 PYFUNC_CODE = Path(__file__).resolve().parents[1] / "pyfunc_model.py"
 DIGEST_TAG, RUN_TAG, LAST_RUN_TAG = "lsq.adapter_sha256", "lsq.run_id", "lsq.last_run_id"
 SIZE_TAG = "adapter_bytes"  # the weights file's size, as the runs' metric of the same name
-LOCK_TIMEOUT_S = 1800.0  # a promotion may re-score a champion under the lock
-PROMOTE_TRIES = 5  # compare-and-set rounds when no lock is shared between the promoters
-CAS_SETTLE_S = 1.0  # compare-and-set: wait this long after moving the alias before checking it stayed
 _LOG_LOCK = threading.Lock()  # Model.log reads the process-global tracking URI: one at a time
 
 
@@ -52,8 +45,7 @@ def register_variant(uri: str, model_name: str, run_id: str, variant: Variant, m
     ``lsq.adapter_sha256`` (:func:`lsq.workdir.adapter_digest` of the files logged; a variant whose
     recorded digest differs from its folder is refused), ``adapter_bytes`` and ``extra_tags``; a new
     version's description says what it is (:func:`version_description`). ``label_names``
-    (classification) name the predicted classes; without them they are ``"0".."n-1"``, n read from
-    the adapter's saved head.
+    (classification, required there) name the predicted classes, id = position.
 
     Idempotent per run: an existing version of ``run_id`` is returned (its tags re-applied). The
     same adapter scored on the same data (``lsq.dataset_fingerprint`` in ``extra_tags``) is one
@@ -82,7 +74,7 @@ def register_variant(uri: str, model_name: str, run_id: str, variant: Variant, m
                          f"not the {recorded} its record names; refusing to register other files")
     tags = {"lsq.method": variant.method, "lsq.rank": str(variant.rank),
             "lsq.source_rank": str(variant.source_rank), RUN_TAG: run_id, DIGEST_TAG: digest,
-            SIZE_TAG: str(_weights_bytes(Path(variant.adapter_dir))),
+            SIZE_TAG: str(_adapter_bytes(variant.adapter_dir)),
             **{k: _tag(v) for k, v in (extra_tags or {}).items()}}
     data = tags.get(FINGERPRINT_TAG)  # without it, "the same scores" cannot be told: register anew
     existing = retry(_version_of_run, client, model_name, run_id)
@@ -145,7 +137,8 @@ def log_pyfunc(uri: str, run_id: str, variant: Variant, model_cfg: ModelConfig,
     client = client_for(uri)
     run = client.get_run(run_id)
     if model_cfg.task == "classification" and not label_names:
-        label_names = [str(i) for i in range(_num_labels(Path(variant.adapter_dir)))]
+        raise ValueError(f"variant {variant.label}: a classification model needs its label_names (the data's class "
+                         "names, id = position: lsq.records.PreparedData.class_names)")
     config = {  # MLflow also logs these as run params (model/name, model/task, ..., label_names)
         "model": {**model_cfg.model_dump(mode="json"), "device": "auto"},
         "label_names": list(label_names or []), "max_length": max_length, "max_new_tokens": 16,
@@ -170,7 +163,7 @@ def versions_trained_on(uri: str, model_name: str, fingerprint: str) -> list[str
     return sorted((str(v.version) for v in found), key=int)
 
 
-# ------------------------------------------------------------------------------ aliases, reading
+# ------------------------------------------------------------------------------ aliases, downloads
 def alias_version(uri: str, model_name: str, alias: str) -> str | None:
     """The version behind ``alias``, or None when the model or the alias does not exist."""
     mv = _by_alias(client_for(uri), model_name, alias)
@@ -208,162 +201,6 @@ def set_alias(uri: str, model_name: str, version: str, alias: str, decision: Dec
         tags["lsq.compared_to"] = str(decision.compared_to)
     _set_version_tags(client, model_name, str(version), tags)
     retry(client.set_registered_model_alias, model_name, alias, str(version))
-
-
-# ------------------------------------------------------------------------------------- promotion
-def promote(uri: str, model_name: str, champion_alias: str, against: Callable[[str | None], Decision],
-            versions: Mapping[str, str]) -> Decision:
-    """Decide against the champion as it is when the alias moves, move it, and return the decision.
-
-    ``against(version)`` decides this run's winner against registered ``version`` (None: there is no
-    champion), scoring it if needed; ``versions`` maps each variant label to its registered version.
-    Under :func:`registry_lock` this reads the version behind ``champion_alias``, decides against it
-    (each version is decided against once per call: decisions are cached by version), and points
-    ``decision.alias`` at the winner's version (:func:`set_alias`). The decision returned, and the
-    ``lsq.reason`` tag, name the champion version it was compared with (``compared_to``).
-
-    So when two runs promote at once, the later one compares against the champion the earlier one
-    set. Without a lock shared by the promoters (compare-and-set, see :func:`registry_lock`) the
-    alias is re-read before it is set, and again ``CAS_SETTLE_S`` after; if it moved, the round is
-    repeated against the version now behind it (at most ``PROMOTE_TRIES`` rounds), and a move by a
-    promoter that compared against our winner is accepted as is. That is best effort, not a lock:
-    MLflow has no conditional alias update, so a racer that read the alias before our write and
-    stalls for more than ``CAS_SETTLE_S`` before its own write overwrites ours unnoticed.
-    """
-    decided: dict[str | None, Decision] = {}
-
-    def decide(current: str | None) -> Decision:
-        if current not in decided:
-            decided[current] = _naming_champion(against(current), current)
-        return decided[current]
-
-    with registry_lock(uri, model_name) as how:
-        for attempt in range(1, PROMOTE_TRIES + 1):
-            current = alias_version(uri, model_name, champion_alias)
-            decision = decide(current)
-            if decision.winner not in versions:
-                raise KeyError(f"promote: the winner {decision.winner!r} is not among the registered variants "
-                               f"({', '.join(versions)})")
-            winner = str(versions[decision.winner])
-            if alias_version(uri, model_name, champion_alias) != current:
-                continue  # moved while we decided (only possible without a shared lock)
-            set_alias(uri, model_name, winner, decision.alias, decision)
-            if not how.startswith("file lock"):
-                _settle()
-            now = alias_version(uri, model_name, champion_alias)
-            expected = winner if decision.alias == champion_alias else current
-            if now == expected or _compared_with(uri, model_name, now) == winner:
-                log.info("%s: %s (version %s) -> %s, compared with %s [%s]", model_name, decision.winner, winner,
-                         decision.alias, current or "no champion", how)
-                return decision
-            log.warning("%s: champion moved to version %s during promotion round %d (%s); deciding again",
-                        model_name, now, attempt, how)
-    raise RuntimeError(f"{model_name}: the {champion_alias!r} alias kept moving; gave up after {PROMOTE_TRIES} rounds")
-
-
-@contextmanager
-def registry_lock(uri: str, model_name: str) -> Iterator[str]:
-    """Hold the promotion lock of ``model_name`` in the store ``uri``; yields how it is held.
-
-    - sqlite store: a :class:`filelock.FileLock` (``flock``) on ``<database>.<model>.promote.lock``
-      beside the database, shared by every process on the machine and released by the kernel when
-      its holder dies, ``kill -9`` included; no server involved.
-    - a local file store: the same, beside its folder.
-    - any other store (an MLflow server, a database server): a Prefect global concurrency limit
-      ``lsq-registry-<model>`` of one slot (created when missing: Prefect's ``concurrency()`` with
-      ``strict=False`` would silently not lock without it), held with a lease that Prefect renews
-      while the body runs and that expires (300 s) if the holder dies. Only when ``PREFECT_API_URL``
-      is set: without it Prefect would start a server in this process, which no other pipeline shares.
-    - otherwise (no Prefect API, or it cannot be reached): no lock; :func:`promote` falls back to
-      compare-and-set.
-
-    Yields ``"file lock <path>"``, ``"prefect limit <name>"`` or ``"compare-and-set"``. A per-process
-    temporary Prefect server also grants the slot, but shares it with no other process: promote's
-    compare-and-set checks run under every kind of lock, so that case still converges.
-    """
-    local = _local_store(uri)
-    if local is not None:
-        from filelock import FileLock
-
-        path = local.parent / f"{local.name}.{_slug(model_name)}.promote.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(path), timeout=LOCK_TIMEOUT_S):
-            yield f"file lock {path}"
-        return
-    name = f"lsq-registry-{_slug(model_name)}"
-    with ExitStack() as stack:
-        how = "compare-and-set"
-        try:
-            if _prefect_limit(name):
-                from prefect.concurrency.sync import concurrency
-
-                stack.enter_context(concurrency(name, occupy=1, timeout_seconds=LOCK_TIMEOUT_S, strict=True))
-                how = f"prefect limit {name}"
-        except TimeoutError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - no Prefect API reachable: compare-and-set alone
-            log.warning("registry lock %s for %s unavailable (%s); promoting by compare-and-set",
-                        name, redact_uri(uri), exc)
-        yield how
-
-
-def _prefect_limit(name: str) -> bool:
-    """True when a Prefect API is configured and holds (now) a global concurrency limit ``name`` of one slot."""
-    from prefect.settings import PREFECT_API_URL
-
-    if not PREFECT_API_URL.value():
-        return False
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        try:
-            limit = client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            try:
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-            except ObjectAlreadyExists:  # created meanwhile by another promoter
-                pass
-            return True
-    if limit.limit != 1 or not limit.active:
-        log.warning("Prefect concurrency limit %s has %d slots (active: %s); promotions may overlap",
-                    name, limit.limit, limit.active)
-    return True
-
-
-def _settle() -> None:
-    """Compare-and-set: give a racer's write that overlaps ours the time to land before we look."""
-    time.sleep(CAS_SETTLE_S)
-
-
-def _naming_champion(decision: Decision, current: str | None) -> Decision:
-    """``decision`` with ``compared_to`` set and a reason that names the champion version compared with."""
-    reason = decision.reason
-    if current is not None and f"champion version {current}" not in reason:
-        reason = f"{reason} (compared with champion version {current})"
-    return decision.model_copy(update={"compared_to": current, "reason": reason})
-
-
-def _compared_with(uri: str, model_name: str, version: str | None) -> str | None:
-    if version is None:
-        return None
-    return client_for(uri).get_model_version(model_name, version).tags.get("lsq.compared_to")
-
-
-def _local_store(uri: str) -> Path | None:
-    """The database file or folder of a store on this machine (sqlite, ``file:``, a plain path); else None."""
-    db = sqlite_path(uri)
-    if db is not None:
-        return db.resolve()
-    if uri.startswith("sqlite:"):
-        return None  # in-memory
-    parts = urlsplit(uri)
-    if parts.scheme == "file":
-        return Path(unquote(parts.path)).resolve()
-    if not parts.scheme or re.fullmatch(r"[A-Za-z]", parts.scheme):  # a path (C:\... on Windows)
-        return Path(uri).resolve()
-    return None
 
 
 def _by_alias(client: mlflow.MlflowClient, model_name: str, alias: str):
@@ -430,28 +267,16 @@ def _number(text: str) -> str:
         return text
 
 
-def _weights_bytes(adapter: Path) -> int:
-    """Size of the adapter's weights file on disk: what ``adapter_bytes`` measures (lsq.evaluate)."""
-    weights = [adapter / name for name in ("adapter_model.safetensors", "adapter_model.bin")]
-    return next((w.stat().st_size for w in weights if w.is_file()), 0)
+def _adapter_bytes(adapter: str) -> int:
+    """Size of the adapter's weights file on disk: ``adapter_bytes``, from :func:`lsq.evaluate.adapter_size`."""
+    from lsq.evaluate import adapter_size  # torch and the scoring code: only when registering
+
+    return adapter_size(adapter)["adapter_bytes"]
 
 
 def _set_version_tags(client: mlflow.MlflowClient, model_name: str, version: str, tags: Mapping[str, str]) -> None:
     for key, value in tags.items():
         retry(client.set_model_version_tag, model_name, version, key, value)
-
-
-def _num_labels(adapter: Path) -> int:
-    """Rows of the saved classification head (``classifier``/``score`` weight) of a PEFT adapter."""
-    from safetensors import safe_open
-
-    weights = adapter / "adapter_model.safetensors"
-    if weights.is_file():
-        with safe_open(str(weights), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
-                if re.search(r"(classifier|score)(\.modules_to_save)?(\.out_proj)?\.weight$", key):
-                    return int(f.get_slice(key).get_shape()[0])
-    raise ValueError(f"{adapter}: no saved classification head; pass label_names to register_variant")
 
 
 def _requirements() -> list[str]:
@@ -462,5 +287,3 @@ def _requirements() -> list[str]:
         except PackageNotFoundError:
             reqs.append(name)
     return reqs
-
-

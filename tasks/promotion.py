@@ -1,5 +1,7 @@
-"""Prefect tasks over the MLflow adapter (tasks/tracking/): start the parent run, log and register each
-variant, score the champion, promote, report. Records in, records out (:mod:`lsq.records`).
+"""The pipeline's end, as Prefect tasks over the MLflow adapter (tasks/tracking/): choose the promotion
+metric, start the parent run, log and register each variant, log the base model's reference, score the
+champion, promote, report. Records in, records out (:mod:`lsq.records`); what they need of the data comes
+from :class:`lsq.records.PreparedData` (never loaded here again, except to score the champion).
 
 Run ids and the tracking URI are passed explicitly (MLflow's active run is thread-local and Prefect
 runs tasks in worker threads). Registry writes retry on the decorator and inside tasks/tracking/.
@@ -24,6 +26,7 @@ from lsq.records import (
     Champion,
     Decision,
     Evaluation,
+    PreparedData,
     Reference,
     Registered,
     UnitResult,
@@ -52,10 +55,10 @@ def reported_metric(cfg: PipelineConfig) -> str:
 
 
 @task(retries=1, task_run_name="promotion metric", **_NO_RESULTS)
-def choose_metric(uri: str, cfg: PipelineConfig, parent_run_id: str) -> PipelineConfig:
-    """``cfg`` with a concrete promotion metric (``auto`` resolved on the training labels), recorded on the
-    parent run (param ``promotion_metric``, tag ``lsq.promotion_metric_reason``) and in the log."""
-    resolved, why = resolve_promotion(cfg)
+def choose_metric(uri: str, cfg: PipelineConfig, data: PreparedData, parent_run_id: str) -> PipelineConfig:
+    """``cfg`` with a concrete promotion metric (``auto`` resolved on the training labels of ``data``), recorded
+    on the parent run (param ``promotion_metric``, tag ``lsq.promotion_metric_reason``) and in the log."""
+    resolved, why = resolve_promotion(cfg, data)
     client = tracking.client_for(uri)
     tracking.retry(client.log_param, parent_run_id, "promotion_metric", resolved.promotion.metric)
     tracking.retry(client.set_tag, parent_run_id, "lsq.promotion_metric_reason", why)
@@ -73,9 +76,9 @@ def variant_params(cfg: PipelineConfig, variant: Variant, data_fingerprint: str)
 
 
 @task(retries=3, retry_delay_seconds=[2, 5, 10], task_run_name="start MLflow run", **_NO_RESULTS)
-def start_run(uri: str, cfg: PipelineConfig, data_fingerprint: str, flow_run: str) -> str:
+def start_run(uri: str, cfg: PipelineConfig, data: PreparedData, flow_run: str) -> str:
     """The parent run of this pipeline run; RUNNING parents of dead runs of the same model are closed first."""
-    params = {"base_model": cfg.model.name, "dataset": str(cfg.data.source), "dataset_fingerprint": data_fingerprint,
+    params = {"base_model": cfg.model.name, "dataset": str(cfg.data.source), "dataset_fingerprint": data.fingerprint,
               "source_rank": cfg.source_rank, "target_ranks": list(cfg.target_ranks), "seed": cfg.train.seed}
     tags = {"lsq.flow_run": flow_run, "lsq.registered_model": cfg.registered_model}
     run_id = tracking.start_pipeline_run(uri, cfg.tracking.experiment, f"pipeline-{flow_run}", params, tags)
@@ -86,9 +89,10 @@ def start_run(uri: str, cfg: PipelineConfig, data_fingerprint: str, flow_run: st
 
 @task(retries=3, retry_delay_seconds=[2, 5, 10], task_run_name="register {variant.label}", **_NO_RESULTS)
 def log_and_register(uri: str, cfg: PipelineConfig, parent_run_id: str, variant: Variant,
-                     evaluations: tuple[Evaluation, ...], data_fingerprint: str) -> Registered:
+                     evaluations: tuple[Evaluation, ...], data: PreparedData) -> Registered:
     """One child run with params, metrics (``val_*`` and ``test_*``) and artifacts, and one registered model
-    version tagged with the promotion metric on both splits and the serving contract (:mod:`lsq.serving`)."""
+    version tagged with the promotion metric on both splits and the serving contract (:mod:`lsq.serving`),
+    predicting the data's class names (classification: ``spam``, not ``1``)."""
     experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
     evaluation = evaluations[0]
     metrics = variant_metrics(variant, *evaluations)
@@ -96,15 +100,15 @@ def log_and_register(uri: str, cfg: PipelineConfig, parent_run_id: str, variant:
     variant = storage_of(cfg).localize(variant)  # fetched into this machine's cache when a URI
     params = {"adapter_uri": stored} if stored != variant.adapter_dir else {}
     run_id = tracking.log_variant_run(uri, experiment_id, parent_run_id, variant,
-                                      {**variant_params(cfg, variant, data_fingerprint), **params}, metrics,
-                                      dataset=tracking.dataset_input(str(cfg.data.source), data_fingerprint,
+                                      {**variant_params(cfg, variant, data.fingerprint), **params}, metrics,
+                                      dataset=tracking.dataset_input(str(cfg.data.source), data.fingerprint,
                                                                      "evaluation" if variant.method == "post" else "training"))
     metric, test = promotion_metric(cfg), reported_metric(cfg)
     serving = check_adapter(variant.adapter_dir).tag()
     version = tracking.register_variant(uri, cfg.registered_model, run_id, variant, cfg.model,
-                                        {"lsq.dataset_fingerprint": data_fingerprint, "lsq.metric": cfg.promotion.metric,
+                                        {"lsq.dataset_fingerprint": data.fingerprint, "lsq.metric": cfg.promotion.metric,
                                          metric: str(metrics.get(metric)), test: str(metrics.get(test)),
-                                         SERVING_TAG: serving}, label_names=class_names(cfg, data_fingerprint))
+                                         SERVING_TAG: serving}, label_names=data.class_names)
     return Registered(label=variant.label, method=variant.method, rank=variant.rank, run_id=run_id, version=version,
                       adapter_bytes=evaluation.adapter_bytes, metric=metrics.get(metric), metrics=metrics,
                       test_metric=metrics.get(test), serving=serving)
@@ -112,33 +116,16 @@ def log_and_register(uri: str, cfg: PipelineConfig, parent_run_id: str, variant:
 
 @task(retries=3, retry_delay_seconds=[2, 5, 10], task_run_name="log base (zero-shot)", **_NO_RESULTS)
 def log_reference(uri: str, cfg: PipelineConfig, parent_run_id: str, base: UnitResult,
-                  data_fingerprint: str) -> Reference:
+                  data: PreparedData) -> Reference:
     """The base model's zero-shot scores as a child run (param ``method=base``, ``val_*`` and ``test_*``
     metrics, no adapter), never registered: the floor every variant is read against."""
     experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
     metrics = variant_metrics(base.variant, *base.evaluations)
     run_id = tracking.log_variant_run(uri, experiment_id, parent_run_id, base.variant,
-                                      variant_params(cfg, base.variant, data_fingerprint), metrics,
-                                      dataset=tracking.dataset_input(str(cfg.data.source), data_fingerprint, "evaluation"))
+                                      variant_params(cfg, base.variant, data.fingerprint), metrics,
+                                      dataset=tracking.dataset_input(str(cfg.data.source), data.fingerprint, "evaluation"))
     return Reference(run_id=run_id, metric=metrics.get(promotion_metric(cfg)),
                      test_metric=metrics.get(reported_metric(cfg)), metrics=metrics)
-
-
-_CLASS_NAMES: dict[tuple[str, str], tuple[str, ...]] = {}
-
-
-def class_names(cfg: PipelineConfig, data_fingerprint: str) -> tuple[str, ...] | None:
-    """The data's label names, id = position (its ClassLabel: ``label_names``, the built-in names, or the
-    distinct string labels), so the registered model predicts ``spam``, not ``1``; None for causal LM.
-    Read once per data and fingerprint in this process."""
-    if cfg.model.task != "classification":
-        return None
-    key = (cfg.data.model_dump_json(), data_fingerprint)
-    if key not in _CLASS_NAMES:
-        from lsq.data import load_data
-
-        _CLASS_NAMES[key] = tuple(str(n) for n in load_data(cfg.data)["train"].features["label"].names)
-    return _CLASS_NAMES[key]
 
 
 def score_version(uri: str, cfg: PipelineConfig, version: str) -> float:
@@ -177,7 +164,7 @@ def promote(uri: str, cfg: PipelineConfig, rows: list[Registered], champion: Cha
         return decide_promotion(cfg, rows, score).model_copy(update={"compared_to": version})
 
     versions = {r.label: r.version for r in rows}
-    return tracking.promote(uri, cfg.registered_model, cfg.promotion.champion_alias, against, versions)
+    return tracking.promote_alias(uri, cfg.registered_model, cfg.promotion.champion_alias, against, versions)
 
 
 def decide_promotion(cfg: PipelineConfig, rows: Sequence[Registered], champion_score: float | None) -> Decision:
@@ -215,7 +202,7 @@ def runs_url(uri: str, experiment_id: str) -> str:
     """The runs table of the experiment in the MLflow UI, in the view :func:`log_comparison` shares (every
     variant a row, grouped by pipeline run, with its metrics). ``workflowType=machine_learning`` makes
     MLflow 3's UI open the runs view, not the GenAI traces overview, in a browser that never chose."""
-    return (f"{_ui_base(uri)}/#/experiments/{experiment_id}/runs?viewStateShareKey={tracking.runs.VIEW_KEY}"
+    return (f"{_ui_base(uri)}/#/experiments/{experiment_id}/runs?viewStateShareKey={tracking.VIEW_KEY}"
             "&workflowType=machine_learning")
 
 
