@@ -83,7 +83,8 @@ def write_ladder(config, sweep: Sweep, out: Path, docs: Path | None, preset: str
         return 2
     text = ladder_section(ladder, config) + f"\n\nCommand: `{command}`."
     (out / "ladder.md").write_text(text + "\n")
-    (out / "ladder.json").write_text(json.dumps({k: ladder[k] for k in ("costs", "squeeze_seconds")}, indent=1) + "\n")
+    (out / "ladder.json").write_text(json.dumps({"costs": ladder.costs, "squeeze_seconds": ladder.squeeze_seconds},
+                                                indent=1) + "\n")
     print("\n" + text)
     if docs:
         docs.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,8 @@ A choice at the edge of its grid is flagged in the report.
 Every adapter is made by the pipeline's own steps (:mod:`lsq.steps`: train, squeeze, evaluate), each
 in a work folder named by its whole input under ``<root>/steps``: an interrupted study, run again,
 reuses every finished step and resumes the one that was cut off from its checkpoint. There is no
-second cache; ``records.jsonl`` is a log (one line appended per job run, for people), never read back.
+second cache; ``records.jsonl`` is a log (one :class:`~lsq.records.StudyRecord` a line, appended per job run, for
+people), never read back by a study (:func:`read_records` reads one, older ones included).
 
 This module is the engine and ``experiments/study_report.py`` aggregates and reports. ``benchmarks/study.py``
 is the command and ``flows/study.py`` the Prefect flow that logs every record to MLflow. Pure lsq:
@@ -36,7 +37,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -48,7 +49,7 @@ from lsq.config_files import load_config
 from lsq.data import DataConfig, fingerprint, load_data
 from lsq.errors import LsqError, TrainingDiverged
 from lsq.models import ModelConfig
-from lsq.records import Variant
+from lsq.records import StudyRecord, Variant
 from lsq.steps import code_version, evaluate_step, squeeze_step, train_step
 from lsq.train_config import TrainConfig, split_evenly
 
@@ -183,13 +184,13 @@ class Study:
     """Runs each job once per study (steps reuse finished work across studies), chooses learning rates."""
 
     def __init__(self, config: StudyConfig, root: str | os.PathLike, log: Callable[[str], None] = print,
-                 on_record: Callable[[dict[str, Any]], None] | None = None, *, steps_root: str | os.PathLike | None = None,
+                 on_record: Callable[[StudyRecord], None] | None = None, *, steps_root: str | os.PathLike | None = None,
                  code: str | None = None, key_prefix: str = "", data_cache: dict[str, Any] | None = None):
         self.config = config
         self.root = Path(root)
         self.log = log
         self.on_record = on_record
-        self.records: dict[str, dict[str, Any]] = {}
+        self.records: dict[str, StudyRecord] = {}
         self._data: dict[str, Any] = {} if data_cache is None else data_cache
         self._fingerprints: dict[str, str] = {}
         self.code = code or code_version()
@@ -212,22 +213,19 @@ class Study:
         self.data(task)
         return self._fingerprints[task]
 
-    def run(self, job: Job) -> dict[str, Any]:
+    def run(self, job: Job) -> StudyRecord:
         """The record of ``job``: its steps run, or their finished results are reused (:mod:`lsq.steps`)."""
         if job.key in self.records:
             return self.records[job.key]
         source = source_of(job, self.config)
         if source is not None:
             self.run(source)  # first, so that this job's wall time is its own
-        started = time.perf_counter()
         rec = run_job(job, self)
-        rec.update(key=self.key_prefix + job.key, budget=self.config.steps,
-                   wall_seconds=round(time.perf_counter() - started, 2), **asdict(job))
         with open(self.root / RECORDS_NAME, "a") as fh:
-            fh.write(json.dumps(rec) + "\n")
+            fh.write(json.dumps(rec.model_dump(mode="json")) + "\n")  # diverged: NaN scores, as json writes them
         self.records[job.key] = rec
-        self.log(f"{self.key_prefix}{job.key}: val {rec['val_score']:.3f} test {rec['test_score']:.3f} "
-                 f"({rec['wall_seconds']:.0f} s){' DIVERGED' if rec.get('diverged') else ''}")
+        self.log(f"{self.key_prefix}{job.key}: val {rec.val_score:.3f} test {rec.test_score:.3f} "
+                 f"({rec.wall_seconds:.0f} s){' DIVERGED' if rec.diverged else ''}")
         if self.on_record:
             self.on_record(rec)
         return rec
@@ -243,7 +241,7 @@ class Study:
         at = c.source_rank if method == "source" else c.select_rank or rank
         if at is None:
             raise LsqError(f"choose_lr({method!r}): give the rank (select_rank is per rank)")
-        scores = {lr: self.run(Job(c.selection_task, c.select_seed, method, at, lr))["val_score"] for lr in grid}
+        scores = {lr: self.run(Job(c.selection_task, c.select_seed, method, at, lr)).val_score for lr in grid}
         finite = {lr: v for lr, v in scores.items() if math.isfinite(v)} or scores  # a diverged run never wins
         return max(sorted(finite), key=lambda lr: finite[lr])
 
@@ -255,7 +253,7 @@ class Study:
         grid = c.fraction_grid
         if len(grid) == 1:
             return grid[0]
-        scores = {f: self.run(Job(c.selection_task, c.select_seed, "in", rank, lr, f))["val_score"] for f in grid}
+        scores = {f: self.run(Job(c.selection_task, c.select_seed, "in", rank, lr, f)).val_score for f in grid}
         finite = [f for f in grid if math.isfinite(scores[f])] or list(grid)
         return max(finite, key=lambda f: (scores[f], -finite.index(f)))
 
@@ -273,8 +271,8 @@ class Study:
             lrs[("source", c.source_rank)] = self.choose_lr("source")
         return lrs
 
-    def run_all(self) -> list[dict[str, Any]]:
-        """Every (task, method, seed, rank) with its chosen learning rate; returns their records."""
+    def run_all(self) -> list[StudyRecord]:
+        """Every (task, method, seed, rank) with its chosen learning rate; returns their records (``chosen``)."""
         c = self.config
         chosen = []
         lrs = self.chosen_lrs()
@@ -286,11 +284,11 @@ class Study:
                         if (method, rank) in lrs:
                             fraction = fractions.get(rank) if method == "in" else None
                             rec = self.run(Job(task, seed, method, rank, lrs[(method, rank)], fraction))
-                            chosen.append({**rec, "chosen": True})
+                            chosen.append(rec.model_copy(update={"chosen": True}))
         return chosen
 
 
-def _train_config(study: Study, job: Job, method: str, rank: int, steps: int):
+def job_train_config(study: Study, job: Job, method: str, rank: int, steps: int) -> TrainConfig:
     """The step config of one training of ``job`` (its folder: :func:`lsq.steps.train_folder`)."""
     c = study.config
     train = {"steps": steps, "batch_size": c.batch_size, "lr": job.lr, "seed": job.seed,
@@ -329,7 +327,7 @@ def source_of(job: Job, config: StudyConfig) -> Job | None:
 
 
 def train_variant(study: Study, job: Job, method: str, rank: int, steps: int, parent: Variant | None = None) -> Variant:
-    return train_step(_train_config(study, job, method, rank, steps), study.fingerprint(job.task), study.code,
+    return train_step(job_train_config(study, job, method, rank, steps), study.fingerprint(job.task), study.code,
                       parent=parent, data=study.data(job.task))
 
 
@@ -346,11 +344,29 @@ def _scores(study: Study, variant: Variant, job: Job) -> dict[str, Any]:
             "test_examples": test.examples, "steps": variant.steps, "train_seconds": variant.total_train_seconds}
 
 
-def run_job(job: Job, study: Study) -> dict[str, Any]:
-    """The adapter of one job made by the pipeline's steps (after its source, for post and cont), scored.
+def run_job(job: Job, study: Study) -> StudyRecord:
+    """The record of one job: its adapter made by the pipeline's steps (after its source, for post and cont),
+    scored, timed (this job's own wall time: :meth:`Study.run` runs the source first).
 
     A run whose loss went non-finite (:class:`TrainingDiverged`) is a result too: kept, never chosen.
     """
+    started = time.perf_counter()
+    return job_record(job, study, _job_scores(job, study), time.perf_counter() - started)
+
+
+def job_record(job: Job, study: Study, scores: Mapping[str, Any], wall_seconds: float = 0.0) -> StudyRecord:
+    """The record of ``job`` from its scores and sizes (:func:`run_job`), the job's and study's settings: validated once."""
+    return StudyRecord.model_validate({**scores, "key": study.key_prefix + job.key, "budget": study.config.steps,
+                                       "wall_seconds": round(wall_seconds, 2), **asdict(job)})
+
+
+def read_records(path: str | os.PathLike) -> list[StudyRecord]:
+    """The records of a records file (``<root>/records.jsonl``), also one written before ``metric``/``val_score``."""
+    with open(path) as fh:
+        return [StudyRecord.model_validate(json.loads(line)) for line in fh if line.strip()]
+
+
+def _job_scores(job: Job, study: Study) -> dict[str, Any]:
     c = study.config
     recover = c.recover_steps if job.method in ("cont", "source-cont") else 0
     try:
@@ -366,11 +382,11 @@ def run_job(job: Job, study: Study) -> dict[str, Any]:
         return {**_scores(study, variant, job), "retained_energy": variant.retained_energy,
                 "relative_error": variant.relative_error}
     except TrainingDiverged:
-        return _diverged(c.steps, c.metric)
+        return diverged_scores(c.steps, c.metric)
 
 
-def _diverged(steps: int, metric: str) -> dict[str, Any]:
-    """The record of a run whose loss went non-finite: kept (it is a result), never chosen, NaN scores."""
+def diverged_scores(steps: int, metric: str) -> dict[str, Any]:
+    """The scores of a run whose loss went non-finite: kept (it is a result), never chosen, NaN scores."""
     nan = float("nan")
     return {"diverged": True, "metric": metric, "val_score": nan, "test_score": nan, "val_accuracy": nan,
             "test_accuracy": nan, "test_macro_f1": nan, "lora_params": 0,

@@ -1,6 +1,7 @@
 """Aggregation and reporting of the study (experiments/study.py runs it): mean and standard error over
 seeds, the markdown tables (accuracy; chosen learning rates), the accuracy-against-size plot, and
-the files ``study.md``, ``study.png`` and ``summary.json``. Pure lsq: no torch, prefect or mlflow.
+the files ``study.md``, ``study.png`` and ``summary.json``. It reads :class:`~lsq.records.StudyRecord` objects
+(``experiments.study.read_records`` reads a finished study's). Pure lsq: no torch, prefect or mlflow.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from matplotlib.figure import Figure
 
 from experiments.study import Study, StudyConfig
 from lsq.plotting import PLOT_LOCK
+from lsq.records import StudyRecord
 
 
 def mean_se(values: Sequence[float]) -> tuple[float, float]:
@@ -25,22 +27,22 @@ def mean_se(values: Sequence[float]) -> tuple[float, float]:
     return m, (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0)
 
 
-def summarize(records: Iterable[Mapping[str, Any]], metric: str = "test_score") -> dict[tuple[str, str, int], dict[str, Any]]:
-    """``{(task, method, rank): {mean, se, n, lr, lora_params}}`` over seeds, plus task ``"mean"`` rows
-    (per seed, the mean over tasks; then mean and standard error over seeds)."""
-    groups: dict[tuple[str, str, int], list[Mapping[str, Any]]] = {}
+def summarize(records: Iterable[StudyRecord], metric: str = "test_score") -> dict[tuple[str, str, int], dict[str, Any]]:
+    """``{(task, method, rank): {mean, se, n, lr, lora_params}}`` over seeds of the records' ``metric`` field,
+    plus task ``"mean"`` rows (per seed, the mean over tasks; then mean and standard error over seeds)."""
+    groups: dict[tuple[str, str, int], list[StudyRecord]] = {}
     for r in records:
-        groups.setdefault((r["task"], r["method"], r["rank"]), []).append(r)
+        groups.setdefault((r.task, r.method, r.rank), []).append(r)
     out = {}
     for key, rows in groups.items():
-        m, se = mean_se([r[metric] for r in rows])
-        out[key] = {"mean": m, "se": se, "n": len(rows), "lr": rows[0]["lr"], "lora_params": rows[0]["lora_params"]}
+        m, se = mean_se([getattr(r, metric) for r in rows])
+        out[key] = {"mean": m, "se": se, "n": len(rows), "lr": rows[0].lr, "lora_params": rows[0].lora_params}
     tasks = sorted({k[0] for k in groups})
     for method, rank in sorted({(k[1], k[2]) for k in groups}):
         per_seed: dict[int, list[float]] = {}
         for task in tasks:
             for r in groups.get((task, method, rank), []):
-                per_seed.setdefault(r["seed"], []).append(r[metric])
+                per_seed.setdefault(r.seed, []).append(getattr(r, metric))
         complete = [statistics.fmean(v) for v in per_seed.values() if len(v) == len(tasks)]
         if complete:
             m, se = mean_se(complete)
@@ -96,12 +98,12 @@ def plot_summary(summary: Mapping[tuple[str, str, int], Mapping[str, Any]], meth
         fig.savefig(path, dpi=110)
 
 
-def report(study: Study, records: list[dict[str, Any]], command: str, seconds: float) -> str:
+def report(study: Study, records: Sequence[StudyRecord], command: str, seconds: float) -> str:
     """The markdown the study prints and writes: table, source reference, chosen learning rates."""
     c = study.config
-    reported = [r for r in records if r["method"] in c.methods]
+    reported = [r for r in records if r.method in c.methods]
     summary = summarize(reported)
-    sources = summarize([r for r in records if r["method"] == "source"])
+    sources = summarize([r for r in records if r.method == "source"])
     where = f"{c.selection_task}, seed {c.select_seed}" + (f", rank {c.select_rank}" if c.select_rank else ", at each rank")
     lines = [
         f"Test {c.metric.replace('_', ' ')} (%), mean ± standard error over {len(c.seeds)} seeds; bold: best method per row. "
@@ -123,10 +125,10 @@ def report(study: Study, records: list[dict[str, Any]], command: str, seconds: f
     return "\n".join(lines)
 
 
-def lr_table(records: Iterable[Mapping[str, Any]], config: StudyConfig) -> str:
+def lr_table(records: Iterable[StudyRecord], config: StudyConfig) -> str:
     """Markdown: the rate of the records (chosen ones) per method (rows) and rank (columns), with each method's grid; a
     choice at the low or high end of a grid of three or more rates is marked (the grid may be too narrow)."""
-    chosen = {(r["method"], r["rank"]): r["lr"] for r in records}
+    chosen = {(r.method, r.rank): r.lr for r in records}
     methods = [m for m in (*config.methods, "source") if any(k[0] == m for k in chosen)]
     ranks = sorted({k for m, k in chosen})
     lines = ["| method | grid | " + " | ".join(f"r{k}" for k in ranks) + " |", "|---|---|" + "---:|" * len(ranks)]
@@ -145,14 +147,14 @@ def lr_table(records: Iterable[Mapping[str, Any]], config: StudyConfig) -> str:
     return "\n".join(lines)
 
 
-def write_report(study: Study, records: list[dict[str, Any]], folder: str | os.PathLike, command: str,
+def write_report(study: Study, records: Sequence[StudyRecord], folder: str | os.PathLike, command: str,
                  seconds: float) -> str:
     """``study.md`` (:func:`report`), ``study.png`` (:func:`plot_summary`, with the sources' mean as a
     reference line) and ``summary.json`` in ``folder``; returns the markdown."""
     c = study.config
     folder = Path(folder)
-    summary = summarize([r for r in records if r["method"] in c.methods])
-    sources = summarize([r for r in records if r["method"] == "source"])
+    summary = summarize([r for r in records if r.method in c.methods])
+    sources = summarize([r for r in records if r.method == "source"])
     source = next((dict(v, rank=c.source_rank) for (t, _, _), v in sources.items() if t == "mean"), None)
     text = report(study, records, command, seconds)
     plot_summary(summary, c.methods, folder / "study.png", source=source)

@@ -26,7 +26,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from lsq.api import squeeze_adapter
 from lsq.config import SqueezeConfig
 from lsq.config_files import load_config
 from lsq.errors import LsqError
+from lsq.records import StudyRecord
 from lsq.steps import code_version
 
 SWEEP_FILE = "sweep.json"
@@ -93,6 +94,18 @@ class SweepConfig(BaseModel):
                                              "seeds": self.seeds_at.get(budget, self.study.seeds)})
 
 
+class Ladder(BaseModel):
+    """What the ladder made (:meth:`Sweep.run_ladder`): its chosen records, the sources of its cont records, the
+    squeeze's seconds (timed once per source) and what each route cost (:func:`ladder_costs`: rows and means)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    records: tuple[StudyRecord, ...]
+    sources: tuple[StudyRecord, ...]
+    squeeze_seconds: float
+    costs: dict[str, Any] = Field(description="{'rows': [per task and seed], 'mean': {...}} (ladder_costs)")
+
+
 PRESETS: dict[str, SweepConfig] = {
     # 2 tasks x ranks 1, 8 x direct/post/cont/in at 50, 200 and 600 steps of batch 8, 3 seeds (about 90 min
     # on a quiet 2-core CPU; `seeds_at={600: [0, 1]}` saves about 17 of them): rates from three-point grids chosen per
@@ -116,7 +129,7 @@ class Sweep:
     """Runs the study at every budget, smallest first, with one steps folder and one pinned code version."""
 
     def __init__(self, config: SweepConfig, root: str | os.PathLike, log: Callable[[str], None] = print,
-                 on_record: Callable[[dict[str, Any]], None] | None = None, pinned: str | None = None):
+                 on_record: Callable[[StudyRecord], None] | None = None, pinned: str | None = None):
         self.config = config
         self.root = Path(root)
         self.log = log
@@ -157,15 +170,15 @@ class Sweep:
                      steps_root=self.root / "steps", code=self.code, key_prefix=f"ladder-T{c.steps}/",
                      data_cache=self._data)
 
-    def run_all(self) -> list[dict[str, Any]]:
+    def run_all(self) -> list[StudyRecord]:
         """Every budget's chosen records (``chosen: True``), each with its ``budget``."""
-        records: list[dict[str, Any]] = []
+        records: list[StudyRecord] = []
         for budget in sorted(self.config.budgets):
             self.log(f"budget {budget} steps")
             records += self.study(budget).run_all()
         return records
 
-    def run_ladder(self) -> dict[str, Any] | None:
+    def run_ladder(self) -> Ladder | None:
         """The ladder (:meth:`SweepConfig.ladder`): its chosen records and what each route cost
         (:func:`ladder_costs`); the squeeze is timed here, once per source, on this machine."""
         study = self.ladder_study()
@@ -173,10 +186,10 @@ class Sweep:
             return None
         self.log(f"ladder: ranks {list(self.config.ladder_ranks)} at {study.config.steps} steps")
         records = study.run_all()
-        sources = {k: r for k, r in study.records.items() if r["method"] == "source-cont"}
-        squeeze = time_squeeze(study, next(iter(sources.values())))
-        return {"records": records, "sources": list(sources.values()), "squeeze_seconds": squeeze,
-                "costs": ladder_costs(records, list(sources.values()), squeeze, study.config)}
+        sources = [r for r in study.records.values() if r.method == "source-cont"]
+        squeeze = time_squeeze(study, sources[0])
+        return Ladder(records=records, sources=sources, squeeze_seconds=squeeze,
+                      costs=ladder_costs(records, sources, squeeze, study.config))
 
     @staticmethod
     def plan_of(config: SweepConfig) -> dict[str, Any]:
@@ -199,11 +212,11 @@ class Sweep:
         return out
 
 
-def time_squeeze(study: Study, source_record: dict[str, Any]) -> float:
+def time_squeeze(study: Study, source_record: StudyRecord) -> float:
     """Seconds of one squeeze of a ladder source to every ladder rank (median of 3, in this process,
     into a temporary folder: the step's own folder holds its finished result)."""
     c = study.config
-    job = Job(source_record["task"], source_record["seed"], "source-cont", c.source_rank, source_record["lr"])
+    job = Job(source_record.task, source_record.seed, "source-cont", c.source_rank, source_record.lr)
     source = train_variant(study, job, "source", c.source_rank, c.steps - c.recover_steps)  # finished: reused
     times = []
     for _ in range(3):
@@ -214,32 +227,29 @@ def time_squeeze(study: Study, source_record: dict[str, Any]) -> float:
     return statistics.median(times)
 
 
-def ladder_costs(records: list[dict[str, Any]], sources: list[dict[str, Any]], squeeze_seconds: float,
+def ladder_costs(records: Sequence[StudyRecord], sources: Sequence[StudyRecord], squeeze_seconds: float,
                  c: StudyConfig) -> dict[str, Any]:
     """Per seed and task, what the ladder of ``c.ranks`` costs (a) trained rank by rank (direct) and (b)
     from one source: optimizer steps, steps x rank (the GPU-side proxy: LoRA's extra work grows with
     the rank) and measured training seconds (b: the source, the squeeze, every recovery); then means."""
-    import statistics
-
-    direct = [r for r in records if r["method"] == "direct"]
-    cont = [r for r in records if r["method"] == "cont"]
-    src = {(r["task"], r["seed"]): r for r in sources}
+    direct = [r for r in records if r.method == "direct"]
+    cont = [r for r in records if r.method == "cont"]
+    src = {(r.task, r.seed): r for r in sources}
     rows = []
     for (task, seed), s in sorted(src.items()):
-        d = [r for r in direct if (r["task"], r["seed"]) == (task, seed)]
-        q = [r for r in cont if (r["task"], r["seed"]) == (task, seed)]
+        d = [r for r in direct if (r.task, r.seed) == (task, seed)]
+        q = [r for r in cont if (r.task, r.seed) == (task, seed)]
         if len(d) != len(c.ranks) or len(q) != len(c.ranks):
             continue
         source_steps = c.steps - c.recover_steps
         rows.append({
             "task": task, "seed": seed,
             "direct_steps": c.steps * len(c.ranks), "direct_step_rank": c.steps * sum(c.ranks),
-            "direct_seconds": sum(r["train_seconds"] for r in d),
+            "direct_seconds": sum(r.train_seconds for r in d),
             "squeeze_steps": source_steps + c.recover_steps * len(c.ranks),
             "squeeze_step_rank": source_steps * c.source_rank + c.recover_steps * sum(c.ranks),
             # a cont record's train_seconds include its source's: count the source once
-            "squeeze_seconds": s["train_seconds"] + squeeze_seconds
-            + sum(r["train_seconds"] - s["train_seconds"] for r in q),
+            "squeeze_seconds": s.train_seconds + squeeze_seconds + sum(r.train_seconds - s.train_seconds for r in q),
         })
     mean = {k: statistics.fmean(r[k] for r in rows) for k in rows[0] if k not in ("task", "seed")} if rows else {}
     return {"rows": rows, "mean": mean}
@@ -269,7 +279,7 @@ def planned_jobs(c: StudyConfig) -> set:
     return jobs
 
 
-def _job_steps(job, c: StudyConfig) -> int:
+def _job_steps(job: Job, c: StudyConfig) -> int:
     if job.method in ("post",):
         return 0  # its source is its own job
     if job.method == "cont":

@@ -1,6 +1,7 @@
 """Report of the budget sweep (experiments/sweep.py): accuracy against budget per method, one panel per rank;
 tables (mean over tasks, and per task) with standard errors over seeds; where the methods' order
-changes between budgets; the choices made on validation. Pure lsq: no torch, prefect or mlflow.
+changes between budgets; the choices made on validation. It reads :class:`~lsq.records.StudyRecord` objects and
+the sweep's :class:`~experiments.sweep.Ladder`. Pure lsq: no torch, prefect or mlflow.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from experiments.study_report import summarize
+from experiments.sweep import Ladder, SweepConfig
 from lsq.plotting import PLOT_LOCK
+from lsq.records import StudyRecord
 
 # (a, b): the pairs whose order the report follows across budgets
 PAIRS = (("in", "cont"), ("direct", "cont"), ("direct", "in"), ("post", "cont"))
@@ -24,12 +27,12 @@ def _n(count: int, noun: str) -> str:
     return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
-def by_budget(records: Iterable[Mapping[str, Any]], methods: Sequence[str]) -> dict[int, dict]:
+def by_budget(records: Iterable[StudyRecord], methods: Sequence[str]) -> dict[int, dict]:
     """``{budget: summarize(...)}`` over the records of the compared methods."""
-    groups: dict[int, list[Mapping[str, Any]]] = {}
+    groups: dict[int, list[StudyRecord]] = {}
     for r in records:
-        if r["method"] in methods:
-            groups.setdefault(int(r["budget"]), []).append(r)
+        if r.method in methods:
+            groups.setdefault(int(r.budget), []).append(r)
     return {t: summarize(rows) for t, rows in sorted(groups.items())}
 
 
@@ -84,15 +87,15 @@ def crossings(summaries: Mapping[int, Mapping], ranks: Sequence[int], pairs=PAIR
     return out
 
 
-def choices_table(records: Iterable[Mapping[str, Any]], methods: Sequence[str]) -> str:
+def choices_table(records: Iterable[StudyRecord], methods: Sequence[str]) -> str:
     """The rate (and In-Squeeze share) each budget chose on validation, per method and rank."""
     chosen: dict[tuple[int, str, int], str] = {}
     for r in records:
-        if r["method"] in (*methods, "source"):
-            text = f"{r['lr']:g}"
-            if r["method"] == "in":
-                text += f", first {r['fraction']:g}" if r.get("fraction") is not None else ", equal stages"
-            chosen[(int(r["budget"]), r["method"], r["rank"])] = text
+        if r.method in (*methods, "source"):
+            text = f"{r.lr:g}"
+            if r.method == "in":
+                text += f", first {r.fraction:g}" if r.fraction is not None else ", equal stages"
+            chosen[(int(r.budget), r.method, r.rank)] = text
     budgets = sorted({t for t, _, _ in chosen})
     cols = sorted({(m, k) for _, m, k in chosen}, key=lambda mk: ((*methods, "source").index(mk[0]), mk[1]))
     lines = ["| steps | " + " | ".join(f"{m} r{k}" for m, k in cols) + " |", "|---:|" + "---|" * len(cols)]
@@ -128,10 +131,10 @@ def plot_budgets(summaries: Mapping[int, Mapping], methods: Sequence[str], ranks
         fig.savefig(path, dpi=110)
 
 
-def ladder_section(ladder: Mapping[str, Any], config) -> str:
+def ladder_section(ladder: Ladder, config: SweepConfig) -> str:
     """The ladder: test accuracy per rank of each route, then what each route cost."""
     c = config.ladder()
-    summary = summarize(ladder["records"])
+    summary = summarize(ladder.records)
     task = "mean" if len(c.tasks) > 1 else c.tasks[0]
     lines = [
         f"A ladder of adapters at ranks {', '.join(map(str, c.ranks))} on {', '.join(c.tasks)} ({_n(len(c.seeds), 'seed')}): "
@@ -148,7 +151,7 @@ def ladder_section(ladder: Mapping[str, Any], config) -> str:
             v = summary.get((task, m, k))
             cells.append("" if v is None else f"{v['mean'] * 100:.1f} ± {v['se'] * 100:.1f}")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
-    mean = ladder["costs"]["mean"]
+    mean = ladder.costs["mean"]
     if mean:
         lines += [
             "",
@@ -158,19 +161,19 @@ def ladder_section(ladder: Mapping[str, Any], config) -> str:
             f"{mean['direct_steps'] / mean['squeeze_steps']:.2f}x |",
             f"| optimizer steps x rank | {mean['direct_step_rank']:,.0f} | {mean['squeeze_step_rank']:,.0f} | "
             f"{mean['direct_step_rank'] / mean['squeeze_step_rank']:.2f}x |",
-            f"| training seconds here (b: with the squeeze, {ladder['squeeze_seconds']:.2f} s) | "
+            f"| training seconds here (b: with the squeeze, {ladder.squeeze_seconds:.2f} s) | "
             f"{mean['direct_seconds']:.0f} | {mean['squeeze_seconds']:.0f} | "
             f"{mean['direct_seconds'] / mean['squeeze_seconds']:.2f}x |",
         ]
     return "\n".join(lines)
 
 
-def report(config, records: list[dict[str, Any]], command: str, seconds: float,
-           ladder: Mapping[str, Any] | None = None) -> str:
+def report(config: SweepConfig, records: Sequence[StudyRecord], command: str, seconds: float,
+           ladder: Ladder | None = None) -> str:
     """The sweep's markdown: accuracy against budget (mean over tasks, then per task), crossings, choices."""
     s = config.study
     summaries = by_budget(records, s.methods)
-    seeds = {t: len({r["seed"] for r in records if int(r["budget"]) == t}) for t in summaries}
+    seeds = {t: len({r.seed for r in records if int(r.budget) == t}) for t in summaries}
     counts = sorted(set(seeds.values()))
     over = _n(counts[0], "seed") if len(counts) == 1 else "seeds (" + ", ".join(
         f"{n} at {'/'.join(str(t) for t in summaries if seeds[t] == n)} steps" for n in counts) + ")"
@@ -200,8 +203,8 @@ def report(config, records: list[dict[str, Any]], command: str, seconds: float,
     return "\n".join(lines)
 
 
-def write_report(config, records: list[dict[str, Any]], folder: str | os.PathLike, command: str, seconds: float,
-                 ladder: Mapping[str, Any] | None = None) -> str:
+def write_report(config: SweepConfig, records: Sequence[StudyRecord], folder: str | os.PathLike, command: str,
+                 seconds: float, ladder: Ladder | None = None) -> str:
     """``sweep.md``, ``sweep.png`` and ``sweep_summary.json`` (the summary and every chosen record, so
     the numbers outlive the run folder) in ``folder``; returns the markdown."""
     folder = Path(folder)
@@ -215,10 +218,15 @@ def write_report(config, records: list[dict[str, Any]], folder: str | os.PathLik
         {"config": config.model_dump(mode="json"), "seconds": seconds, "command": command,
          "summary": [{"budget": t, "task": task, "method": m, "rank": k, **v}
                      for t, summary in summaries.items() for (task, m, k), v in summary.items()],
-         "records": records,
-         "ladder": None if ladder is None else {"costs": ladder["costs"], "squeeze_seconds": ladder["squeeze_seconds"],
+         "records": _dumped(records),
+         "ladder": None if ladder is None else {"costs": ladder.costs, "squeeze_seconds": ladder.squeeze_seconds,
                                                 "summary": [{"task": task, "method": m, "rank": k, **v} for (task, m, k), v
-                                                            in summarize(ladder["records"]).items()],
-                                                "records": ladder["records"], "sources": ladder["sources"]}},
+                                                            in summarize(ladder.records).items()],
+                                                "records": _dumped(ladder.records), "sources": _dumped(ladder.sources)}},
         indent=1) + "\n")
     return text
+
+
+def _dumped(records: Iterable[StudyRecord]) -> list[dict[str, Any]]:
+    """Records as the summary file keeps them (JSON values; a diverged record's NaN scores stay NaN)."""
+    return [r.model_dump(mode="json") for r in records]

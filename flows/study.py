@@ -32,7 +32,7 @@ from lsq.pipeline_config import Tracking
 from lsq.records import StudyRecord
 from experiments.study import Study, StudyConfig, load_study_config
 from experiments.study_report import write_report
-from experiments.sweep import Sweep, SweepConfig, load_sweep_config
+from experiments.sweep import Ladder, Sweep, SweepConfig, load_sweep_config
 from experiments.sweep_report import write_report as write_sweep_report
 from tasks import tracking
 from tasks.steps import COMPUTE_TAG
@@ -45,8 +45,8 @@ def run_method(config: StudyConfig, root: str, method: str, uri: str, experiment
     """One method: its learning rate chosen on validation, then every task, rank and seed."""
     log = get_run_logger()
     study = Study(config.model_copy(update={"methods": (method,)}), root, log=log.info,
-                  on_record=lambda rec: tracking.log_study_record(uri, experiment_id, parent_run_id, rec))
-    return [StudyRecord.model_validate(r) for r in study.run_all()]
+                  on_record=lambda rec: tracking.log_study_record(uri, experiment_id, parent_run_id, rec.model_dump()))
+    return study.run_all()
 
 
 @flow(name="lsq-study", log_prints=False, persist_result=False)
@@ -62,9 +62,9 @@ def study_flow(preset: str = "quick", overrides: list[str] | None = None, out: s
     status = "FAILED"
     started = time.perf_counter()
     try:
-        records = []
+        records: list[StudyRecord] = []
         for method in config.methods:
-            records += [r.model_dump() for r in run_method(config, root, method, uri, experiment_id, parent)]
+            records += run_method(config, root, method, uri, experiment_id, parent)
         study = Study(config, root, log=lambda _: None)
         with tempfile.TemporaryDirectory() as tmp:
             text = write_report(study, records, tmp, f"python -m flows.study --preset {preset}",
@@ -83,17 +83,17 @@ def run_budget(config: SweepConfig, root: str, budget: int, pinned: str, uri: st
     """One budget of the sweep: its validation choices, then every task, method, rank and seed."""
     log = get_run_logger()
     sweep = Sweep(config, root, log=log.info, pinned=pinned,
-                  on_record=lambda rec: tracking.log_study_record(uri, experiment_id, parent_run_id, rec))
-    return [StudyRecord.model_validate(r) for r in sweep.study(budget).run_all()]
+                  on_record=lambda rec: tracking.log_study_record(uri, experiment_id, parent_run_id, rec.model_dump()))
+    return sweep.study(budget).run_all()
 
 
 @task(tags=[COMPUTE_TAG], cache_policy=NO_CACHE, persist_result=False, task_run_name="sweep ladder")
 def run_ladder(config: SweepConfig, root: str, pinned: str, uri: str, experiment_id: str,
-               parent_run_id: str) -> dict | None:
-    """The ladder (every rank trained directly against one source squeezed to all): records and costs (JSON)."""
+               parent_run_id: str) -> Ladder | None:
+    """The ladder (every rank trained directly against one source squeezed to all): records and costs."""
     log = get_run_logger()
     sweep = Sweep(config, root, log=log.info, pinned=pinned,
-                  on_record=lambda rec: tracking.log_study_record(uri, experiment_id, parent_run_id, rec))
+                  on_record=lambda rec: tracking.log_study_record(uri, experiment_id, parent_run_id, rec.model_dump()))
     return sweep.run_ladder()
 
 
@@ -112,9 +112,9 @@ def sweep_flow(preset: str = "quick", overrides: list[str] | None = None, out: s
     status = "FAILED"
     started = time.perf_counter()
     try:
-        records = []
+        records: list[StudyRecord] = []
         for budget in sorted(config.budgets):
-            records += [r.model_dump() for r in run_budget(config, root, budget, pinned, uri, experiment_id, parent)]
+            records += run_budget(config, root, budget, pinned, uri, experiment_id, parent)
         ladder = run_ladder(config, root, pinned, uri, experiment_id, parent)
         with tempfile.TemporaryDirectory() as tmp:
             text = write_sweep_report(config, records, tmp, f"python -m flows.study --sweep --preset {preset}",

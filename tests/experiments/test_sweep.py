@@ -5,16 +5,21 @@ hand computations, and one real tiny sweep that resumes."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 import experiments.study as study_mod
 import experiments.sweep as sweep_mod
 from lsq.errors import LsqError
-from experiments.study import Job, Study, StudyConfig
-from experiments.sweep import Sweep, SweepConfig, ladder_costs, load_sweep_config
-from experiments.sweep_report import by_budget, crossings, report, write_report
+from experiments.study import Job, Study, StudyConfig, job_record
+from experiments.sweep import Ladder, Sweep, SweepConfig, ladder_costs, load_sweep_config
+from experiments.sweep_report import by_budget, crossings, ladder_section, report, write_report
+from lsq.records import StudyRecord
+from tests.experiments.test_study import record
 from tests.lsq.tiny import built_once, count_trainings, save_tiny_bert, write_classification_csv
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def small(**changes) -> SweepConfig:
@@ -28,14 +33,15 @@ def small(**changes) -> SweepConfig:
 def validation_runner(calls: list[tuple[int, Job]]):
     """Validation prefers lr 3e-3 at 8 steps and 1e-3 at 20, and the share 0.5; test prefers the others."""
 
-    def run(job: Job, study: Study) -> dict:
+    def run(job: Job, study: Study) -> StudyRecord:
         calls.append((study.config.steps, job))
         want = 3e-3 if study.config.steps == 8 else 1e-3
         good = (job.lr == want) + (job.fraction == 0.5)
         base = 0.6 + 0.01 * job.rank + 0.001 * job.seed + 0.002 * study.config.steps
-        return {"val_score": base + 0.05 * good, "test_score": base + 0.05 * (2 - good), "test_macro_f1": base,
-                "lora_params": 10 * job.rank, "trainable_params": 10 * job.rank, "adapter_bytes": 40 * job.rank,
-                "test_examples": 50, "steps": study.config.steps, "train_seconds": float(study.config.steps)}
+        return job_record(job, study, {
+            "val_score": base + 0.05 * good, "test_score": base + 0.05 * (2 - good), "test_macro_f1": base,
+            "lora_params": 10 * job.rank, "trainable_params": 10 * job.rank, "adapter_bytes": 40 * job.rank,
+            "test_examples": 50, "steps": study.config.steps, "train_seconds": float(study.config.steps)})
 
     return run
 
@@ -47,14 +53,14 @@ def test_each_budget_chooses_rates_and_stage_shares_on_validation(tmp_path, monk
     records = Sweep(cfg, tmp_path, log=lambda _: None).run_all()
 
     for budget, want in ((8, 3e-3), (20, 1e-3)):
-        rows = [r for r in records if r["budget"] == budget]
-        assert {r["lr"] for r in rows if r["method"] != "source"} == {want}  # test would have said the other
-        assert {r["fraction"] for r in rows if r["method"] == "in"} == {0.5}
-        assert {r["fraction"] for r in rows if r["method"] != "in"} == {None}
-        assert {(r["task"], r["method"], r["rank"], r["seed"]) for r in rows if r["method"] != "source"} == {
+        rows = [r for r in records if r.budget == budget]
+        assert {r.lr for r in rows if r.method != "source"} == {want}  # test would have said the other
+        assert {r.fraction for r in rows if r.method == "in"} == {0.5}
+        assert {r.fraction for r in rows if r.method != "in"} == {None}
+        assert {(r.task, r.method, r.rank, r.seed) for r in rows if r.method != "source"} == {
             (t, m, k, s) for t in cfg.study.tasks for m in cfg.study.methods for k in cfg.study.ranks
             for s in cfg.study.seeds}
-        assert all(r["key"].startswith(f"T{budget}/") for r in rows)
+        assert all(r.key.startswith(f"T{budget}/") and r.chosen for r in rows)
     # recovery inside each budget: 20% of it, at least one step
     assert [cfg.at(t).recover_steps for t in (8, 20)] == [2, 4]
     # the share grid ran on the selection task and seed only, at each rank, at the chosen rate
@@ -74,9 +80,9 @@ def test_the_report_says_how_many_seeds_each_budget_had(tmp_path, monkeypatch):
     monkeypatch.setattr(study_mod, "run_job", validation_runner([]))
     cfg = small(seeds_at={20: (0,)})
     records = Sweep(cfg, tmp_path, log=lambda _: None).run_all()
-    assert {r["seed"] for r in records if r["budget"] == 20} == {0}
+    assert {r.seed for r in records if r.budget == 20} == {0}
     assert "± standard error over seeds (1 at 20 steps, 2 at 8 steps);" in report(cfg, records, "cmd", 1.0)
-    same = [r for r in records if r["budget"] == 8]
+    same = [r for r in records if r.budget == 8]
     assert "± standard error over 2 seeds;" in report(cfg, same, "cmd", 1.0)
 
 
@@ -112,9 +118,9 @@ def test_crossings_against_a_hand_computation():
 
 def test_ladder_costs_against_a_hand_computation():
     c = StudyConfig(ranks=(1, 2, 4), steps=100, recover_steps=20, source_rank=64, seeds=(0,), tasks=("movie",))
-    direct = [{"task": "movie", "seed": 0, "method": "direct", "rank": k, "train_seconds": 10.0 + k} for k in (1, 2, 4)]
-    cont = [{"task": "movie", "seed": 0, "method": "cont", "rank": k, "train_seconds": 50.0 + k} for k in (1, 2, 4)]
-    source = [{"task": "movie", "seed": 0, "method": "source-cont", "rank": 64, "train_seconds": 40.0}]
+    direct = [record(task="movie", seed=0, method="direct", rank=k, train_seconds=10.0 + k) for k in (1, 2, 4)]
+    cont = [record(task="movie", seed=0, method="cont", rank=k, train_seconds=50.0 + k) for k in (1, 2, 4)]
+    source = [record(task="movie", seed=0, method="source-cont", rank=64, train_seconds=40.0)]
     costs = ladder_costs(direct + cont, source, 0.5, c)
     [row] = costs["rows"]
     assert row["direct_steps"] == 300 and row["direct_step_rank"] == 100 * 7
@@ -122,6 +128,22 @@ def test_ladder_costs_against_a_hand_computation():
     assert row["direct_seconds"] == pytest.approx(37.0)
     assert row["squeeze_seconds"] == pytest.approx(40.0 + 0.5 + (11 + 12 + 14))  # the source counted once
     assert costs["mean"]["direct_steps"] == 300
+
+
+def test_a_sweep_summary_written_by_older_code_reports_as_it_did():
+    """docs/sweep-full.json (records from before metric/val_score/test_score) loads as records, and today's report
+    of them is the one in docs/sweep-full.md; its ladder's costs come out of its records again."""
+    kept = json.loads((DOCS / "sweep-full.json").read_text())
+    config = SweepConfig.model_validate(kept["config"])
+    records = [StudyRecord.model_validate(r) for r in kept["records"]]
+    old = kept["ladder"]
+    ladder = Ladder(records=[StudyRecord.model_validate(r) for r in old["records"]],
+                    sources=[StudyRecord.model_validate(r) for r in old["sources"]],
+                    squeeze_seconds=old["squeeze_seconds"], costs=old["costs"])
+    text = report(config, records, kept["command"], kept["seconds"], ladder)
+    assert text.split("\nCommand: ")[0] == (DOCS / "sweep-full.md").read_text().split("\nCommand: ")[0]
+    assert ladder_costs(ladder.records, ladder.sources, ladder.squeeze_seconds, config.ladder()) == old["costs"]
+    assert "| 1 | 78.7 ± 0.5 | 75.3 ± 5.3 |" in ladder_section(ladder, config)
 
 
 def test_bad_sweep_settings_are_refused_in_one_line():
@@ -153,10 +175,11 @@ def test_a_real_tiny_sweep_with_its_ladder_resumes(tmp_path_factory, tmp_path, m
     sweep = Sweep(cfg, tmp_path / "sweep", log=lambda _: None)
     records = sweep.run_all()
     ladder = sweep.run_ladder()
-    assert {r["budget"] for r in records} == {6, 10}
-    assert all(r["steps"] == r["budget"] for r in records if r["method"] != "post")
-    assert ladder["squeeze_seconds"] > 0 and ladder["costs"]["rows"]
-    row = ladder["costs"]["rows"][0]
+    assert {r.budget for r in records} == {6, 10}
+    assert all(r.steps == r.budget for r in records if r.method != "post")
+    assert ladder.squeeze_seconds > 0 and ladder.costs["rows"]
+    assert all(r.chosen for r in ladder.records) and {r.method for r in ladder.sources} == {"source-cont"}
+    row = ladder.costs["rows"][0]
     assert row["direct_steps"] == 2 * 10 and row["squeeze_steps"] == 8 + 2 * 2
     assert row["direct_seconds"] > 0 and row["squeeze_seconds"] > 0
     # the ladder reused the sweep's own rank-1 direct run at 10 steps (one steps folder)
@@ -166,15 +189,15 @@ def test_a_real_tiny_sweep_with_its_ladder_resumes(tmp_path_factory, tmp_path, m
     summary = json.loads((tmp_path / "sweep_summary.json").read_text())
     assert {row["budget"] for row in summary["summary"]} == {6, 10}
     # every chosen record is kept beside the summary, so the numbers outlive the run folder
-    assert summary["records"] == json.loads(json.dumps(records))
-    assert summary["ladder"]["records"] == json.loads(json.dumps(ladder["records"]))
+    assert [StudyRecord.model_validate(r) for r in summary["records"]] == records
+    assert summary["records"] == [r.model_dump(mode="json") for r in records]
+    assert [StudyRecord.model_validate(r) for r in summary["ladder"]["records"]] == list(ladder.records)
 
     [cut] = list((tmp_path / "sweep" / "steps").glob("in-r1-*"))[:1]
     (cut / "record.json").unlink()
     trained = count_trainings(monkeypatch)
     again = Sweep(cfg, tmp_path / "sweep", log=lambda _: None).run_all()
     assert trained == ["in"]
-    strip = lambda recs: sorted(json.dumps({k: v for k, v in r.items() if k not in ("wall_seconds", "train_seconds")},
-                                           sort_keys=True) for r in recs)
+    strip = lambda recs: sorted(r.model_dump_json(exclude={"wall_seconds", "train_seconds"}) for r in recs)  # noqa: E731
     assert strip(again) == strip(records)
     assert by_budget(again, cfg.study.methods).keys() == {6, 10}

@@ -6,7 +6,7 @@ import mlflow
 
 import experiments.study as study_mod
 from flows.study import study_flow
-from tests.lsq.test_study import fake_runner
+from tests.experiments.test_study import fake_runner
 
 
 def test_study_flow_logs_every_record_to_mlflow(tmp_path, monkeypatch, mlflow_in_tmp):
@@ -35,7 +35,7 @@ def test_study_flow_logs_every_record_to_mlflow(tmp_path, monkeypatch, mlflow_in
     assert "| mean | 4 |" in text
 
     # a second flow run asks every job again (the steps, not the study, reuse finished work: see
-    # tests/lsq/test_study.py) and logs every record under its own parent
+    # tests/experiments/test_study.py) and logs every record under its own parent
     study_flow(preset="quick", overrides=overrides, out=str(tmp_path / "study"), tracking_uri=mlflow_in_tmp)
     assert len(calls) == 2 * len(keys)
     runs = client.search_runs([exp.experiment_id], max_results=1000)
@@ -44,7 +44,7 @@ def test_study_flow_logs_every_record_to_mlflow(tmp_path, monkeypatch, mlflow_in
 
 def test_sweep_flow_logs_every_budgets_records_to_mlflow(tmp_path, monkeypatch, mlflow_in_tmp):
     from flows.study import sweep_flow
-    from tests.lsq.test_sweep import validation_runner
+    from tests.experiments.test_sweep import validation_runner
 
     calls = []
     monkeypatch.setattr(study_mod, "run_job", validation_runner(calls))
