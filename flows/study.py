@@ -26,7 +26,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.server import prefect_api, start_unless_configured, terminate_on_sigterm
+from flows.server import prefect_api, start_unless_configured, terminate_on_sigterm, terminating
 from lsq.errors import LsqError
 from lsq.pipeline_config import Tracking
 from lsq.records import StudyRecord
@@ -59,9 +59,8 @@ def study_flow(preset: str = "quick", overrides: list[str] | None = None, out: s
     experiment_id = tracking.ensure_experiment(uri, experiment)
     parent = tracking.start_pipeline_run(uri, experiment, f"study-{preset}", config.model_dump(mode="json"),
                                          {"lsq.kind": "study", "lsq.preset": preset})
-    status = "FAILED"
     started = time.perf_counter()
-    try:
+    with tracking.parent_run(uri, parent, terminating=terminating):
         records: list[StudyRecord] = []
         for method in config.methods:
             records += run_method(config, root, method, uri, experiment_id, parent)
@@ -71,10 +70,7 @@ def study_flow(preset: str = "quick", overrides: list[str] | None = None, out: s
                                 time.perf_counter() - started)
             tracking.log_folder(uri, parent, tmp)
         create_markdown_artifact(text, key="lsq-study", description=f"lsq study ({preset})")
-        status = "FINISHED"
         return text
-    finally:
-        tracking.finish_run(uri, parent, status)
 
 
 @task(tags=[COMPUTE_TAG], cache_policy=NO_CACHE, persist_result=False, task_run_name="sweep {budget} steps")
@@ -109,9 +105,8 @@ def sweep_flow(preset: str = "quick", overrides: list[str] | None = None, out: s
     experiment_id = tracking.ensure_experiment(uri, experiment)
     parent = tracking.start_pipeline_run(uri, experiment, f"sweep-{preset}", config.model_dump(mode="json"),
                                          {"lsq.kind": "sweep", "lsq.preset": preset})
-    status = "FAILED"
     started = time.perf_counter()
-    try:
+    with tracking.parent_run(uri, parent, terminating=terminating):
         records: list[StudyRecord] = []
         for budget in sorted(config.budgets):
             records += run_budget(config, root, budget, pinned, uri, experiment_id, parent)
@@ -123,10 +118,7 @@ def sweep_flow(preset: str = "quick", overrides: list[str] | None = None, out: s
             for name in os.listdir(tmp):  # and beside the steps, where benchmarks.budget_sweep writes them
                 shutil.copy2(Path(tmp) / name, Path(root) / name)
         create_markdown_artifact(text, key="lsq-sweep", description=f"lsq budget sweep ({preset})")
-        status = "FINISHED"
         return text
-    finally:
-        tracking.finish_run(uri, parent, status)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,10 +57,6 @@ def _signal_when(proc: subprocess.Popen, folder: Path, prefix: str, timeout: flo
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("LSQ_SIGNAL_STRESS"), reason=(
-    "issue 23 item 2, still open: failed 1 of 4 fresh-clone runs (a SIGTERM raised inside torch/safetensors code "
-    "surfaced as another error; lsq.cli now maps that to exit 143, not yet proven over many runs). "
-    "LSQ_SIGNAL_STRESS=1 runs it."))
 def test_sigterm_at_any_moment_of_lsq_squeeze_leaves_nothing(tmp_path):
     """Twelve runs signalled the instant the temporary folder appears, four the instant they have printed their
     summary (exiting), eight at random moments of the second half of a run: each ends with 143 ("lsq:
