@@ -87,7 +87,8 @@ def variants_and_promotion(uri: str, cfg: PipelineConfig, data: PreparedData, pa
     if o.runner == "work-pool":  # each unit a flow run on the pool; its workers hold the devices
 
         def run(unit):
-            return steps.dispatch_unit.submit(unit, o.unit_deployment, o.unit_attempts, children)
+            return steps.dispatch_unit.submit(unit, o.unit_deployment, o.unit_attempts, children,
+                                                start_timeout=o.unit_start_timeout)
     else:
 
         def run(unit):

@@ -11,21 +11,12 @@ through Prefect. Deploy it with ``python -m deployments.team`` (see
 
 from __future__ import annotations
 
-import os
 
 from prefect import flow, get_run_logger
 
 from lsq.steps import Unit, run_unit
 from tasks.steps import tracked
 from tasks.tracking import ChildRuns
-
-if os.environ.get("LSQ_EXIT_WITH_WORKER") == "1":  # set by deployments.processes.Worker: a lost worker
-    # takes its flow runs with it, silently, as a lost machine would (else they would finish as orphans)
-    import signal
-
-    from lsq.processes import die_with_parent_by
-
-    die_with_parent_by(signal.SIGKILL)()
 
 
 @flow(name="lsq-unit", log_prints=False, persist_result=False)

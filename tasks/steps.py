@@ -21,9 +21,14 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import FlowRun
+from prefect.deployments import run_deployment
+from prefect.states import Cancelled
 
 from lsq import steps
 from lsq.data import DataConfig, load_data
@@ -148,18 +153,20 @@ def squeeze_source(source: Variant, cfg: PipelineConfig, code: str) -> Squeezed:
 
 
 @task(retries=0, task_run_name="dispatch {unit.kind} {unit.label}", **_NO_RESULTS)
-def dispatch_unit(unit: Unit, deployment: str, attempts: int = 3, runs: ChildRuns | None = None) -> UnitResult:
+def dispatch_unit(unit: Unit, deployment: str, attempts: int = 3, runs: ChildRuns | None = None,
+                  start_timeout: float = 300.0) -> UnitResult:
     """One unit as a flow run of ``deployment`` on its work pool: whichever worker is free takes it.
 
     The flow run keeps its result in the storage root, where this task reads it (Prefect moves no
     result between machines). A flow run that crashed (its worker lost: no heartbeat, see
     ``deployments/README.md``) is run again, up to ``attempts`` times in all, on whichever worker is
-    free then; one that failed is bad input or a bug, and stops the pipeline with its message. The flow
-    run opens the variant's child run in ``runs`` itself (:func:`tracked`), given the tracking URI
-    without its password: a worker connects with its own ``$MLFLOW_TRACKING_URI``.
+    free then; so is one that stayed Pending for ``start_timeout`` seconds (a worker took it and was lost
+    before it started it: nothing else would ever end it), after it is cancelled. A Scheduled run only waits:
+    no worker is free yet, and dispatching it again would not make one free. One that failed is bad input
+    or a bug, and stops the pipeline with its message. The flow run opens the variant's child run in
+    ``runs`` itself (:func:`tracked`), given the tracking URI without its password: a worker connects with
+    its own ``$MLFLOW_TRACKING_URI``.
     """
-    from prefect.deployments import run_deployment
-
     log = get_run_logger()
     storage = unit.storage()
     done = storage.get(unit.name, UnitResult)
@@ -170,20 +177,43 @@ def dispatch_unit(unit: Unit, deployment: str, attempts: int = 3, runs: ChildRun
         parameters["runs"] = runs.model_copy(update={"tracking_uri": tracking.redact_uri(runs.tracking_uri)}).model_dump()
     for attempt in range(1, attempts + 1):
         started = time.perf_counter()
-        run = run_deployment(deployment, parameters=parameters, timeout=None,
+        run = run_deployment(deployment, parameters=parameters, timeout=0,
                              flow_run_name=f"{unit.kind}-{unit.label}", tags=[f"lsq-unit:{unit.name}"])
+        run, stuck = _until_final(run, start_timeout)
         state = run.state
-        if state is not None and state.is_completed():
+        if stuck:
+            message = (f"unit {unit.label}: flow run {run.name} stayed Pending for {start_timeout:g} s (the worker "
+                       "that took it was lost before it started it); cancelled")
+        elif state is not None and state.is_completed():
             result = storage.get(unit.name, UnitResult)
             if result is None:
                 raise LsqError(f"unit {unit.label}: flow run {run.name} completed but left no record in "
                                f"{storage.describe()}")
             log.info("%s; flow run %s, %.1f s from dispatch", finished(result), run.name, time.perf_counter() - started)
             return result
-        message = f"unit {unit.label}: flow run {run.name} ended {state.name if state else 'without a state'}" + (
-            f": {state.message}" if state is not None and state.message else "")
-        if state is None or not state.is_crashed():
-            raise RuntimeError(message)
+        else:
+            message = f"unit {unit.label}: flow run {run.name} ended {state.name if state else 'without a state'}" + (
+                f": {state.message}" if state is not None and state.message else "")
+            if state is None or not state.is_crashed():
+                raise RuntimeError(message)
         log.warning("%s (attempt %d of %d)%s", message, attempt, attempts,
                     "; running it again on whichever worker is free" if attempt < attempts else "")
-    raise RuntimeError(f"unit {unit.label}: crashed {attempts} times; see the flow runs tagged lsq-unit:{unit.name}")
+    raise RuntimeError(f"unit {unit.label}: lost {attempts} times (crashed, or never started); see the flow runs "
+                       f"tagged lsq-unit:{unit.name}")
+
+
+def _until_final(run: FlowRun, start_timeout: float, poll: float = 2.0) -> tuple[FlowRun, bool]:
+    """``(run as it ended, False)``; or ``(run, True)`` once it has stayed Pending longer than ``start_timeout``,
+    then set Cancelled (a worker that starts it late finds it cancelled and runs nothing)."""
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(run.id)
+            state = run.state
+            if state is not None and state.is_final():
+                return run, False
+            if state is not None and state.is_pending() and state.timestamp is not None \
+                    and (datetime.now(timezone.utc) - state.timestamp).total_seconds() > start_timeout:
+                client.set_flow_run_state(run.id, Cancelled(message=f"Pending for over {start_timeout:g} s: its "
+                                                            "worker was lost; dispatched again"), force=True)
+                return client.read_flow_run(run.id), True
+            time.sleep(poll)

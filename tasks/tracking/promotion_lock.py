@@ -1,21 +1,40 @@
 """Promotion under concurrency: decide against the champion as it is when the alias moves, then move it.
 
 Two pipeline runs may promote the same registered model at the same moment, from threads of one
-process or from separate processes. :func:`promote_alias` reads the champion, decides and moves the
-alias under :func:`registry_lock`: a file lock beside a local store, a one-slot Prefect global
-concurrency limit for a server store, and compare-and-set rounds where neither is shared (MLflow has
-no conditional alias update). The alias and its version tags are written by :mod:`.model_registry`.
+process or from separate processes on several machines. :func:`promote_alias` reads the champion, decides
+and moves the alias while it holds :func:`registry_lock`, a real lock wherever the store is:
+
+- a local store (sqlite, a folder): a file lock beside it (``flock``: released by the kernel if its holder dies);
+- a PostgreSQL store (``postgresql://`` as the tracking URI): a session-level advisory lock on a connection of
+  its own (released by the server when the holder's connection drops, ``kill -9`` included);
+- any other store, an MLflow server above all: a lease in the store itself (:func:`lease_lock`): a registered
+  model created as the lock (creation is atomic: a second creator gets RESOURCE_ALREADY_EXISTS), renewed while
+  held, deleted when released, and taken over once its holder has stopped renewing it for ``LEASE_S``.
+
+MLflow has no conditional alias update, so no lock-free fallback is safe; there is none. The alias and its
+version tags are written by :mod:`.model_registry`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import random
 import re
+import secrets
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
+
+from filelock import FileLock
+from mlflow.exceptions import MlflowException
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
 
 from lsq.variants import Decision
 from tasks.tracking.model_registry import alias_version, set_alias
@@ -23,137 +42,151 @@ from tasks.tracking.store import _slug, client_for, redact_uri, sqlite_path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["promote_alias", "registry_lock"]
+__all__ = ["lease_lock", "promote_alias", "registry_lock"]
 
 LOCK_TIMEOUT_S = 1800.0  # a promotion may re-score a champion under the lock
-PROMOTE_TRIES = 5  # compare-and-set rounds when no lock is shared between the promoters
-CAS_SETTLE_S = 1.0  # compare-and-set: wait this long after moving the alias before checking it stayed
+LEASE_S = 60.0  # lease lock: a lock not renewed for this long (the waiter's own clock) is its dead holder's
+RENEW_S = 10.0  # lease lock: how often the holder renews it
+SETTLE_S = 0.5  # lease lock: after taking it, look again this much later (a racing take-over would show)
+OWNER_TAG, LEASE_TAG = "lsq.lock.owner", "lsq.lock.lease"
 
 
 def promote_alias(uri: str, model_name: str, champion_alias: str, against: Callable[[str | None], Decision],
-            versions: Mapping[str, str]) -> Decision:
+                  versions: Mapping[str, str]) -> Decision:
     """Decide against the champion as it is when the alias moves, move it, and return the decision.
 
     ``against(version)`` decides this run's winner against registered ``version`` (None: there is no
     champion), scoring it if needed; ``versions`` maps each variant label to its registered version.
-    Under :func:`registry_lock` this reads the version behind ``champion_alias``, decides against it
-    (each version is decided against once per call: decisions are cached by version), and points
-    ``decision.alias`` at the winner's version (:func:`set_alias`). The decision returned, and the
-    ``lsq.reason`` tag, name the champion version it was compared with (``compared_to``).
-
-    So when two runs promote at once, the later one compares against the champion the earlier one
-    set. Without a lock shared by the promoters (compare-and-set, see :func:`registry_lock`) the
-    alias is re-read before it is set, and again ``CAS_SETTLE_S`` after; if it moved, the round is
-    repeated against the version now behind it (at most ``PROMOTE_TRIES`` rounds), and a move by a
-    promoter that compared against our winner is accepted as is. That is best effort, not a lock:
-    MLflow has no conditional alias update, so a racer that read the alias before our write and
-    stalls for more than ``CAS_SETTLE_S`` before its own write overwrites ours unnoticed.
+    Under :func:`registry_lock` this reads the version behind ``champion_alias``, decides against it and
+    points ``decision.alias`` at the winner's version (:func:`set_alias`). The decision returned, and the
+    ``lsq.reason`` tag, name the champion version it was compared with (``compared_to``): when two runs
+    promote at once, the later one compares against the champion the earlier one set.
     """
-    decided: dict[str | None, Decision] = {}
-
-    def decide(current: str | None) -> Decision:
-        if current not in decided:
-            decided[current] = _naming_champion(against(current), current)
-        return decided[current]
-
     with registry_lock(uri, model_name) as how:
-        for attempt in range(1, PROMOTE_TRIES + 1):
-            current = alias_version(uri, model_name, champion_alias)
-            decision = decide(current)
-            if decision.winner not in versions:
-                raise KeyError(f"promote: the winner {decision.winner!r} is not among the registered variants "
-                               f"({', '.join(versions)})")
-            winner = str(versions[decision.winner])
-            if alias_version(uri, model_name, champion_alias) != current:
-                continue  # moved while we decided (only possible without a shared lock)
-            set_alias(uri, model_name, winner, decision.alias, decision)
-            if not how.startswith("file lock"):
-                _settle()
-            now = alias_version(uri, model_name, champion_alias)
-            expected = winner if decision.alias == champion_alias else current
-            if now == expected or _compared_with(uri, model_name, now) == winner:
-                log.info("%s: %s (version %s) -> %s, compared with %s [%s]", model_name, decision.winner, winner,
-                         decision.alias, current or "no champion", how)
-                return decision
-            log.warning("%s: champion moved to version %s during promotion round %d (%s); deciding again",
-                        model_name, now, attempt, how)
-    raise RuntimeError(f"{model_name}: the {champion_alias!r} alias kept moving; gave up after {PROMOTE_TRIES} rounds")
+        current = alias_version(uri, model_name, champion_alias)
+        decision = _naming_champion(against(current), current)
+        if decision.winner not in versions:
+            raise KeyError(f"promote: the winner {decision.winner!r} is not among the registered variants "
+                           f"({', '.join(versions)})")
+        winner = str(versions[decision.winner])
+        set_alias(uri, model_name, winner, decision.alias, decision)
+        log.info("%s: %s (version %s) -> %s, compared with %s [%s]", model_name, decision.winner, winner,
+                 decision.alias, current or "no champion", how)
+        return decision
 
 
 @contextmanager
-def registry_lock(uri: str, model_name: str) -> Iterator[str]:
-    """Hold the promotion lock of ``model_name`` in the store ``uri``; yields how it is held.
-
-    - sqlite store: a :class:`filelock.FileLock` (``flock``) on ``<database>.<model>.promote.lock``
-      beside the database, shared by every process on the machine and released by the kernel when
-      its holder dies, ``kill -9`` included; no server involved.
-    - a local file store: the same, beside its folder.
-    - any other store (an MLflow server, a database server): a Prefect global concurrency limit
-      ``lsq-registry-<model>`` of one slot (created when missing: Prefect's ``concurrency()`` with
-      ``strict=False`` would silently not lock without it), held with a lease that Prefect renews
-      while the body runs and that expires (300 s) if the holder dies. Only when ``PREFECT_API_URL``
-      is set: without it Prefect would start a server in this process, which no other pipeline shares.
-    - otherwise (no Prefect API, or it cannot be reached): no lock; :func:`promote_alias` falls back to
-      compare-and-set.
-
-    Yields ``"file lock <path>"``, ``"prefect limit <name>"`` or ``"compare-and-set"``. A per-process
-    temporary Prefect server also grants the slot, but shares it with no other process: promote_alias's
-    compare-and-set checks run under every kind of lock, so that case still converges.
-    """
+def registry_lock(uri: str, model_name: str, timeout: float = LOCK_TIMEOUT_S) -> Iterator[str]:
+    """Hold the promotion lock of ``model_name`` in the store ``uri`` (see the module's docstring for which);
+    yields how it is held: ``"file lock <path>"``, ``"advisory lock <key>"`` or ``"lease <name>"``. A
+    :class:`TimeoutError` after ``timeout`` seconds of waiting."""
     local = _local_store(uri)
     if local is not None:
-        from filelock import FileLock
-
         path = local.parent / f"{local.name}.{_slug(model_name)}.promote.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(path), timeout=LOCK_TIMEOUT_S):
+        with FileLock(str(path), timeout=timeout):
             yield f"file lock {path}"
-        return
-    name = f"lsq-registry-{_slug(model_name)}"
-    with ExitStack() as stack:
-        how = "compare-and-set"
-        try:
-            if _prefect_limit(name):
-                from prefect.concurrency.sync import concurrency
-
-                stack.enter_context(concurrency(name, occupy=1, timeout_seconds=LOCK_TIMEOUT_S, strict=True))
-                how = f"prefect limit {name}"
-        except TimeoutError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - no Prefect API reachable: compare-and-set alone
-            log.warning("registry lock %s for %s unavailable (%s); promoting by compare-and-set",
-                        name, redact_uri(uri), exc)
-        yield how
+    elif urlsplit(uri).scheme.split("+")[0] in ("postgresql", "postgres"):
+        with advisory_lock(uri, model_name, timeout) as how:
+            yield how
+    else:
+        with lease_lock(uri, model_name, timeout) as how:
+            yield how
 
 
-def _prefect_limit(name: str) -> bool:
-    """True when a Prefect API is configured and holds (now) a global concurrency limit ``name`` of one slot."""
-    from prefect.settings import PREFECT_API_URL
-
-    if not PREFECT_API_URL.value():
-        return False
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        try:
-            limit = client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
+@contextmanager
+def advisory_lock(uri: str, model_name: str, timeout: float = LOCK_TIMEOUT_S) -> Iterator[str]:
+    """A PostgreSQL session-level advisory lock keyed by ``model_name``, on a connection of its own."""
+    key = int.from_bytes(hashlib.sha256(f"lsq-promotion:{model_name}".encode()).digest()[:8], "big", signed=True)
+    engine = create_engine(uri.replace("postgres://", "postgresql://", 1), poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            deadline = time.monotonic() + timeout
+            while not conn.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": key}).scalar():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{model_name}: the promotion lock (advisory lock {key} in "
+                                       f"{redact_uri(uri)}) was not free within {timeout:g} s")
+                time.sleep(0.1 + random.random() * 0.2)
             try:
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-            except ObjectAlreadyExists:  # created meanwhile by another promoter
-                pass
-            return True
-    if limit.limit != 1 or not limit.active:
-        log.warning("Prefect concurrency limit %s has %d slots (active: %s); promotions may overlap",
-                    name, limit.limit, limit.active)
-    return True
+                yield f"advisory lock {key}"
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+    finally:
+        engine.dispose()
 
 
-def _settle() -> None:
-    """Compare-and-set: give a racer's write that overlaps ours the time to land before we look."""
-    time.sleep(CAS_SETTLE_S)
+@contextmanager
+def lease_lock(uri: str, model_name: str, timeout: float = LOCK_TIMEOUT_S, lease_s: float = LEASE_S,
+               renew_s: float = RENEW_S) -> Iterator[str]:
+    """The promotion lock as a lease in the MLflow store: the registered model ``lsq-lock-<model>`` exists
+    while someone holds it. Its owner renews tag ``lsq.lock.lease`` every ``renew_s``; a waiter that sees the
+    lease unchanged for ``lease_s`` of its own clock (no clocks compared between machines) deletes the lock,
+    if it still names that owner and lease, and tries again."""
+    client = client_for(uri)
+    name = f"lsq-lock-{model_name}"
+    token = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    deadline = time.monotonic() + timeout
+    seen: tuple[str | None, str | None, float] | None = None  # (owner, lease, when first seen) of the holder
+    while True:
+        try:
+            client.create_registered_model(name, tags={OWNER_TAG: token, LEASE_TAG: "0"},
+                                           description=f"lsq's promotion lock of {model_name}, held by {token}; "
+                                                       "deleted when released")
+            time.sleep(SETTLE_S)
+            if _lock_tags(client, name)[0] == token:
+                break  # ours, and still ours after a look: a racing take-over of a dead holder's lock would show
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        held = _lock_tags(client, name)
+        if held[0] is not None and (seen is None or held != seen[:2]):
+            seen = (*held, time.monotonic())
+        elif seen is not None and time.monotonic() - seen[2] > lease_s and held == seen[:2]:
+            log.warning("%s: taking over the promotion lock of %s (not renewed for %.0f s)", model_name, held[0],
+                        time.monotonic() - seen[2])
+            try:
+                client.delete_registered_model(name)
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+            seen = None
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{model_name}: the promotion lock ({name} in {redact_uri(uri)}, held by "
+                               f"{held[0]}) was not free within {timeout:g} s")
+        time.sleep(0.1 + random.random() * 0.3)
+    stop = threading.Event()
+
+    def renew() -> None:
+        count = 0
+        while not stop.wait(renew_s):
+            count += 1
+            try:
+                client.set_registered_model_tag(name, LEASE_TAG, str(count))
+            except Exception as exc:  # noqa: BLE001 - a missed renewal is a warning; lease_s allows for several
+                log.warning("%s: renewing the promotion lock failed: %s", model_name, exc)
+
+    renewer = threading.Thread(target=renew, name="lsq-lease", daemon=True)
+    renewer.start()
+    try:
+        yield f"lease {name}"
+    finally:
+        stop.set()
+        renewer.join(timeout=30)
+        if _lock_tags(client, name)[0] == token:
+            client.delete_registered_model(name)
+        else:
+            log.error("%s: the promotion lock was taken over while held (no renewal for %g s)", model_name, lease_s)
+
+
+def _lock_tags(client, name: str) -> tuple[str | None, str | None]:
+    """(owner, lease) of the lock ``name``; (None, None) when nobody holds it."""
+    try:
+        tags = client.get_registered_model(name).tags
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None, None
+        raise
+    return tags.get(OWNER_TAG), tags.get(LEASE_TAG)
 
 
 def _naming_champion(decision: Decision, current: str | None) -> Decision:
@@ -162,12 +195,6 @@ def _naming_champion(decision: Decision, current: str | None) -> Decision:
     if current is not None and f"champion version {current}" not in reason:
         reason = f"{reason} (compared with champion version {current})"
     return decision.model_copy(update={"compared_to": current, "reason": reason})
-
-
-def _compared_with(uri: str, model_name: str, version: str | None) -> str | None:
-    if version is None:
-        return None
-    return client_for(uri).get_model_version(model_name, version).tags.get("lsq.compared_to")
 
 
 def _local_store(uri: str) -> Path | None:

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -181,67 +182,6 @@ def test_a_promotion_waits_for_the_one_in_progress_and_compares_with_its_champio
         assert str(client.get_model_version_by_alias(MODEL, "challenger").version) == v_late
 
 
-@pytest.mark.parametrize("first_to_write", ["better", "worse"])
-def test_without_a_shared_lock_compare_and_set_ends_on_the_better_version(
-        mlflow_uri, variants, base_dir, monkeypatch, first_to_write):
-    """No lock: both decide against "no champion" and both pass the check before writing; the writes
-    land one after the other, inside the other's settling time. Either order ends with the better one."""
-    @contextmanager
-    def no_lock(uri, model_name):
-        yield "compare-and-set"
-
-    monkeypatch.setattr(promotion_lock, "registry_lock", no_lock)
-    worse, better = variants[0], variants[2]
-    v_worse, v_better = _register(mlflow_uri, worse, base_dir, 0.80), _register(mlflow_uri, better, base_dir, 0.90)
-    both_checked = threading.Barrier(2)
-    first_written, second_written = threading.Event(), threading.Event()
-    real_set_alias = promotion_lock.set_alias
-    calls = {"better": 0, "worse": 0}
-
-    def set_alias(*args):
-        me = threading.current_thread().name
-        calls[me] += 1
-        if calls[me] == 1:  # the first write of each: both have read "no champion" and checked it
-            both_checked.wait(timeout=60)
-            if me != first_to_write:
-                assert first_written.wait(timeout=60)
-        real_set_alias(*args)
-        (first_written if me == first_to_write else second_written).set()
-
-    def settle():  # the second write lands while the first writer settles (no sleeping in the test)
-        if threading.current_thread().name == first_to_write:
-            assert second_written.wait(timeout=60)
-
-    monkeypatch.setattr(promotion_lock, "set_alias", set_alias)
-    monkeypatch.setattr(promotion_lock, "_settle", settle)
-    against = {"worse": _against(mlflow_uri, worse.label, 0.80), "better": _against(mlflow_uri, better.label, 0.90)}
-    versions = {"worse": {worse.label: v_worse}, "better": {better.label: v_better}}
-    results, errors = {}, []
-
-    def promote(me):
-        try:
-            results[me] = tracking.promote_alias(mlflow_uri, MODEL, "champion", against[me], versions[me])
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    threads = [threading.Thread(target=promote, args=(me,), name=me) for me in ("worse", "better")]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors, errors
-    assert against["worse"].seen[0] is None and against["better"].seen[0] is None  # a real race
-    client = tracking.client_for(mlflow_uri)
-    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == v_better
-    if first_to_write == "better":  # the better one saw the worse one overwrite it, and decided again
-        assert against["better"].seen == [None, v_worse]
-        assert client.get_model_version(MODEL, v_better).tags["lsq.compared_to"] == v_worse
-    else:  # the worse one saw the better one replace it; it compared with it and kept it
-        assert against["worse"].seen == [None, v_better]
-        assert results["worse"].alias == "challenger" and results["worse"].compared_to == v_better
-        assert f"compared with champion version {v_better}" in results["worse"].reason
-
-
 def test_promote_refuses_a_winner_it_has_no_version_for(mlflow_uri, variants, base_dir):
     v = _register(mlflow_uri, variants[0], base_dir, 0.8)
     with pytest.raises(KeyError, match="post-r2"):
@@ -250,38 +190,73 @@ def test_promote_refuses_a_winner_it_has_no_version_for(mlflow_uri, variants, ba
 
 
 # ----------------------------------------------------------------------------------- which lock
-def test_registry_lock_kinds(mlflow_uri, tmp_path, monkeypatch, caplog):
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
+def test_registry_lock_kinds(mlflow_uri, tmp_path, monkeypatch):
     with tracking.registry_lock(mlflow_uri, "my model") as how:
         assert how == f"file lock {tmp_path.resolve() / 'mlflow.db.my-model.promote.lock'}"
     with tracking.registry_lock(f"file://{tmp_path}/mlruns", MODEL) as how:
         assert how.startswith("file lock ") and how.endswith(f"mlruns.{MODEL}.promote.lock")
-
-    server = "postgresql://lsq:s3cret@db.example:5432/mlflow"
-    # no Prefect API: compare-and-set, and no server started
-    with temporary_settings(restore_defaults={PREFECT_API_URL}), tracking.registry_lock(server, MODEL) as how:
-        assert how == "compare-and-set"
-
-    def unreachable(name):
-        raise ConnectionError("connection refused")
-
-    monkeypatch.setattr(promotion_lock, "_prefect_limit", unreachable)
-    with caplog.at_level("WARNING", logger="tasks.tracking.promotion_lock"), tracking.registry_lock(server, MODEL) as how:
-        assert how == "compare-and-set"
-    assert "connection refused" in caplog.text and "s3cret" not in caplog.text and "lsq:***@db.example" in caplog.text
-
     taken = []
 
-    @contextmanager
-    def fake_concurrency(names, occupy=1, timeout_seconds=None, strict=False, **kwargs):
-        taken.append((names, occupy, strict))
-        yield
+    def fake(kind):
+        def lock(uri, model_name, timeout):
+            taken.append((kind, uri))
+            yield kind
+        return contextmanager(lock)
 
-    import prefect.concurrency.sync
+    monkeypatch.setattr(promotion_lock, "advisory_lock", fake("advisory"))
+    monkeypatch.setattr(promotion_lock, "lease_lock", fake("lease"))
+    for uri, kind in (("postgresql://lsq:pw@db.example:5432/mlflow", "advisory"),
+                      ("postgresql+psycopg2://db.example/mlflow", "advisory"),
+                      ("http://127.0.0.1:5000", "lease"), ("https://mlflow.example", "lease"),
+                      ("mysql://db.example/mlflow", "lease")):
+        with tracking.registry_lock(uri, MODEL) as how:
+            assert how == kind, uri
+    assert [k for k, _ in taken] == ["advisory", "advisory", "lease", "lease", "lease"]
 
-    monkeypatch.setattr(promotion_lock, "_prefect_limit", lambda name: True)
-    monkeypatch.setattr(prefect.concurrency.sync, "concurrency", fake_concurrency)
-    with tracking.registry_lock(server, "my model") as how:
-        assert how == "prefect limit lsq-registry-my-model"
-    assert taken == [("lsq-registry-my-model", 1, True)]
+
+def test_the_lease_lock_lets_one_holder_in_at_a_time_and_leaves_nothing(mlflow_uri):
+    """The lock of any MLflow store (a server above all): threads take it in turn; released, it is gone."""
+    inside, most, order = [0], [0], []
+    guard = threading.Lock()
+
+    def hold(me):
+        with promotion_lock.lease_lock(mlflow_uri, MODEL, timeout=120) as how:
+            assert how == f"lease lsq-lock-{MODEL}"
+            with guard:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            order.append(me)
+            threading.Event().wait(0.3)
+            with guard:
+                inside[0] -= 1
+
+    assert not _run_threads(*[(lambda me=me: hold(me)) for me in range(3)])
+    assert most[0] == 1 and sorted(order) == [0, 1, 2]
+    assert promotion_lock._lock_tags(tracking.client_for(mlflow_uri), f"lsq-lock-{MODEL}") == (None, None)
+
+
+def test_a_lease_whose_holder_was_killed_is_taken_over(mlflow_uri, caplog):
+    """kill -9 of the holder: its lease stops being renewed; a waiter takes the lock over after lease_s."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom tasks.tracking.promotion_lock import lease_lock\n"
+         f"with lease_lock({mlflow_uri!r}, {MODEL!r}, renew_s=0.2):\n"
+         "    print('held', flush=True)\n    time.sleep(600)\n"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(TimeoutError, match="held by .*:%d:" % holder.pid):
+            with promotion_lock.lease_lock(mlflow_uri, MODEL, timeout=2, lease_s=30):
+                pass  # renewed every 0.2 s: never stale
+        holder.kill()
+        holder.wait(timeout=60)
+        started = time.monotonic()
+        with caplog.at_level("WARNING", logger="tasks.tracking.promotion_lock"):
+            with promotion_lock.lease_lock(mlflow_uri, MODEL, timeout=120, lease_s=2) as how:
+                assert how == f"lease lsq-lock-{MODEL}"
+                owner, _ = promotion_lock._lock_tags(tracking.client_for(mlflow_uri), f"lsq-lock-{MODEL}")
+                assert owner.split(":")[1] == str(os.getpid())
+        assert time.monotonic() - started >= 2
+        assert f":{holder.pid}:" in caplog.text and "taking over" in caplog.text
+    finally:
+        holder.kill()
+        holder.wait()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -214,3 +215,124 @@ def test_two_pipelines_at_once_register_every_version_once(inputs, team_servers,
             == sorted(per_variant)
     digests = [v.tags["lsq.adapter_sha256"] for v in versions]
     assert len(set(digests)) == len(digests)  # no adapter registered twice
+
+
+SLOW_START = """\
+import pathlib, time
+if b"prefect.engine" in pathlib.Path("/proc/self/cmdline").read_bytes():
+    time.sleep(60)  # this worker's flow runs start late: the run stays Pending while the test kills the worker
+"""
+
+
+def test_a_unit_whose_worker_is_lost_as_it_takes_the_run_is_dispatched_again(pool, inputs, team_servers, tmp_path,
+                                                                              chdir_to):
+    """kill -9 of a worker the moment it has taken a unit's flow run (Pending, not started): nothing would ever end
+    that run; after orchestration.unit_start_timeout the pipeline cancels it and dispatches it again, and the
+    other worker runs it."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterName,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.squeeze_pipeline import squeeze_pipeline
+
+    pending_only = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PENDING])))
+
+    server, workers, base = pool
+    for worker in workers.values():
+        worker.stop()
+    late = tmp_path / "late-start"
+    late.mkdir()
+    (late / "sitecustomize.py").write_text(SLOW_START)
+    env = {"MLFLOW_TRACKING_URI": team_servers.tracking_uri, **team_servers.object_store.env(), "PYTHONPATH": str(late)}
+    victim = Worker("worker-late", base / "worker-late", team.UNIT_POOL, server.api_url, env=env).start()
+    control = chdir_to(tmp_path / "control")
+    cfg = team_config(inputs, team_servers, control, insqueeze={"enabled": False}, target_ranks=[4],
+                      recover={"enabled": False},
+                      orchestration={"runner": "work-pool", "unit_attempts": 3, "unit_start_timeout": 10})
+    outcome: dict = {}
+
+    def run():
+        with beating(server.api_url), pytest.MonkeyPatch.context() as mp:
+            for key, value in team_servers.object_store.env().items():
+                mp.setenv(key, value)
+            try:
+                outcome["result"] = squeeze_pipeline(cfg)
+            except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+                outcome["error"] = exc
+
+    pipeline = threading.Thread(target=run)
+    pipeline.start()
+    taken = None
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}), get_client(sync_client=True) as client:
+            deadline = time.monotonic() + 300
+            while taken is None and time.monotonic() < deadline and pipeline.is_alive():
+                pending = client.read_flow_runs(flow_run_filter=pending_only)
+                if pending:
+                    taken = pending[0]
+                    victim.kill()  # the worker took it and is gone before starting it
+                    workers["worker-b"].start()
+                time.sleep(0.2)
+            assert taken is not None, "never saw a unit's flow run taken by the worker"
+            pipeline.join(timeout=600)
+            assert not pipeline.is_alive()
+            assert "error" not in outcome, outcome.get("error")
+            assert client.read_flow_run(taken.id).state_name == "Cancelled"
+            same = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[taken.name])))
+        assert sorted(r.state_name for r in same) == ["Cancelled", "Completed"]
+        versions = registry(team_servers, cfg["tracking"]["registered_model"])[1]
+        assert len(versions) == 2  # source-r8 and post-r4: none lost
+    finally:
+        victim.kill()
+        for worker in workers.values():
+            if not worker.pids():
+                worker.start()
+
+
+def test_sigterm_to_the_team_demo_mid_pipeline_ends_every_process_it_started(inputs, tmp_path):
+    """SIGTERM to ``python -m deployments.team_demo`` while its pipeline's flow run dispatches units: it exits
+    143, and every process it started is gone within 60 s: servers, workers and the flow runs the workers
+    started in sessions of their own (the pipeline's flow run included)."""
+    import psutil
+    import yaml
+
+    model, data = inputs
+    cfg = tiny_pipeline(model, data, tmp_path, target_ranks=[4], insqueeze={"enabled": False}, output_dir="runs",
+                        recover={"steps": 400, "lr": 5e-3, "warmup_steps": 0},
+                        tracking={"experiment": "team-demo", "registered_model": "lsq-team-sigterm"})
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "PREFECT_API"))}
+    demo = subprocess.Popen([sys.executable, "-m", "deployments.team_demo", "--config", str(tmp_path / "tiny.yaml"),
+                             "--keep", str(tmp_path / "demo")], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    seen: set[int] = set()
+
+    def flow_runs() -> int:
+        count = 0
+        for pid in descendants(demo.pid):
+            seen.add(pid)
+            try:
+                count += "prefect.engine" in " ".join(psutil.Process(pid).cmdline())
+            except psutil.NoSuchProcess:
+                pass
+        return count
+
+    try:
+        deadline = time.monotonic() + 600
+        while flow_runs() < 2:  # the pipeline's flow run and a unit's: mid-pipeline
+            assert demo.poll() is None, demo.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "the demo never ran a unit"
+            time.sleep(0.5)
+        demo.send_signal(signal.SIGTERM)
+        out, _ = demo.communicate(timeout=300)
+        assert demo.returncode == 143, out[-3000:]
+        assert gone(seen, within=60) == set(), [psutil.Process(p).cmdline() for p in gone(seen, within=0)]
+    finally:
+        demo.kill()
+        demo.wait()

@@ -167,3 +167,32 @@ def test_the_stack_dies_with_its_killed_parent(tmp_path):
         for pid in gone(pids, within=0):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_postgresql_store_promotes_under_an_advisory_lock_that_dies_with_its_holder(team_servers):
+    """Tracking straight into PostgreSQL: the promotion lock is an advisory lock per registered model; a
+    second promoter waits for it, another model's lock is free, and the server frees a lock whose holder
+    was killed (its connection dropped)."""
+    from tasks.tracking import registry_lock
+
+    uri = team_servers.postgres.uri
+    env = {**os.environ, "LSQ_TEST_STORE": uri}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import os, time\nfrom tasks.tracking import registry_lock\n"
+         "with registry_lock(os.environ['LSQ_TEST_STORE'], 'model a') as how:\n"
+         "    print(how, flush=True)\n    time.sleep(600)\n"], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        how = holder.stdout.readline().strip()
+        assert how.startswith("advisory lock "), how
+        with pytest.raises(TimeoutError, match="model a: the promotion lock"):
+            with registry_lock(uri, "model a", timeout=2):
+                pass
+        with registry_lock(uri, "model b", timeout=30) as other:
+            assert other.startswith("advisory lock ") and other != how
+        holder.kill()
+        holder.wait(timeout=60)
+        with registry_lock(uri, "model a", timeout=120) as again:
+            assert again == how
+    finally:
+        holder.kill()
+        holder.wait()
