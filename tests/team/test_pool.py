@@ -7,6 +7,7 @@ with its services and two process workers, each in its own folder (``deployments
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -295,10 +296,10 @@ def test_a_unit_whose_worker_is_lost_as_it_takes_the_run_is_dispatched_again(poo
                 worker.start()
 
 
-def test_sigterm_to_the_team_demo_mid_pipeline_ends_every_process_it_started(inputs, tmp_path):
-    """SIGTERM to ``python -m deployments.team_demo`` while its pipeline's flow run dispatches units: it exits
-    143, and every process it started is gone within 60 s: servers, workers and the flow runs the workers
-    started in sessions of their own (the pipeline's flow run included)."""
+def test_the_team_demo_leaves_no_flow_run_behind_a_lost_worker_or_a_sigterm(inputs, tmp_path):
+    """Mid-pipeline, the control worker is killed (kill -9, the worker alone): the pipeline's flow run, which
+    Prefect started in a session of its own, dies with it. Then SIGTERM to ``python -m deployments.team_demo``:
+    it exits 143 and every process it started is gone within 60 s (servers, workers, the units' flow runs)."""
     import psutil
     import yaml
 
@@ -313,26 +314,71 @@ def test_sigterm_to_the_team_demo_mid_pipeline_ends_every_process_it_started(inp
                             stderr=subprocess.STDOUT, text=True)
     seen: set[int] = set()
 
-    def flow_runs() -> int:
-        count = 0
-        for pid in descendants(demo.pid):
-            seen.add(pid)
-            try:
-                count += "prefect.engine" in " ".join(psutil.Process(pid).cmdline())
-            except psutil.NoSuchProcess:
-                pass
-        return count
+    def command(pid: int) -> str:
+        try:
+            return " ".join(psutil.Process(pid).cmdline())
+        except psutil.NoSuchProcess:
+            return ""
 
     try:
         deadline = time.monotonic() + 600
-        while flow_runs() < 2:  # the pipeline's flow run and a unit's: mid-pipeline
+        while True:  # mid-pipeline: the pipeline's flow run and a unit's both run
+            seen |= descendants(demo.pid)
+            if sum("prefect.engine" in command(pid) for pid in seen) >= 2:
+                break
             assert demo.poll() is None, demo.communicate()[0][-3000:]
             assert time.monotonic() < deadline, "the demo never ran a unit"
             time.sleep(0.5)
+        [control] = [pid for pid in seen if "worker start" in command(pid) and "--name control" in command(pid)]
+        pipeline_run = descendants(control)
+        assert any("prefect.engine" in command(pid) for pid in pipeline_run)
+        os.kill(control, signal.SIGKILL)
+        assert gone(pipeline_run, within=30) == set(), "the pipeline's flow run outlived its worker"
         demo.send_signal(signal.SIGTERM)
         out, _ = demo.communicate(timeout=300)
         assert demo.returncode == 143, out[-3000:]
-        assert gone(seen, within=60) == set(), [psutil.Process(p).cmdline() for p in gone(seen, within=0)]
+        left = gone(seen, within=60)
+        assert left == set(), [command(pid) for pid in left]
     finally:
         demo.kill()
         demo.wait()
+
+
+def test_a_flow_run_dies_with_its_lsq_worker_even_when_silent(pool, tmp_path):
+    """Prefect starts a flow run in a session of its own, which a signal to its worker's process group misses,
+    and a silent one (waiting on units, say) never notices a dead worker through a broken pipe: kill -9 of the
+    worker alone must still end it (as a lost machine would)."""
+    import psutil
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.deployments.runner import EntrypointType
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tests.team.sleeper import sleeper
+
+    server, workers, base = pool
+    pool_name = "lsq-test-silent"
+    worker = Worker("worker-silent", base / "worker-silent", pool_name, server.api_url,
+                    env={"PYTHONPATH": str(REPO)})
+    runs: set[int] = set()
+    with temporary_settings({PREFECT_API_URL: server.api_url}), get_client(sync_client=True) as client:
+        team.create_pool(pool_name, "flow runs of the process tests")
+        sleeper.to_deployment(name="silent", entrypoint_type=EntrypointType.MODULE_PATH,
+                              work_pool_name=pool_name).apply(work_pool_name=pool_name)
+        worker.start()
+        try:
+            run = run_deployment("lsq-test-sleeper/silent", timeout=0)
+            deadline = time.monotonic() + 300
+            while client.read_flow_run(run.id).state_name != "Running":
+                assert time.monotonic() < deadline, client.read_flow_run(run.id).state_name
+                time.sleep(0.5)
+            runs = {pid for pid in descendants(worker.process.pid)
+                    if "prefect.engine" in " ".join(psutil.Process(pid).cmdline())}
+            assert runs, "no flow-run process under the worker"
+            os.kill(worker.process.pid, signal.SIGKILL)  # the worker alone, as when its machine's agent dies
+            assert gone(runs, within=30) == set(), "the flow run outlived its worker"
+        finally:
+            worker.kill()
+            for pid in runs:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
