@@ -85,12 +85,11 @@ def parse_command(argv: list[str]) -> Command:
     ``squeeze_pipeline: error: ...`` and exits 2. Imports no Prefect."""
     parser = command_parser()
     args = parser.parse_args(argv)
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
-        config, overrides = None, [config, *overrides]
+    from lsq.config_files import config_and_overrides
     from lsq.errors import LsqError, one_line
     from lsq.pipeline_config import PipelineConfig, load_pipeline_config
 
+    config, overrides = config_and_overrides(args.config, args.overrides)
     if args.schema:
         import json
 

@@ -12,6 +12,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import torch.distributed as dist
 from transformers import TrainerCallback
 
 from lsq.adapter import find_modules, read_adapter
@@ -49,8 +50,6 @@ class CheckpointMarkCallback(TrainerCallback):
 
 def barrier() -> None:
     """Wait for every data-parallel process (nothing outside torchrun)."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 

@@ -34,12 +34,10 @@ def imports_done() -> None:
 
 def _config_and_overrides(args: argparse.Namespace):
     """A positional ``key=value`` in the config slot is an override, not a file."""
+    from lsq.config_files import config_and_overrides
     from lsq.train_config import load_train_config
 
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
-        config, overrides = None, [config, *overrides]
-    return load_train_config(config, overrides)
+    return load_train_config(*config_and_overrides(args.config, args.overrides))
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -94,11 +92,9 @@ def _metrics_line(metrics) -> str:
 
 def _names_data(args: argparse.Namespace) -> bool:
     """True when the command line names the data: ``data.source=`` or a config file with ``data.source``."""
-    from lsq.config_files import read_yaml_mapping
+    from lsq.config_files import config_and_overrides, read_yaml_mapping
 
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
-        config, overrides = None, [config, *overrides]
+    config, overrides = config_and_overrides(args.config, args.overrides)
     if any(o.split("=", 1)[0].strip() == "data.source" for o in overrides):
         return True
     data = read_yaml_mapping(config).get("data") if config is not None else None

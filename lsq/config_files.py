@@ -63,6 +63,14 @@ def _override_value(item: str, value: str) -> Any:
         raise LsqError(f"override {item!r}: value is not valid YAML ({detail})") from None
 
 
+def config_and_overrides(config: str | None, overrides: list[str] | tuple[str, ...]) -> tuple[str | None, list[str]]:
+    """A command line's config file and overrides: a ``key=value`` in the config slot is an override, not a file
+    (``lsq train method=in``, ``python -m flows.squeeze_pipeline source_rank=32``)."""
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        return None, [config, *overrides]
+    return config, list(overrides)
+
+
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """A YAML file's top-level mapping; one-line errors for a missing file, bad YAML or a non-mapping."""
     p = Path(path)

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
+from safetensors import safe_open
 
 from lsq.adapter import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
 from lsq.data import DataConfig, load_data, num_labels_of
@@ -30,8 +32,6 @@ _LORA_MARKERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lo
 
 def adapter_size(adapter_dir: str | os.PathLike) -> dict[str, int]:
     """Parameter counts and file size of an adapter folder, read from the safetensors header."""
-    from safetensors import safe_open
-
     folder = Path(adapter_dir)
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
@@ -51,8 +51,6 @@ def adapter_size(adapter_dir: str | os.PathLike) -> dict[str, int]:
 
 def load_adapter_model(adapter_dir: str | os.PathLike, model_cfg: ModelConfig, num_labels: int | None = None):
     """Base model + adapter, in eval mode, on the configured device."""
-    from peft import PeftModel
-
     base = load_base_model(model_cfg, num_labels)
     try:
         model = PeftModel.from_pretrained(base, str(adapter_dir))

@@ -12,9 +12,12 @@ from __future__ import annotations
 import hashlib
 import unicodedata
 from collections.abc import Iterator
+from contextlib import nullcontext
 
 import torch
+from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
+from transformers import GenerationConfig
 
 from lsq.data_sources import no_progress_bars
 from lsq.errors import LsqError
@@ -38,8 +41,6 @@ QUIET_ROWS = 50_000
 
 
 def _tokenized(dataset, encode, fingerprint: str):
-    from contextlib import nullcontext
-
     with no_progress_bars() if len(dataset) < QUIET_ROWS else nullcontext():
         return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="tokenize",
                            new_fingerprint=fingerprint)
@@ -151,8 +152,6 @@ def _batches(dataset, collator, batch_size: int, device) -> Iterator[dict[str, t
 @torch.no_grad()
 def classification_metrics(model: nn.Module, dataset, collator, batch_size: int, device) -> dict[str, float]:
     """Accuracy and macro-F1 of ``model`` on a tokenised classification split."""
-    from sklearn.metrics import accuracy_score, f1_score
-
     model.eval()
     preds, labels = [], []
     for batch in _batches(dataset, collator, batch_size, device):
@@ -244,8 +243,6 @@ def generate_answers(model: nn.Module, tokenizer, prompts, max_new_tokens: int, 
     ``max_length`` tokens kept), in batches of ``batch_size`` left-padded prompts of similar length, at most
     ``max_new_tokens`` each, stopping at the end of turn (eos). Returns the decoded new text, special tokens
     dropped and stripped, in the order of ``prompts``."""
-    from transformers import GenerationConfig
-
     if max_new_tokens < 1:
         raise LsqError(f"max_new_tokens: must be at least 1 (got {max_new_tokens})")
     model.eval()
