@@ -195,8 +195,8 @@ def main(command: Command, server: TemporaryServer | None = None) -> int:
         check_stores(command.cfg)
         with prefect_api(server) as api_url:
             result = command_pipeline(command.cfg)
-    except LsqError as exc:  # e.g. preflight: a store that does not answer
-        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
+    except (LsqError, OSError) as exc:  # preflight: a store that does not answer; a write that failed for good
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)  # (disk full, no permission: the path and why)
         return 2
     finally:
         if server is not None:

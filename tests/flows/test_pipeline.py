@@ -6,6 +6,9 @@ session) records flow and task runs, whose states the cache test reads back.
 
 from __future__ import annotations
 
+import errno
+import os
+
 import math
 import shutil
 import threading
@@ -255,6 +258,31 @@ def test_failure_while_registering_leaves_no_half_registered_version(tiny_model,
     for v in left:
         assert VERSION_TAGS <= set(v.tags)
     assert not client_of(cfg).get_registered_model("lsq-tiny").aliases
+    parent = [r for r in all_runs(cfg) if "mlflow.parentRunId" not in r.data.tags]
+    assert [p.info.status for p in parent] == ["FAILED"]
+
+
+def test_a_full_artifact_store_ends_the_command_with_one_line(tiny_model, tiny_csv, tmp_path, monkeypatch, capsys):
+    """MLflow cannot store a variant's artifacts (its disk is full): the command ends with one line naming the
+    file and the cause, exit 2; the parent run is FAILED and no version was registered half-way."""
+    from flows.pipeline_command import Command
+    from lsq.pipeline_config import load_pipeline_config
+
+    cfg = tiny_pipeline(tiny_model, tiny_csv, tmp_path, recover__enabled=False, insqueeze__enabled=False)
+    target = tmp_path / "artifacts" / "adapter" / "adapter_model.safetensors"
+
+    def no_space(self, run_id, local_dir, artifact_path=None):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+
+    monkeypatch.setattr(MlflowClient, "log_artifacts", no_space)
+    import tasks.promotion
+
+    monkeypatch.setattr(pipeline_module, "log_and_register",
+                        tasks.promotion.log_and_register.with_options(retry_delay_seconds=0))
+    assert pipeline_module.main(Command(None, [], load_pipeline_config(cfg))) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("squeeze_pipeline: error:")]
+    assert errors == [f"squeeze_pipeline: error: [Errno 28] No space left on device: '{target}'"]
+    assert versions(cfg) == []
     parent = [r for r in all_runs(cfg) if "mlflow.parentRunId" not in r.data.tags]
     assert [p.info.status for p in parent] == ["FAILED"]
 
