@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import psutil
@@ -28,19 +29,28 @@ LABELS = {"source-r8", "post-r4", "post-r2", "cont-r4", "cont-r2", "in-r2"}
 pytestmark = pytest.mark.slow
 
 
+MARK = ("LSQ_TEST_COMMANDS", uuid.uuid4().hex)  # in the environment of the commands these tests start
+
+
 def prefect_servers() -> set[int]:
-    """Pids of Prefect API servers (uvicorn on prefect's app) on this machine."""
+    """Pids of Prefect API servers (uvicorn on prefect's app) started by these tests' commands: other lsq work on
+    the machine (a team demo, another checkout's tests) starts and stops servers of its own meanwhile."""
     out = set()
     for p in psutil.process_iter(["pid", "cmdline"]):
-        if "prefect.server.api.server:create_app" in " ".join(p.info["cmdline"] or []):
-            out.add(p.info["pid"])
+        if "prefect.server.api.server:create_app" not in " ".join(p.info["cmdline"] or []):
+            continue
+        try:
+            if p.environ().get(MARK[0]) == MARK[1]:
+                out.add(p.info["pid"])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
     return out
 
 
 def command_env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
-               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO), **dict([MARK]))
     return env
 
 
