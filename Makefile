@@ -21,9 +21,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@
 
-# `make test`: everything but the tests marked slow (11.5 min on 2 CPU cores); `make test-slow`: those
+# `make test`: everything but the tests marked slow (12 min on 2 CPU cores); `make test-slow`: those
 # (kill -9 and SIGTERM of real pipelines, two commands at once, N-process training, the team pool, real tiny
-# studies: 11 min more); `make test-all`: both in one run. CI (.ci/run) runs test, then test-slow.
+# studies: 12.5 min more); `make test-all`: both in one run. CI (.ci/run) runs test, then test-slow.
 test: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
