@@ -142,7 +142,7 @@ class Orchestration(BaseModel):
     unit_attempts: int = Field(3, ge=1, description="Tries of a unit whose flow run crashed (its worker lost), "
                                "each on whichever worker is free (runner work-pool).")
     unit_start_timeout: float = Field(300.0, gt=0, description="Seconds a unit's flow run may stay Pending (taken "
-                                      "by a worker, not started yet) before it is cancelled and dispatched again, "
+                                      "by a worker, not started yet) before it is deleted and dispatched again, "
                                       "one of unit_attempts: its worker was lost as it took it (runner work-pool).")
 
     @model_validator(mode="after")

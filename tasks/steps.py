@@ -28,7 +28,6 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
-from prefect.states import Cancelled
 
 from lsq import steps
 from lsq.data import DataConfig, load_data
@@ -161,7 +160,7 @@ def dispatch_unit(unit: Unit, deployment: str, attempts: int = 3, runs: ChildRun
     result between machines). A flow run that crashed (its worker lost: no heartbeat, see
     ``deployments/README.md``) is run again, up to ``attempts`` times in all, on whichever worker is
     free then; so is one that stayed Pending for ``start_timeout`` seconds (a worker took it and was lost
-    before it started it: nothing else would ever end it), after it is cancelled. A Scheduled run only waits:
+    before it started it: nothing else would ever end it), after it is deleted. A Scheduled run only waits:
     no worker is free yet, and dispatching it again would not make one free. One that failed is bad input
     or a bug, and stops the pipeline with its message. The flow run opens the variant's child run in
     ``runs`` itself (:func:`tracked`), given the tracking URI without its password: a worker connects with
@@ -183,7 +182,7 @@ def dispatch_unit(unit: Unit, deployment: str, attempts: int = 3, runs: ChildRun
         state = run.state
         if stuck:
             message = (f"unit {unit.label}: flow run {run.name} stayed Pending for {start_timeout:g} s (the worker "
-                       "that took it was lost before it started it); cancelled")
+                       "that took it was lost before it started it); deleted")
         elif state is not None and state.is_completed():
             result = storage.get(unit.name, UnitResult)
             if result is None:
@@ -204,7 +203,7 @@ def dispatch_unit(unit: Unit, deployment: str, attempts: int = 3, runs: ChildRun
 
 def _until_final(run: FlowRun, start_timeout: float, poll: float = 2.0) -> tuple[FlowRun, bool]:
     """``(run as it ended, False)``; or ``(run, True)`` once it has stayed Pending longer than ``start_timeout``,
-    then set Cancelled (a worker that starts it late finds it cancelled and runs nothing)."""
+    then deleted (a flow-run process that starts it late finds no run and runs nothing)."""
     with get_client(sync_client=True) as client:
         while True:
             run = client.read_flow_run(run.id)
@@ -213,7 +212,9 @@ def _until_final(run: FlowRun, start_timeout: float, poll: float = 2.0) -> tuple
                 return run, False
             if state is not None and state.is_pending() and state.timestamp is not None \
                     and (datetime.now(timezone.utc) - state.timestamp).total_seconds() > start_timeout:
-                client.set_flow_run_state(run.id, Cancelled(message=f"Pending for over {start_timeout:g} s: its "
-                                                            "worker was lost; dispatched again"), force=True)
-                return client.read_flow_run(run.id), True
+                # deleted, not cancelled: Prefect lets a cancelled run be set Running again, so a flow-run process
+                # that starts late after all (its worker lost, itself not) would run the unit a second time; a
+                # deleted run it cannot find, and it exits
+                client.delete_flow_run(run.id)
+                return run, True
             time.sleep(poll)

@@ -222,15 +222,15 @@ def test_two_pipelines_at_once_register_every_version_once(inputs, team_servers,
 SLOW_START = """\
 import pathlib, time
 if b"prefect.engine" in pathlib.Path("/proc/self/cmdline").read_bytes():
-    time.sleep(60)  # this worker's flow runs start late: the run stays Pending while the test kills the worker
+    time.sleep(30)  # this worker's flow runs start late: the run stays Pending while the test kills the worker
 """
 
 
 def test_a_unit_whose_worker_is_lost_as_it_takes_the_run_is_dispatched_again(pool, inputs, team_servers, tmp_path,
                                                                               chdir_to):
     """kill -9 of a worker the moment it has taken a unit's flow run (Pending, not started): nothing would ever end
-    that run; after orchestration.unit_start_timeout the pipeline cancels it and dispatches it again, and the
-    other worker runs it."""
+    that run; after orchestration.unit_start_timeout the pipeline deletes it and dispatches it again, and the
+    other worker runs it. The flow-run process that still starts, late, finds no run and runs nothing."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         FlowRunFilter,
@@ -239,6 +239,7 @@ def test_a_unit_whose_worker_is_lost_as_it_takes_the_run_is_dispatched_again(poo
         FlowRunFilterStateType,
     )
     from prefect.client.schemas.objects import StateType
+    from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.squeeze_pipeline import squeeze_pipeline
@@ -271,14 +272,16 @@ def test_a_unit_whose_worker_is_lost_as_it_takes_the_run_is_dispatched_again(poo
     started = datetime.now(timezone.utc)  # runs of this module's earlier pipelines may bear the same names
     pipeline = threading.Thread(target=run)
     pipeline.start()
-    taken = None
+    taken, late_starters = None, set()
     try:
         with temporary_settings({PREFECT_API_URL: server.api_url}), get_client(sync_client=True) as client:
             deadline = time.monotonic() + 300
             while taken is None and time.monotonic() < deadline and pipeline.is_alive():
-                pending = client.read_flow_runs(flow_run_filter=pending_only)
+                # a unit's run, taken by the only worker up (the pipeline's own runs are Pending an instant too)
+                pending = [r for r in client.read_flow_runs(flow_run_filter=pending_only) if r.deployment_id]
                 if pending:
                     taken = pending[0]
+                    late_starters |= descendants(victim.process.pid)
                     victim.kill()  # the worker took it and is gone before starting it
                     workers["worker-b"].start()
                 time.sleep(0.2)
@@ -286,14 +289,22 @@ def test_a_unit_whose_worker_is_lost_as_it_takes_the_run_is_dispatched_again(poo
             pipeline.join(timeout=600)
             assert not pipeline.is_alive()
             assert "error" not in outcome, outcome.get("error")
-            assert client.read_flow_run(taken.id).state_name == "Cancelled"
+            with pytest.raises(ObjectNotFound):
+                client.read_flow_run(taken.id)
             same = [r for r in client.read_flow_runs(flow_run_filter=FlowRunFilter(
                 name=FlowRunFilterName(any_=[taken.name]))) if r.created >= started]
-        assert sorted(r.state_name for r in same) == ["Cancelled", "Completed"]
+            assert [r.state_name for r in same] == ["Completed"]
+            assert gone(late_starters, within=120) == set()  # the late start found no run and ended
+            same = [r for r in client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                name=FlowRunFilterName(any_=[taken.name]))) if r.created >= started]
+        assert [r.state_name for r in same] == ["Completed"]  # it ran nothing
         versions = registry(team_servers, cfg["tracking"]["registered_model"])[1]
         assert len(versions) == 2  # source-r8 and post-r4: none lost
     finally:
         victim.kill()
+        for pid in late_starters:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         for worker in workers.values():
             if not worker.pids():
                 worker.start()
