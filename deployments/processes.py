@@ -15,16 +15,14 @@ its worker, see ``flows/unit.py``).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sys
-import urllib.request
 from pathlib import Path
 
 import psutil
 
-from lsq.processes import ServerProcess, entered, free_port
+from lsq.processes import ServerProcess, answers, entered, free_port
 
 BIN = Path(sys.executable).parent
 
@@ -80,9 +78,7 @@ class PrefectServer:
         return self
 
     def _healthy(self) -> bool:
-        with contextlib.suppress(OSError), urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
-            return response.status == 200
-        return False
+        return answers(f"{self.api_url}/health")
 
     def stop(self) -> None:
         self.process.stop(signal.SIGTERM, grace=10.0)

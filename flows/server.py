@@ -28,11 +28,10 @@ import shutil
 import signal
 import sys
 import threading
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from lsq.processes import ServerProcess, free_port, private_folder
+from lsq.processes import ServerProcess, answers, free_port, private_folder
 
 _TEMPORARY_URLS: set[str] = set()
 HINT = "raise LSQ_SERVER_STARTUP_TIMEOUT, or start one and set PREFECT_API_URL"
@@ -97,9 +96,7 @@ class TemporaryServer:
         return self
 
     def _healthy(self) -> bool:
-        with contextlib.suppress(OSError), urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
-            return response.status == 200
-        return False
+        return answers(f"{self.api_url}/health")
 
     def stop(self) -> None:
         """Terminate the server (SIGKILL after 10 s), reap it and remove its folder. Safe to call twice."""

@@ -22,6 +22,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -77,6 +78,13 @@ def free_port(host: str = "127.0.0.1") -> int:
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def answers(url: str, timeout: float = 2.0) -> bool:
+    """True when ``url`` answers HTTP 200 now (a server's health endpoint); False while it cannot be reached."""
+    with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.status == 200
+    return False
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
