@@ -97,7 +97,8 @@ class StudyConfig(BaseModel):
         "classification", description="classification (a head per task) or causal_lm (SFT of a decoder on the "
         "tasks' prompt/answer data, e.g. model builtin:smollm2 with tasks addition and movie).")
     metric: str = Field("accuracy", description="The score that chooses rates on validation and is reported on test: "
-                        "accuracy | macro_f1 (classification); exact_match | choice_accuracy | answer_accuracy (causal LM).")
+                        "accuracy | macro_f1 (classification); exact_match | choice_accuracy | answer_accuracy | auto "
+                        "(causal LM; auto: choice_accuracy on a task whose data has choices, else exact_match).")
     max_new_tokens: int = Field(8, ge=1, description="causal_lm: most tokens generated per answer (exact_match).")
     sources: dict[str, str] = Field(default_factory=dict, description="Data source per task name; default builtin:NAME.")
 
@@ -120,7 +121,7 @@ class StudyConfig(BaseModel):
             if self.in_first_fraction is not None:
                 raise ValueError("in_fractions: give either in_fractions (a grid) or in_first_fraction (one share)")
         allowed = {"classification": ("accuracy", "macro_f1"),
-                   "causal_lm": ("exact_match", "choice_accuracy", "answer_accuracy")}[self.model_task]
+                   "causal_lm": ("exact_match", "choice_accuracy", "answer_accuracy", "auto")}[self.model_task]
         if self.metric not in allowed:
             raise ValueError(f"metric: {self.metric!r} is not a {self.model_task} score; use one of {', '.join(allowed)}")
         if not self.lrs or not all(self.method_lrs.values()):
@@ -208,6 +209,12 @@ class Study:
         if task not in self._fingerprints:
             self._fingerprints[task] = fingerprint(self._data[task])
         return self._data[task]
+
+    def metric(self, task: str) -> str:
+        """The score of ``task``: the config's, or with ``auto`` choice accuracy where the data has choices."""
+        if self.config.metric != "auto":
+            return self.config.metric
+        return "choice_accuracy" if "choices" in self.data(task)["validation"].column_names else "exact_match"
 
     def fingerprint(self, task: str) -> str:
         self.data(task)
@@ -338,7 +345,8 @@ def _scores(study: Study, variant: Variant, job: Job) -> dict[str, Any]:
                               study.fingerprint(job.task), study.steps_root, study.code, data=study.data(job.task))
     classified = {"val_accuracy": val.scores["accuracy"], "test_accuracy": test.scores["accuracy"],
                   "test_macro_f1": test.scores["macro_f1"]} if c.model_task == "classification" else {}
-    return {"metric": c.metric, "val_score": val.scores[c.metric], "test_score": test.scores[c.metric], **classified,
+    metric = study.metric(job.task)
+    return {"metric": metric, "val_score": val.scores[metric], "test_score": test.scores[metric], **classified,
             "lora_params": test.lora_params,
             "trainable_params": test.trainable_params, "adapter_bytes": test.adapter_bytes,
             "test_examples": test.examples, "steps": variant.steps, "train_seconds": variant.total_train_seconds}
@@ -382,7 +390,7 @@ def _job_scores(job: Job, study: Study) -> dict[str, Any]:
         return {**_scores(study, variant, job), "retained_energy": variant.retained_energy,
                 "relative_error": variant.relative_error}
     except TrainingDiverged:
-        return diverged_scores(c.steps, c.metric)
+        return diverged_scores(c.steps, study.metric(job.task))
 
 
 def diverged_scores(steps: int, metric: str) -> dict[str, Any]:

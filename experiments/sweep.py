@@ -58,6 +58,7 @@ class SweepConfig(BaseModel):
                                "one source squeezed to all of them and recovered (Cont-Squeeze); None: no ladder.")
     ladder_ranks: tuple[int, ...] = Field((1, 2, 4, 8, 16), description="Ranks of the ladder.")
     ladder_tasks: tuple[str, ...] | None = Field(None, description="Tasks of the ladder; None: the study's tasks.")
+    ladder_seeds: tuple[int, ...] | None = Field(None, description="Seeds of the ladder; None: its budget's seeds.")
 
     @model_validator(mode="after")
     def _check(self) -> SweepConfig:
@@ -70,6 +71,8 @@ class SweepConfig(BaseModel):
         if self.ladder_tasks is not None and not set(self.ladder_tasks) <= set(self.study.tasks):
             raise ValueError(f"ladder_tasks: {list(self.ladder_tasks)} must be among the study's tasks "
                              f"{list(self.study.tasks)}")
+        if self.ladder_seeds is not None and self.study.select_seed not in self.ladder_seeds:
+            raise ValueError(f"ladder_seeds: {list(self.ladder_seeds)} must include select_seed {self.study.select_seed}")
         bad = [k for k in self.ladder_ranks if not 1 <= k < self.study.source_rank]
         if bad or not self.ladder_ranks:
             raise ValueError(f"ladder_ranks: {list(self.ladder_ranks)} must be ranks in 1..{self.study.source_rank - 1}")
@@ -83,7 +86,9 @@ class SweepConfig(BaseModel):
         c = self.at(self.ladder_budget)
         select = c.select_rank if c.select_rank in self.ladder_ranks else None
         tasks = self.ladder_tasks or c.tasks
+        seeds = self.ladder_seeds or c.seeds
         return c.model_copy(update={"methods": ("direct", "cont"), "ranks": self.ladder_ranks, "select_rank": select,
+                                    "seeds": seeds,
                                     "in_fractions": None, "in_first_fraction": None, "tasks": tasks,
                                     "select_task": c.select_task if c.select_task in tasks else None})
 
@@ -116,6 +121,16 @@ PRESETS: dict[str, SweepConfig] = {
         lrs=(3e-4, 1e-3, 3e-3), method_lrs={"post": (1e-4, 3e-4, 1e-3), "cont": (1e-4, 3e-4, 1e-3),
                                              "in": (1e-4, 3e-4, 1e-3)},
         in_fractions=(None, 0.5), select_rank=8, max_train=4000, max_eval=250, max_length=32, batch_size=8)),
+    # issue 24, the paper's setting in miniature: SmolLM2-135M-Instruct (builtin:smollm2) fine-tuned on two SFT tasks,
+    # addition scored by exact match of the greedy answer, tweets' sentiment by choice accuracy (metric auto); ranks 1
+    # and 8 from 64, direct/post/cont/in, 100 steps of batch 4, 2 seeds; rates from two-point grids and In-Squeeze's
+    # share from (equal stages, 0.5) chosen at rank 8 on addition's validation split, seed 0; the ladder (ranks 1-16)
+    # on addition, seed 0. About 2 hours on a quiet 2-core CPU (--plan prints the estimate).
+    "decoder": SweepConfig(budgets=(100,), ladder_budget=100, ladder_tasks=("addition",), ladder_seeds=(0,), study=StudyConfig(
+        model="builtin:smollm2", model_task="causal_lm", metric="auto", max_new_tokens=5,
+        tasks=("addition", "tweets"), methods=("direct", "post", "cont", "in"), ranks=(1, 8), seeds=(0, 1),
+        lrs=(1e-3, 3e-3), method_lrs={"post": (3e-4, 1e-3), "cont": (3e-4, 1e-3), "in": (3e-4, 1e-3)},
+        in_fractions=(None, 0.5), select_rank=8, max_train=2000, max_eval=100, max_length=128, batch_size=4)),
     # the same machinery in a few minutes: one task, one rank, one seed, tiny budgets, one rate per method
     "quick": SweepConfig(budgets=(8, 16), recover_fraction=0.25, ladder_budget=16, ladder_ranks=(1, 2, 4),
                          study=StudyConfig(
