@@ -2,6 +2,7 @@
 
     python -m benchmarks.budget_sweep                  # full preset (docs/RESULTS.md, second round)
     python -m benchmarks.budget_sweep --plan           # jobs and optimizer steps per budget, nothing trained
+    python -m benchmarks.budget_sweep --preset decoder --plan --measure   # and the minutes, timed on this machine
     python -m benchmarks.budget_sweep --preset quick   # the same machinery in a few minutes (a smoke check)
     python -m benchmarks.budget_sweep budgets=[50,200] seeds=[0,1]   # SweepConfig / StudyConfig fields
     python -m flows.study --sweep                      # the same sweep as a Prefect flow, every run in MLflow
@@ -38,6 +39,8 @@ def command_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--preset", default="full", help=f"one of {', '.join(PRESETS)} (default full)")
     p.add_argument("--out", type=Path, help="working folder (default runs/sweep/PRESET); an existing one resumes")
     p.add_argument("--plan", action="store_true", help="print the jobs and optimizer steps per budget and exit")
+    p.add_argument("--measure", action="store_true",
+                   help="with --plan: time a few steps per task on this machine and print the estimated minutes")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="SweepConfig or StudyConfig fields (YAML values)")
     return p
 
@@ -53,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_sweep_config(args.preset, args.overrides)
         out = args.out or Path("runs/sweep") / args.preset
         if args.plan:
-            print(json.dumps(Sweep.plan_of(config), indent=1))
+            times = Sweep(config, out, log=lambda line: print(line, file=sys.stderr)).measure() if args.measure else None
+            print(json.dumps(Sweep.plan_of(config, times), indent=1))
             return 0
         started = time.perf_counter()
         sweep = Sweep(config, out, log=lambda line: print(line, flush=True))
@@ -61,10 +65,11 @@ def main(argv: list[str] | None = None) -> int:
             return write_ladder(config, sweep, out, args.docs, args.preset, command)
         records = sweep.run_all()
         ladder = sweep.run_ladder()
+        floor = sweep.zero_shot()
     except LsqError as exc:
         print(f"lsq sweep: error: {exc}", file=sys.stderr)
         return 2
-    text = write_report(config, records, out, command, time.perf_counter() - started, ladder)
+    text = write_report(config, records, out, command, time.perf_counter() - started, ladder, floor)
     print("\n" + text + f"\n\nplot: {out / 'sweep.png'}")
     if args.docs:
         args.docs.mkdir(parents=True, exist_ok=True)

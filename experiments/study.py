@@ -20,11 +20,9 @@ run by the validation accuracy of their own rank-k adapter; the reference source
 own. The chosen rate then serves every task and seed; test numbers are never looked at before that.
 A choice at the edge of its grid is flagged in the report.
 
-Every adapter is made by the pipeline's own steps (:mod:`lsq.steps`: train, squeeze, evaluate), each
-in a work folder named by its whole input under ``<root>/steps``: an interrupted study, run again,
-reuses every finished step and resumes the one that was cut off from its checkpoint. There is no
-second cache; ``records.jsonl`` is a log (one :class:`~lsq.records.StudyRecord` a line, appended per job run, for
-people), never read back by a study (:func:`read_records` reads one, older ones included).
+Every adapter is made by the pipeline's own steps (:mod:`lsq.steps`), each in a work folder named by its whole
+input under ``<root>/steps``: a study run again reuses every finished step and resumes a cut one from its checkpoint.
+``records.jsonl`` is a log for people (one :class:`~lsq.records.StudyRecord` a line), never read back by a study.
 
 This module is the engine and ``experiments/study_report.py`` aggregates and reports. ``benchmarks/study.py``
 is the command and ``flows/study.py`` the Prefect flow that logs every record to MLflow. Pure lsq:
@@ -338,7 +336,7 @@ def train_variant(study: Study, job: Job, method: str, rank: int, steps: int, pa
                       parent=parent, data=study.data(job.task))
 
 
-def _scores(study: Study, variant: Variant, job: Job) -> dict[str, Any]:
+def variant_scores(study: Study, variant: Variant, job: Job) -> dict[str, Any]:
     """Validation and test scores of ``variant`` (one model load, the evaluate step's own folder)."""
     c = study.config
     val, test = evaluate_step(variant, c.base_model(), c.data(job.task), ("validation", "test"), 64,
@@ -368,26 +366,20 @@ def job_record(job: Job, study: Study, scores: Mapping[str, Any], wall_seconds: 
                                        "wall_seconds": round(wall_seconds, 2), **asdict(job)})
 
 
-def read_records(path: str | os.PathLike) -> list[StudyRecord]:
-    """The records of a records file (``<root>/records.jsonl``), also one written before ``metric``/``val_score``."""
-    with open(path) as fh:
-        return [StudyRecord.model_validate(json.loads(line)) for line in fh if line.strip()]
-
-
 def _job_scores(job: Job, study: Study) -> dict[str, Any]:
     c = study.config
     recover = c.recover_steps if job.method in ("cont", "source-cont") else 0
     try:
         if job.method in ("direct", "in", "adalora"):
-            return _scores(study, train_variant(study, job, job.method, job.rank, c.steps), job)
+            return variant_scores(study, train_variant(study, job, job.method, job.rank, c.steps), job)
         source = train_variant(study, job, "source", c.source_rank, c.steps - recover)  # source, source-cont, post, cont
         if job.method in ("source", "source-cont"):
-            return _scores(study, source, job)
+            return variant_scores(study, source, job)
         squeezed = squeeze_step(source, SqueezeConfig(ranks=c.ranks), study.steps_root, study.code, plot=False)
         variant = next(v for v in squeezed.variants if v.rank == job.rank)
         if job.method == "cont":
             variant = train_variant(study, job, "cont", job.rank, c.recover_steps, parent=variant)
-        return {**_scores(study, variant, job), "retained_energy": variant.retained_energy,
+        return {**variant_scores(study, variant, job), "retained_energy": variant.retained_energy,
                 "relative_error": variant.relative_error}
     except TrainingDiverged:
         return diverged_scores(c.steps, study.metric(job.task))

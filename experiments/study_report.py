@@ -1,7 +1,7 @@
 """Aggregation and reporting of the study (experiments/study.py runs it): mean and standard error over
 seeds, the markdown tables (accuracy; chosen learning rates), the accuracy-against-size plot, and
 the files ``study.md``, ``study.png`` and ``summary.json``. It reads :class:`~lsq.records.StudyRecord` objects
-(``experiments.study.read_records`` reads a finished study's). Pure lsq: no torch, prefect or mlflow.
+(:func:`read_records` reads a finished study's). Pure lsq: no torch, prefect or mlflow.
 """
 
 from __future__ import annotations
@@ -21,15 +21,40 @@ from lsq.plotting import PLOT_LOCK
 from lsq.records import StudyRecord
 
 
+def read_records(path: str | os.PathLike) -> list[StudyRecord]:
+    """The records of a records file (``<root>/records.jsonl``), also one written before ``metric``/``val_score``."""
+    with open(path) as fh:
+        return [StudyRecord.model_validate(json.loads(line)) for line in fh if line.strip()]
+
+
 def mean_se(values: Sequence[float]) -> tuple[float, float]:
     """Mean and standard error of the mean (0 for a single value)."""
     m = statistics.fmean(values)
     return m, (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0)
 
 
+def scores_of(records: Iterable[StudyRecord]) -> dict[str, str]:
+    """``{task: score}``: the metric each task's records were scored by (``metric: auto`` differs per task)."""
+    return {r.task: r.metric for r in records}
+
+
+def one_score(records: Iterable[StudyRecord]) -> bool:
+    """Whether every record has the same metric, so that a mean over tasks means something."""
+    return len({r.metric for r in records}) <= 1
+
+
+def score_names(records: Iterable[StudyRecord]) -> str:
+    """The score in words: "exact match", or per task "exact match (addition), choice accuracy (tweets)"."""
+    named = {t: m.replace("_", " ") for t, m in scores_of(records).items()}
+    if len(set(named.values())) <= 1:
+        return next(iter(named.values()), "score")
+    return ", ".join(f"{m} ({t})" for t, m in named.items())
+
+
 def summarize(records: Iterable[StudyRecord], metric: str = "test_score") -> dict[tuple[str, str, int], dict[str, Any]]:
     """``{(task, method, rank): {mean, se, n, lr, lora_params}}`` over seeds of the records' ``metric`` field,
     plus task ``"mean"`` rows (per seed, the mean over tasks; then mean and standard error over seeds)."""
+    records = list(records)
     groups: dict[tuple[str, str, int], list[StudyRecord]] = {}
     for r in records:
         groups.setdefault((r.task, r.method, r.rank), []).append(r)
@@ -38,6 +63,8 @@ def summarize(records: Iterable[StudyRecord], metric: str = "test_score") -> dic
         m, se = mean_se([getattr(r, metric) for r in rows])
         out[key] = {"mean": m, "se": se, "n": len(rows), "lr": rows[0].lr, "lora_params": rows[0].lora_params}
     tasks = sorted({k[0] for k in groups})
+    if not one_score(records):
+        return out  # no mean over tasks scored differently (exact match on one, choice accuracy on another)
     for method, rank in sorted({(k[1], k[2]) for k in groups}):
         per_seed: dict[int, list[float]] = {}
         for task in tasks:
@@ -106,7 +133,7 @@ def report(study: Study, records: Sequence[StudyRecord], command: str, seconds: 
     sources = summarize([r for r in records if r.method == "source"])
     where = f"{c.selection_task}, seed {c.select_seed}" + (f", rank {c.select_rank}" if c.select_rank else ", at each rank")
     lines = [
-        f"Test {c.metric.replace('_', ' ')} (%), mean ± standard error over {len(c.seeds)} seeds; bold: best method per row. "
+        f"Test {score_names(reported)} (%), mean ± standard error over {len(c.seeds)} seeds; bold: best method per row. "
         f"Budget {c.steps} steps of batch {c.batch_size} for every method (cont: {c.steps - c.recover_steps} at "
         f"rank {c.source_rank} + {c.recover_steps} recovery steps; post: {c.steps} at rank {c.source_rank}, then squeezed).",
         "",

@@ -26,19 +26,22 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from experiments.study import Job, Study, StudyConfig, source_of, train_variant
+from experiments.study import (Job, Study, StudyConfig, job_record, job_train_config, source_of, train_variant,
+                               variant_scores)
 from lsq.api import squeeze_adapter
 from lsq.config import SqueezeConfig
 from lsq.config_files import load_config
 from lsq.errors import LsqError
-from lsq.records import StudyRecord
+from lsq.evaluate import evaluate_splits
+from lsq.records import StudyRecord, Variant
 from lsq.steps import code_version
+from lsq.train import train
 
 SWEEP_FILE = "sweep.json"
 
@@ -193,6 +196,18 @@ class Sweep:
             records += self.study(budget).run_all()
         return records
 
+    def zero_shot(self) -> list[StudyRecord]:
+        """The base model without an adapter, scored on every task's validation and test split as the methods are: the
+        floor they are read against. Causal LM only (a classifier's new head is untrained). Greedy scoring has no seed:
+        one record per task, method ``base``, rank 0, kept in the steps folder like every score."""
+        study = self.study(min(self.config.budgets))
+        c = study.config
+        if c.model_task != "causal_lm":
+            return []
+        base = Variant.base_model(c.source_rank)
+        return [job_record(job, study, variant_scores(study, base, job))
+                for job in (Job(task, c.select_seed, "base", 0, 0.0) for task in c.tasks)]
+
     def run_ladder(self) -> Ladder | None:
         """The ladder (:meth:`SweepConfig.ladder`): its chosen records and what each route cost
         (:func:`ladder_costs`); the squeeze is timed here, once per source, on this machine."""
@@ -206,24 +221,48 @@ class Sweep:
         return Ladder(records=records, sources=sources, squeeze_seconds=squeeze,
                       costs=ladder_costs(records, sources, squeeze, study.config))
 
+    def measure(self, steps: int = 6) -> dict[str, dict[str, float]]:
+        """This machine's costs per task, for :meth:`plan_of`: training seconds per optimizer step at the lowest rank
+        and at the source rank (``steps`` steps each, in a temporary folder, model loading excluded) and the seconds of
+        one scoring of validation and test (the base model's, not kept), about a minute per task on a 2-core CPU."""
+        study = self.study(min(self.config.budgets))
+        c = study.config
+        out: dict[str, dict[str, float]] = {}
+        for task in c.tasks:
+            times = {}
+            for name, method, rank in (("step_low", "direct", min(c.ranks)), ("step_source", "source", c.source_rank)):
+                job = Job(task, c.select_seed, method, rank, c.grid(method)[0])
+                with tempfile.TemporaryDirectory() as tmp:
+                    cfg = job_train_config(study, job, method, rank, steps).model_copy(update={"output_dir": tmp})
+                    times[name] = train(cfg, data=study.data(task)).train_seconds / steps
+            started = time.perf_counter()
+            evaluate_splits(None, c.base_model(), c.data(task), ("validation", "test"), 64, study.data(task))
+            out[task] = {**times, "scoring": time.perf_counter() - started}
+            self.log(f"measured {task}: " + ", ".join(f"{k} {v:.2f} s" for k, v in out[task].items()))
+        return out
+
     @staticmethod
-    def plan_of(config: SweepConfig) -> dict[str, Any]:
+    def plan_of(config: SweepConfig, times: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, Any]:
         """What a run will train, before it trains: jobs and optimizer steps per budget, counting every
-        candidate of the validation choices (sources shared between post and cont counted once)."""
+        candidate of the validation choices (sources shared between post and cont counted once); with ``times``
+        (:meth:`measure`) also the minutes it will take: each job's steps at its rank's seconds per step, plus
+        one scoring per job."""
         out: dict[Any, Any] = {}
-        for budget in sorted(config.budgets):
-            c = config.at(budget)
-            jobs = planned_jobs(c)
-            steps = sum(_job_steps(j, c) for j in jobs)
-            out[budget] = {"jobs": len(jobs), "optimizer_steps": steps}
+        parts = [(budget, config.at(budget), planned_jobs(config.at(budget))) for budget in sorted(config.budgets)]
         ladder = config.ladder()
         if ladder is not None:  # less the jobs the sweep runs at the same budget (one steps folder)
             jobs = planned_jobs(ladder)
             if ladder.steps in config.budgets:
                 jobs -= planned_jobs(config.at(ladder.steps))
-            out[f"ladder-{ladder.steps}"] = {"jobs": len(jobs),
-                                             "optimizer_steps": sum(_job_steps(j, ladder) for j in jobs)}
+            parts.append((f"ladder-{ladder.steps}", ladder, jobs))
+        for name, c, jobs in parts:
+            out[name] = {"jobs": len(jobs), "optimizer_steps": sum(_job_steps(j, c) for j in jobs)}
+            if times:
+                out[name]["estimated_minutes"] = round(sum(_job_seconds(j, c, times[j.task]) for j in jobs) / 60, 1)
         out["total_steps"] = sum(v["optimizer_steps"] for v in out.values())
+        if times:
+            out["total_estimated_minutes"] = round(sum(v["estimated_minutes"] for v in out.values()
+                                                       if isinstance(v, dict)), 1)
         return out
 
 
@@ -302,6 +341,19 @@ def _job_steps(job: Job, c: StudyConfig) -> int:
     if job.method == "source-cont":
         return c.steps - c.recover_steps
     return c.steps
+
+
+def _job_seconds(job: Job, c: StudyConfig, times: Mapping[str, float]) -> float:
+    """A job's estimated seconds: its steps at the seconds per step of its (mean) rank, interpolated between the
+    measured lowest and source ranks, plus one scoring (:meth:`Sweep.measure`)."""
+    low, high = min(c.ranks), c.source_rank
+    if job.method == "in":  # the rank halves in stages from the source rank down to the job's
+        stages = [high >> i for i in range(high.bit_length()) if high >> i > job.rank] + [job.rank]
+        rank = sum(stages) / len(stages)
+    else:
+        rank = high if job.method.startswith("source") or job.method == "post" else job.rank
+    per_step = times["step_low"] + (times["step_source"] - times["step_low"]) * (rank - low) / max(high - low, 1)
+    return _job_steps(job, c) * per_step + times["scoring"]
 
 
 def load_sweep_config(preset: str, overrides: list[str]) -> SweepConfig:

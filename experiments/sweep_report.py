@@ -14,7 +14,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from experiments.study_report import summarize
+from experiments.study_report import one_score, score_names, summarize
 from experiments.sweep import Ladder, SweepConfig
 from lsq.plotting import PLOT_LOCK
 from lsq.records import StudyRecord
@@ -105,28 +105,38 @@ def choices_table(records: Iterable[StudyRecord], methods: Sequence[str]) -> str
 
 
 def plot_budgets(summaries: Mapping[int, Mapping], methods: Sequence[str], ranks: Sequence[int],
-                 path: str | Path, sources: Mapping[int, Mapping] | None = None) -> None:
-    """Mean test accuracy over tasks (± standard error over seeds) against the step budget, one panel per rank."""
+                 path: str | Path, sources: Mapping[int, Mapping] | None = None, tasks: Sequence[str] = ("mean",),
+                 floor: Mapping[str, float] | None = None, ylabel: str = "test accuracy, mean over tasks (%)") -> None:
+    """Test score (± standard error over seeds) against the step budget: one panel per task (``"mean"``: the mean over
+    tasks) and rank; methods side by side at each budget; the source (dotted) and the base model's zero-shot score
+    (``floor``, dashed) as references."""
+    budgets = list(summaries)
     with PLOT_LOCK:
-        fig = Figure(figsize=(4.2 * len(ranks), 4.2))
-        axes = fig.subplots(1, len(ranks), sharey=True, squeeze=False)[0]
-        for ax, k in zip(axes, ranks):
-            for m in methods:
-                pts = [(t, s[("mean", m, k)]) for t, s in summaries.items() if ("mean", m, k) in s]
-                if pts:
-                    ax.errorbar([t for t, _ in pts], [v["mean"] * 100 for _, v in pts],
-                                yerr=[v["se"] * 100 for _, v in pts], marker="o", capsize=3, label=m)
-            if sources:
-                pts = [(t, v) for t, v in sources.items() if v]
-                if pts:
-                    ax.plot([t for t, _ in pts], [v["mean"] * 100 for _, v in pts], color="grey", ls=":",
-                            marker=".", label="source r64")
-            ax.set(xscale="log", xlabel="optimizer steps (budget)", title=f"rank {k}")
-            ax.minorticks_off()
-            ax.set_xticks(list(summaries), [str(t) for t in summaries])
-            ax.grid(alpha=0.3)
-        axes[0].set_ylabel("test accuracy, mean over tasks (%)")
-        axes[-1].legend(fontsize=8)
+        fig = Figure(figsize=(4.2 * len(ranks), 3.8 * len(tasks)))
+        grid = fig.subplots(len(tasks), len(ranks), sharey="row", squeeze=False)
+        for row, task in zip(grid, tasks):
+            for ax, k in zip(row, ranks):
+                for i, m in enumerate(methods):
+                    pts = [(t, s[(task, m, k)]) for t, s in summaries.items() if (task, m, k) in s]
+                    if pts:  # each method a little apart, so that one budget's points do not hide each other
+                        shift = 1.06 ** (i - (len(methods) - 1) / 2)
+                        ax.errorbar([t * shift for t, _ in pts], [v["mean"] * 100 for _, v in pts],
+                                    yerr=[v["se"] * 100 for _, v in pts], marker="o", capsize=3, label=m,
+                                    ls="-" if len(pts) > 1 else "none")
+                if sources and task == "mean":
+                    pts = [(t, v) for t, v in sources.items() if v]
+                    if pts:
+                        ax.plot([t for t, _ in pts], [v["mean"] * 100 for _, v in pts], color="grey", ls=":",
+                                marker=".", label="source r64")
+                if floor and task in floor:
+                    ax.axhline(floor[task] * 100, color="black", ls="--", lw=1, label="base, zero-shot")
+                ax.set(xscale="log", xlabel="optimizer steps (budget)", title=f"rank {k}" if task == "mean" else f"{task}, rank {k}")
+                ax.minorticks_off()
+                ax.set_xticks(budgets, [str(t) for t in budgets])
+                ax.set_xlim(min(budgets) / 1.3, max(budgets) * 1.3)
+                ax.grid(alpha=0.3)
+            row[0].set_ylabel(ylabel if task == "mean" else f"test score, {task} (%)")
+        grid[0][-1].legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
 
@@ -168,63 +178,85 @@ def ladder_section(ladder: Ladder, config: SweepConfig) -> str:
     return "\n".join(lines)
 
 
+def floor_line(floor: Sequence[StudyRecord]) -> str:
+    """The base model's zero-shot scores, the floor every method is read against."""
+    return ("The base model without an adapter (zero-shot, the same splits and scoring), test (validation): " +
+            ", ".join(f"{r.task} {r.test_score * 100:.1f} ({r.val_score * 100:.1f})" for r in floor) + ".")
+
+
 def report(config: SweepConfig, records: Sequence[StudyRecord], command: str, seconds: float,
-           ladder: Ladder | None = None) -> str:
-    """The sweep's markdown: accuracy against budget (mean over tasks, then per task), crossings, choices."""
+           ladder: Ladder | None = None, floor: Sequence[StudyRecord] = ()) -> str:
+    """The sweep's markdown: score against budget (mean over tasks when they share a score, then per task), crossings,
+    choices, the zero-shot floor (decoders)."""
     s = config.study
     summaries = by_budget(records, s.methods)
     seeds = {t: len({r.seed for r in records if int(r.budget) == t}) for t in summaries}
     counts = sorted(set(seeds.values()))
     over = _n(counts[0], "seed") if len(counts) == 1 else "seeds (" + ", ".join(
         f"{n} at {'/'.join(str(t) for t in summaries if seeds[t] == n)} steps" for n in counts) + ")"
+    mean = one_score(records)
+    rows = min((r.test_examples for r in records if not r.diverged), default=0)
     lines = [
-        f"Test {s.metric.replace('_', ' ')} (%), mean over {_n(len(s.tasks), 'task')} ({', '.join(s.tasks)}) ± standard error over "
+        f"Test {score_names(records)} (%), " + (f"mean over {_n(len(s.tasks), 'task')} ({', '.join(s.tasks)}) " if mean
+                                               else "per task ") + f"± standard error over "
         f"{over}; bold: best method per row. Every method has the same optimizer-step budget; "
         f"cont spends {config.recover_fraction:.0%} of it on recovery at the target rank; post trains the whole "
-        f"budget at rank {s.source_rank} and is squeezed.",
-        "",
-        budget_table(summaries, s.methods, s.ranks),
-        "",
-        "Where the order changes (gap in points at each budget; within the combined standard errors = a tie):",
-        "",
-        *[f"- {line}" for line in crossings(summaries, s.ranks)],
-        "",
-        "Chosen on validation (learning rate; In-Squeeze: share of the budget at the source rank):",
-        "",
-        choices_table(records, s.methods),
+        f"budget at rank {s.source_rank} and is squeezed." + (
+            f" A score on {rows} test rows also has its own sampling error, up to ±{50 / rows ** 0.5:.1f} points "
+            "(binomial, at 50%), which seeds do not show." if s.model_task == "causal_lm" and rows else ""),
     ]
+    if floor:
+        lines += ["", floor_line(floor)]
+    for task in ["mean"] if mean else s.tasks:
+        lines += ["", *([] if mean else [f"{task}:", ""]), budget_table(summaries, s.methods, s.ranks, task=task), "",
+                  "Where the order changes (gap in points at each budget; within the combined standard errors = a tie):",
+                  "", *[f"- {line}" for line in crossings(summaries, s.ranks, task=task)]]
+    lines += ["", "Chosen on validation (learning rate; In-Squeeze: share of the budget at the source rank):", "",
+              choices_table(records, s.methods)]
     if ladder:
         lines += ["", "## What one run saves", "", ladder_section(ladder, config)]
-    lines += ["", "## Per task"]
-    for task in s.tasks:
-        lines += ["", f"{task}:", "", budget_table(summaries, s.methods, s.ranks, task=task)]
+    if mean:
+        lines += ["", "## Per task"]
+        for task in s.tasks:
+            lines += ["", f"{task}:", "", budget_table(summaries, s.methods, s.ranks, task=task)]
     lines += ["", f"Command: `{command}`; {seconds / 60:.1f} min of wall time in this invocation on {os.cpu_count()} CPUs"
               f" ({len(records)} chosen records)."]
     return "\n".join(lines)
 
 
 def write_report(config: SweepConfig, records: Sequence[StudyRecord], folder: str | os.PathLike, command: str,
-                 seconds: float, ladder: Ladder | None = None) -> str:
+                 seconds: float, ladder: Ladder | None = None, floor: Sequence[StudyRecord] = ()) -> str:
     """``sweep.md``, ``sweep.png`` and ``sweep_summary.json`` (the summary and every chosen record, so
     the numbers outlive the run folder) in ``folder``; returns the markdown."""
     folder = Path(folder)
     s = config.study
     summaries = by_budget(records, s.methods)
     sources = {t: v.get(("mean", "source", s.source_rank)) for t, v in by_budget(records, ("source",)).items()}
-    text = report(config, records, command, seconds, ladder)
-    plot_budgets(summaries, s.methods, s.ranks, folder / "sweep.png", sources=sources)
+    text = report(config, records, command, seconds, ladder, floor)
+    mean = one_score(records)
+    plot_budgets(summaries, s.methods, s.ranks, folder / "sweep.png", sources=sources,
+                 tasks=("mean",) if mean else s.tasks, floor=floor_of(floor, mean),
+                 ylabel=f"test {score_names(records)}, mean over tasks (%)")
     (folder / "sweep.md").write_text(text + "\n")
     (folder / "sweep_summary.json").write_text(json.dumps(
         {"config": config.model_dump(mode="json"), "seconds": seconds, "command": command,
          "summary": [{"budget": t, "task": task, "method": m, "rank": k, **v}
                      for t, summary in summaries.items() for (task, m, k), v in summary.items()],
-         "records": _dumped(records),
+         "records": _dumped(records), "floor": _dumped(floor),
          "ladder": None if ladder is None else {"costs": ladder.costs, "squeeze_seconds": ladder.squeeze_seconds,
                                                 "summary": [{"task": task, "method": m, "rank": k, **v} for (task, m, k), v
                                                             in summarize(ladder.records).items()],
                                                 "records": _dumped(ladder.records), "sources": _dumped(ladder.sources)}},
         indent=1) + "\n")
     return text
+
+
+def floor_of(floor: Sequence[StudyRecord], mean: bool) -> dict[str, float]:
+    """``{task: test score}`` of the zero-shot records, plus ``"mean"`` when the tasks share a score."""
+    out = {r.task: r.test_score for r in floor}
+    if mean and out:
+        out["mean"] = sum(out.values()) / len(out)
+    return out
 
 
 def _dumped(records: Iterable[StudyRecord]) -> list[dict[str, Any]]:

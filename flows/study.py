@@ -93,6 +93,18 @@ def run_ladder(config: SweepConfig, root: str, pinned: str, uri: str, experiment
     return sweep.run_ladder()
 
 
+@task(tags=[COMPUTE_TAG], cache_policy=NO_CACHE, persist_result=False, task_run_name="sweep zero-shot")
+def run_zero_shot(config: SweepConfig, root: str, pinned: str, uri: str, experiment_id: str,
+                  parent_run_id: str) -> list[StudyRecord]:
+    """The base model without an adapter on every task (decoders): the floor the methods are read against."""
+    sweep = Sweep(config, root, log=get_run_logger().info, pinned=pinned,
+                  on_record=lambda rec: tracking.log_study_record(uri, experiment_id, parent_run_id, rec.model_dump()))
+    floor = sweep.zero_shot()
+    for rec in floor:
+        tracking.log_study_record(uri, experiment_id, parent_run_id, rec.model_dump())
+    return floor
+
+
 @flow(name="lsq-budget-sweep", log_prints=False, persist_result=False)
 def sweep_flow(preset: str = "quick", overrides: list[str] | None = None, out: str | None = None,
                tracking_uri: str | None = None, experiment: str = "lsq-sweep") -> str:
@@ -111,9 +123,10 @@ def sweep_flow(preset: str = "quick", overrides: list[str] | None = None, out: s
         for budget in sorted(config.budgets):
             records += run_budget(config, root, budget, pinned, uri, experiment_id, parent)
         ladder = run_ladder(config, root, pinned, uri, experiment_id, parent)
+        floor = run_zero_shot(config, root, pinned, uri, experiment_id, parent)
         with tempfile.TemporaryDirectory() as tmp:
             text = write_sweep_report(config, records, tmp, f"python -m flows.study --sweep --preset {preset}",
-                                      time.perf_counter() - started, ladder)
+                                      time.perf_counter() - started, ladder, floor)
             tracking.log_folder(uri, parent, tmp)
             for name in os.listdir(tmp):  # and beside the steps, where benchmarks.budget_sweep writes them
                 shutil.copy2(Path(tmp) / name, Path(root) / name)

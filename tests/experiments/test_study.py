@@ -11,7 +11,8 @@ import pytest
 
 import experiments.study as study_mod
 from lsq.errors import LsqError
-from experiments.study import Job, Study, StudyConfig, job_record, load_study_config, read_records
+from experiments.study import Job, Study, StudyConfig, job_record, load_study_config
+from experiments.study_report import read_records
 from experiments.study_report import lr_table, markdown_table, mean_se, summarize
 from lsq.records import StudyRecord
 from tests.lsq.tiny import (

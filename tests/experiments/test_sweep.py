@@ -201,3 +201,74 @@ def test_a_real_tiny_sweep_with_its_ladder_resumes(tmp_path_factory, tmp_path, m
     strip = lambda recs: sorted(r.model_dump_json(exclude={"wall_seconds", "train_seconds"}) for r in recs)  # noqa: E731
     assert strip(again) == strip(records)
     assert by_budget(again, cfg.study.methods).keys() == {6, 10}
+
+
+def test_the_plan_estimates_minutes_from_measured_costs_by_hand():
+    """Each job: its steps at the seconds per step of its (mean) rank, interpolated between the measured lowest and
+    source ranks, plus one scoring; In-Squeeze at the mean of its stages' ranks (8, 4, 2, 1 from 8 to 1)."""
+    cfg = SweepConfig(budgets=(10,), ladder_budget=None, ladder_ranks=(1,), study=StudyConfig(
+        tasks=("movie",), methods=("direct", "in"), ranks=(1,), seeds=(0,), source_rank=8, lrs=(1e-3,),
+        method_lrs={"in": (1e-3,)}, recover_steps=2))
+    times = {"movie": {"step_low": 2.0, "step_source": 9.0, "scoring": 30.0}}
+    direct = 10 * 2.0 + 30
+    in_rank = (8 + 4 + 2 + 1) / 4
+    in_sq = 10 * (2.0 + 7.0 * (in_rank - 1) / 7) + 30
+    plan = Sweep.plan_of(cfg, times)
+    assert plan[10]["jobs"] == 2 and plan[10]["optimizer_steps"] == 20
+    assert plan[10]["estimated_minutes"] == round((direct + in_sq) / 60, 1) == plan["total_estimated_minutes"]
+    assert "estimated_minutes" not in Sweep.plan_of(cfg)[10]  # nothing measured: steps only
+
+
+def test_tasks_scored_differently_are_reported_per_task_with_their_floor():
+    """exact match on one task and choice accuracy on another are never averaged together."""
+    rows = [record(task=t, metric=m, method=meth, rank=1, seed=s, budget=8, test_score=0.5 + 0.1 * s + (meth == "in") * 0.2,
+                   key=f"T8/{t}/s{s}/{meth}-r1")
+            for t, m in (("addition", "exact_match"), ("tweets", "choice_accuracy"))
+            for meth in ("direct", "in") for s in (0, 1)]
+    floor = [record(task="addition", metric="exact_match", method="base", rank=0, test_score=0.0, val_score=0.02),
+             record(task="tweets", metric="choice_accuracy", method="base", rank=0, test_score=0.71, val_score=0.7)]
+    cfg = small(budgets=(8,), study={"tasks": ("addition", "tweets"), "methods": ("direct", "in"), "ranks": (1,),
+                                     "model_task": "causal_lm", "metric": "auto", "select_rank": None,
+                                     "method_lrs": {"in": (1e-3,)}})
+    summary = by_budget(rows, cfg.study.methods)[8]
+    assert not any(task == "mean" for task, _, _ in summary)
+    text = report(cfg, rows, "cmd", 1.0, floor=floor)
+    assert "Test exact match (addition), choice accuracy (tweets) (%), per task ± standard error over 2 seeds" in text
+    assert "mean over" not in text
+    assert "zero-shot, the same splits and scoring), test (validation): addition 0.0 (2.0), tweets 71.0 (70.0)." in text
+    assert "| 1 | 8 | 55.0 ± 5.0 | **75.0 ± 5.0** |" in text  # per task: (0.5, 0.6) and (0.7, 0.8)
+    assert text.count("Where the order changes") == 2
+    assert "sampling error, up to ±7.1 points" in text  # 50 test rows
+
+
+@pytest.mark.slow
+def test_a_real_tiny_decoder_sweep_scores_each_task_by_its_own_metric(tmp_path_factory, tmp_path):
+    """metric auto on a tiny chat decoder: choice accuracy where the data has choices, exact match where it has not;
+    the zero-shot floor is the base model's own scoring; the plan's measured costs are this machine's."""
+    from lsq.evaluate import evaluate_splits
+    from lsq.models import ModelConfig
+    from tests.lsq.tiny import save_chat_llama, write_causal_jsonl
+
+    model = built_once(tmp_path_factory, "chat-llama", save_chat_llama)
+    plain = tmp_path / "plain.jsonl"  # the colour rows without their choices: scored by exact match
+    plain.write_text("".join(json.dumps({k: v for k, v in json.loads(line).items() if k != "choices"}) + "\n"
+                             for line in write_causal_jsonl(tmp_path / "rows.jsonl", n=80).read_text().splitlines()))
+    cfg = SweepConfig(budgets=(4,), ladder_budget=None, ladder_ranks=(1,), study=StudyConfig(
+        tasks=("plain", "tweets"), sources={"plain": str(plain)}, model=str(model), model_task="causal_lm",
+        metric="auto", max_new_tokens=3, methods=("direct", "post"), ranks=(1,), seeds=(0,), source_rank=4, lrs=(5e-3,),
+        method_lrs={"post": (5e-3,)}, batch_size=8, max_train=40, max_eval=12, max_length=128))
+    sweep = Sweep(cfg, tmp_path / "sweep", log=lambda _: None)
+    records = sweep.run_all()
+    assert {(r.task, r.metric) for r in records} == {("plain", "exact_match"), ("tweets", "choice_accuracy")}
+    floor = sweep.zero_shot()
+    assert [(r.task, r.method, r.rank, r.lora_params) for r in floor] == [("plain", "base", 0, 0), ("tweets", "base", 0, 0)]
+    for r in floor:
+        scores = evaluate_splits(None, ModelConfig(name=str(model), task="causal_lm"), cfg.study.data(r.task),
+                                 ("validation", "test"), 64)
+        assert (r.val_score, r.test_score) == (scores["validation"][r.metric], scores["test"][r.metric])
+    text = write_report(cfg, records, tmp_path, "cmd", 1.0, floor=floor)
+    assert "exact match (plain), choice accuracy (tweets)" in text and (tmp_path / "sweep.png").stat().st_size > 0
+    assert [StudyRecord.model_validate(r) for r in json.loads((tmp_path / "sweep_summary.json").read_text())["floor"]] == floor
+    times = sweep.measure(steps=2)
+    assert set(times) == {"plain", "tweets"} and all(v > 0 for t in times.values() for v in t.values())
+    assert Sweep.plan_of(cfg, times)["total_estimated_minutes"] > 0
