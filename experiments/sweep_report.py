@@ -81,6 +81,8 @@ def crossings(summaries: Mapping[int, Mapping], ranks: Sequence[int], pairs=PAIR
                     lo, hi = flips[0]
                     who = (a, b) if signs[budgets.index(hi)] > 0 else (b, a)
                     verdict = f"{who[0]} overtakes {who[1]} between {lo} and {hi} steps"
+                elif len(signs) == 1:  # one budget: who is ahead there
+                    verdict = {1: f"{a} ahead", -1: f"{b} ahead", 0: "a tie"}[signs[0]]
                 else:
                     verdict = "no crossing in this range"
                 out.append(f"rank {k}, {a} - {b} (points, at {'/'.join(map(str, budgets))} steps): {trail}: {verdict}")

@@ -238,6 +238,7 @@ def test_tasks_scored_differently_are_reported_per_task_with_their_floor():
     assert "zero-shot, the same splits and scoring), test (validation): addition 0.0 (2.0), tweets 71.0 (70.0)." in text
     assert "| 1 | 8 | 55.0 ± 5.0 | **75.0 ± 5.0** |" in text  # per task: (0.5, 0.6) and (0.7, 0.8)
     assert text.count("Where the order changes") == 2
+    assert "- rank 1, direct - in (points, at 8 steps): -20.0: in ahead" in text  # one budget: who leads, or a tie
     assert "sampling error, up to ±7.1 points" in text  # 50 test rows
 
 
