@@ -152,7 +152,8 @@ def ladder_section(ladder: Ladder, config: SweepConfig) -> str:
         f"A ladder of adapters at ranks {', '.join(map(str, c.ranks))} on {', '.join(c.tasks)} ({_n(len(c.seeds), 'seed')}): "
         f"(a) each rank trained directly for {c.steps} steps; (b) one rank-{c.source_rank} source of "
         f"{c.steps - c.recover_steps} steps, one squeeze to every rank, {c.recover_steps} recovery steps per rank "
-        "(Cont-Squeeze, the same per-adapter budget). Test accuracy (%), mean ± standard error over seeds:",
+        f"(Cont-Squeeze, the same per-adapter budget). Test {score_names(ladder.records)} (%)"
+        + (", mean ± standard error over seeds:" if len(c.seeds) > 1 else ", one seed:"),
         "",
         "| rank | (a) direct | (b) one source, squeezed |",
         "|---:|---:|---:|",
@@ -161,7 +162,8 @@ def ladder_section(ladder: Ladder, config: SweepConfig) -> str:
         cells = []
         for m in ("direct", "cont"):
             v = summary.get((task, m, k))
-            cells.append("" if v is None else f"{v['mean'] * 100:.1f} ± {v['se'] * 100:.1f}")
+            spread = f" ± {v['se'] * 100:.1f}" if v is not None and len(c.seeds) > 1 else ""
+            cells.append("" if v is None else f"{v['mean'] * 100:.1f}{spread}")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     mean = ladder.costs["mean"]
     if mean:

@@ -128,6 +128,12 @@ def test_ladder_costs_against_a_hand_computation():
     assert row["direct_seconds"] == pytest.approx(37.0)
     assert row["squeeze_seconds"] == pytest.approx(40.0 + 0.5 + (11 + 12 + 14))  # the source counted once
     assert costs["mean"]["direct_steps"] == 300
+    # the ladder's table names the score its records carry, and one seed has no standard error to show
+    config = SweepConfig(budgets=(100,), ladder_budget=100, ladder_ranks=(1, 2, 4), ladder_seeds=(0,), study=c.model_copy(
+        update={"seeds": (0, 1), "model_task": "causal_lm", "metric": "exact_match"}))
+    scored = [r.model_copy(update={"metric": "exact_match", "test_score": 0.7 + 0.01 * r.rank}) for r in direct + cont]
+    text = ladder_section(Ladder(records=scored, sources=source, squeeze_seconds=0.5, costs=costs), config)
+    assert "Test exact match (%), one seed:" in text and "| 2 | 72.0 | 72.0 |" in text
 
 
 def test_a_sweep_summary_written_by_older_code_reports_as_it_did():
