@@ -97,9 +97,7 @@ def run_ladder(config: SweepConfig, root: str, pinned: str, uri: str, experiment
 def run_zero_shot(config: SweepConfig, root: str, pinned: str, uri: str, experiment_id: str,
                   parent_run_id: str) -> list[StudyRecord]:
     """The base model without an adapter on every task (decoders): the floor the methods are read against."""
-    sweep = Sweep(config, root, log=get_run_logger().info, pinned=pinned,
-                  on_record=lambda rec: tracking.log_study_record(uri, experiment_id, parent_run_id, rec.model_dump()))
-    floor = sweep.zero_shot()
+    floor = Sweep(config, root, log=get_run_logger().info, pinned=pinned).zero_shot()
     for rec in floor:
         tracking.log_study_record(uri, experiment_id, parent_run_id, rec.model_dump())
     return floor
