@@ -128,7 +128,7 @@ PRESETS: dict[str, SweepConfig] = {
     # addition scored by exact match of the greedy answer, tweets' sentiment by choice accuracy (metric auto); ranks 1
     # and 8 from 64, direct/post/cont/in, 100 steps of batch 4, 2 seeds; rates from two-point grids and In-Squeeze's
     # share from (equal stages, 0.5) chosen at rank 8 on addition's validation split, seed 0; the ladder (ranks 1-16)
-    # on addition, seed 0. About 2 hours on a quiet 2-core CPU (--plan prints the estimate).
+    # on addition, seed 0. 2.8 hours on a quiet 2-core CPU (--plan --measure estimates it; docs/RESULTS.md).
     "decoder": SweepConfig(budgets=(100,), ladder_budget=100, ladder_tasks=("addition",), ladder_seeds=(0,), study=StudyConfig(
         model="builtin:smollm2", model_task="causal_lm", metric="auto", max_new_tokens=5,
         tasks=("addition", "tweets"), methods=("direct", "post", "cont", "in"), ranks=(1, 8), seeds=(0, 1),
